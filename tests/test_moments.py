@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from gradspace import create_optimizer
 from gradspace.moments import apply_policy
-from gradspace.recovery import recovery_term
+from gradspace.recovery import add_scaled_gradient, recovery_scales
 from gradspace.rules import get_rule
 
 
@@ -69,29 +69,50 @@ def test_keep_leaves_state_untouched_and_refuses_a_rank_change():
         apply_policy("keep", get_rule("adamw"), state, old, orthonormal(10, 2, gen), torch.empty(2, 5), GROUP)
 
 
-def test_recovery_term_formula_and_limiter():
+def _recovered_update(g, gt, s, ot, state, right, gram=None):
+    """What the optimizer adds (before alpha): c * Gn + S (Ot - c Gt), in the weight's layout."""
+    c = recovery_scales(g, gt, ot, state, {"recovery_limit": 1.01}, gram)
+    p = torch.zeros(g.shape[::-1] if right else g.shape)
+    add_scaled_gradient(p, g, c, right, 1.0)
+    back = s @ (ot - c * gt)
+    return p + (back.T if right else back)
+
+
+@pytest.mark.parametrize("right", [False, True])
+def test_recovery_equals_the_formula_and_limits_growth(right):
     gen = torch.Generator().manual_seed(0)
     k, l, r = 12, 20, 3
     s = orthonormal(k, r, gen)
     g = torch.randn(k, l, generator=gen)
     gt = s.T @ g
     ot = torch.randn(r, l, generator=gen)
-    state, group = {}, {"recovery_limit": 1.01}
-    term = recovery_term(g, gt, s, ot, state, group, right=False)
     phi = ot.norm(dim=0) / (gt.norm(dim=0) + 1e-8)
-    expected = (g - s @ gt) * phi
-    assert torch.allclose(term, expected, atol=1e-5)
-    assert torch.allclose(s.T @ term, torch.zeros(r, l), atol=1e-5)  # it lies outside the subspace
-    # the right orientation returns the transpose (the weight's own layout)
-    state_r = {}
-    assert torch.allclose(recovery_term(g, gt, s, ot, state_r, group, right=True), expected.T, atol=1e-5)
-    # a much larger next residual is limited to 1.01x the last norm
-    term2 = recovery_term(g, gt, s, 10 * ot, state, group, right=False)
-    assert torch.allclose(term2.norm(), 1.01 * expected.norm(), rtol=1e-5)
-    assert torch.allclose(term2 / term2.norm(), expected / expected.norm(), atol=1e-6)
+    term = (g - s @ gt) * phi  # Fira's scaled residual, formed explicitly
+    layout = (lambda x: x.T) if right else (lambda x: x)
+    state = {}
+    assert torch.allclose(_recovered_update(g, gt, s, ot, state, right), layout(s @ ot + term), atol=1e-5)
+    assert torch.allclose(state["rec_norm"], term.norm(), rtol=1e-5)
+    # a much larger next residual is limited to 1.01x the last norm, in the same direction
+    limited = _recovered_update(g, gt, s, 10 * ot, state, right) - layout(s @ (10 * ot))
+    assert torch.allclose(limited.norm(), 1.01 * term.norm(), rtol=1e-5)
+    assert torch.allclose(limited / limited.norm(), layout(term / term.norm()), atol=1e-5)
     # a smaller one passes unchanged
-    term3 = recovery_term(g, gt, s, 0.5 * ot, state, group, right=False)
-    assert torch.allclose(term3, expected * 0.5, rtol=1e-4, atol=1e-6)
+    small = _recovered_update(g, gt, s, 0.5 * ot, state, right) - layout(s @ (0.5 * ot))
+    assert torch.allclose(small, layout(0.5 * term), rtol=1e-4, atol=1e-5)
+
+
+def test_recovery_norm_uses_the_gram_matrix_of_a_non_orthonormal_basis():
+    gen = torch.Generator().manual_seed(1)
+    s = orthonormal(12, 3, gen) * torch.tensor([1.0, 1.2, 0.8])  # columns not unit length
+    g = torch.randn(12, 20, generator=gen)
+    gt, ot = s.T @ g, torch.randn(3, 20, generator=gen)
+    phi = ot.norm(dim=0) / (gt.norm(dim=0) + 1e-8)
+    exact = ((g - s @ gt) * phi).norm()
+    state = {}
+    recovery_scales(g, gt, ot, state, {"recovery_limit": 1.01}, gram=s.T @ s)
+    assert torch.allclose(state["rec_norm"], exact, rtol=1e-4)
+    recovery_scales(g, gt, ot, wrong := {}, {"recovery_limit": 1.01})  # assuming S^T S = I is measurably off
+    assert not torch.allclose(wrong["rec_norm"], exact, rtol=1e-2)
 
 
 def test_presets_reject_unknown_names_and_inapplicable_options():

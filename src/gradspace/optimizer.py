@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 
 from . import moments as moment_policies
 from .projection import PROJ_TYPES, add_back, basis_on_right, largest_principal_angle, oriented, project
-from .recovery import RECOVERY_DEFAULTS, recovery_term
+from .recovery import RECOVERY_DEFAULTS, add_scaled_gradient, recovery_scales
 from .rules import RULES, get_rule
 from .trackers import TRACKERS, Context, get_tracker
 
@@ -307,8 +307,11 @@ class SubspaceOptimizer(Optimizer):
             diag["energy"] = gt.square().sum() / torch.linalg.vector_norm(gn, dtype=torch.float32).square()
         direction, factor = rule.update(gt, state, group)
         alpha = -float(group["lr"]) * factor * float(group["scale"])
-        if group["recovery"]:  # computed before the weight moves: it reads the gradient only
-            p.add_(recovery_term(gn, gt, basis, direction, state, group, right), alpha=alpha)
+        if group["recovery"]:  # S Ot + c (Gn - S Gt) = c Gn + S (Ot - c Gt): the residual is never formed
+            gram = None if tracker.orthonormal else basis.mT @ basis
+            c = recovery_scales(gn, gt, direction, state, group, gram)
+            add_scaled_gradient(p, gn, c, right, alpha)
+            direction = direction.to(gt.dtype) - c * gt
         add_back(p, basis, direction, right, alpha)
         t0 = time.perf_counter()
         tracker.after_step(gn, state, group, ctx)

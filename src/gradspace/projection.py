@@ -64,11 +64,6 @@ def add_back(p: torch.Tensor, basis: torch.Tensor, ot: torch.Tensor, right: bool
         p.addmm_(basis, ot, alpha=alpha)
 
 
-def residual(basis: torch.Tensor, gn: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """``Gn - S Gt``: the part of the oriented gradient the projection drops."""
-    return gn.to(basis.dtype) - basis @ gt
-
-
 def largest_principal_angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Largest principal angle (radians) between the spans of two orthonormal bases (ranks may differ)."""
     c = a.mT.float() @ b.float()

@@ -32,6 +32,8 @@ class Tracker:
     #: ``observe``/``after_step`` read the full gradient every step; if False, layer-wise mode may accumulate
     #: micro-batch gradients already projected (r x l) between subspace updates instead of in full (k x l)
     needs_every_gradient: bool = True
+    #: the basis has S^T S = I to float32 accuracy (recovery scaling then needs no Gram matrix)
+    orthonormal: bool = True
 
     def validate(self, group: dict) -> None:
         """Raise ValueError naming the bad hyperparameter."""

@@ -53,6 +53,7 @@ class OnlinePCATracker(Tracker):
 
     name = "online_pca"
     moves_every_step = True
+    orthonormal = False  # plain gradient steps on P: only nearly orthonormal
     defaults: ClassVar[dict[str, Any]] = {
         "alpha": 5.0,
         "osd_lambda": 0.1,
