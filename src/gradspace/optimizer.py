@@ -206,8 +206,15 @@ class SubspaceOptimizer(Optimizer):
         work = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not self._check_grads(work):
             return loss
+        full_rank: dict[int, list[torch.Tensor]] = {}
         for group, p in work:
-            self._step_param(group, p)
+            if self._layout(p, group) is None:  # batched per group: rules may run one fused kernel over them
+                full_rank.setdefault(id(group), []).append(p)
+            else:
+                self._step_param(group, p)
+        for group in self.param_groups:
+            if id(group) in full_rank:
+                self._step_full_rank(group, full_rank[id(group)])
         return loss
 
     def _check_grads(self, work) -> bool:
@@ -258,21 +265,32 @@ class SubspaceOptimizer(Optimizer):
         raise ValueError(f"parameter of shape {tuple(p.shape)} is not in this optimizer")
 
     def _step_param(self, group: dict, p: torch.Tensor, projected_grad: torch.Tensor | None = None) -> None:
-        state = self.state[p]
-        rule = get_rule(group["base"])
         layout = self._layout(p, group)
-        lr = float(group["lr"])
         if layout is None:
+            self._step_full_rank(group, [p])
+            return
+        state = self.state[p]
+        self._step_projected(group, p, state, get_rule(group["base"]), *layout, projected_grad)
+        state["step"] += 1
+        self._decay(group, [p])
+
+    def _step_full_rank(self, group: dict, params: list[torch.Tensor]) -> None:
+        rule = get_rule(group["base"])
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
             if not state:
                 state["step"] = 0
                 rule.init_state(state, p, group)
-            direction, factor = rule.update(p.grad, state, group)
-            p.add_(direction, alpha=-lr * factor)
-        else:
-            self._step_projected(group, p, state, rule, *layout, projected_grad)
-        state["step"] += 1
+        rule.step_full_rank(params, states, group)
+        for state in states:
+            state["step"] += 1
+        self._decay(group, params)
+
+    @staticmethod
+    def _decay(group: dict, params: list[torch.Tensor]) -> None:
+        """Decoupled weight decay, after the update (galore-torch's order)."""
         if group["weight_decay"] > 0.0:
-            p.add_(p, alpha=-lr * group["weight_decay"])
+            torch._foreach_add_(params, params, alpha=-float(group["lr"]) * group["weight_decay"])
 
     def _step_projected(self, group, p, state, rule, right: bool, rank: int, extra=None) -> None:
         tracker = get_tracker(group["tracker"])

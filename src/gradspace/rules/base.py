@@ -36,6 +36,14 @@ class InnerRule:
     def update(self, grad: torch.Tensor, state: dict, group: dict) -> tuple[torch.Tensor, float]:
         raise NotImplementedError
 
+    def step_full_rank(self, params: list[torch.Tensor], states: list[dict], group: dict) -> None:
+        """Move full-rank (unprojected) weights by ``-lr * f * D``; rules with a fused multi-tensor kernel
+        override this, since these weights (embeddings, head, norms) are half of a LLaMA's parameters."""
+        lr = float(group["lr"])
+        for p, state in zip(params, states):
+            direction, factor = self.update(p.grad, state, group)
+            p.add_(direction, alpha=-lr * factor)
+
     def moments(self, state: dict) -> dict[str, torch.Tensor]:
         """Dense float32 copies (or views) of the moments: ``{"m": ..., "v": ...}`` (``v`` optional)."""
         return {}
