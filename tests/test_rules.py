@@ -401,3 +401,30 @@ def test_resume_from_weights_only_checkpoint_is_bit_identical(config):
     losses_of(resumed, opt2, data[7:])
     for p, q in zip(resumed.parameters(), model.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("correct_bias", [True, False])
+def test_fused_full_rank_adamw_equals_the_per_weight_loop(correct_bias):
+    from gradspace.rules.base import InnerRule
+
+    rule = get_rule("adamw")
+    group = {"betas": (0.9, 0.99), "eps": 1e-6, "correct_bias": correct_bias, "lr": 1e-2}
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(40, 24), (24,), (3, 5)]
+    fused = [torch.randn(s, generator=gen) for s in shapes]
+    loop = [p.clone() for p in fused]
+    states = [[{} for _ in shapes] for _ in range(2)]
+    for ps, sts in zip((fused, loop), states):
+        for p, st in zip(ps, sts):
+            rule.init_state(st, p, group)
+    states[0][2]["exp_step"] = 3  # a weight at another step count is bucketed apart
+    states[1][2]["exp_step"] = 3
+    for _ in range(5):
+        for p, q in zip(fused, loop):
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-4  # small: eps's placement shows
+            q.grad = p.grad.clone()
+        rule.step_full_rank(fused, states[0], group)
+        InnerRule.step_full_rank(rule, loop, states[1], group)
+    for p, q, a, b in zip(fused, loop, *states):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(a["exp_avg_sq"], b["exp_avg_sq"]) and a["exp_step"] == b["exp_step"]
