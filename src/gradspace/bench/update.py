@@ -34,6 +34,23 @@ def update_call(name: str, g: torch.Tensor, rank: int, seed: int = 0):
     return lambda: tracker.update(g, state, group, ctx)
 
 
+def preset_shapes(preset: str) -> list[tuple[int, int]]:
+    """The distinct projected weight shapes of a LLaMA preset: attention (d x d) and MLP (d x intermediate)."""
+    from ..train.models import PRESETS
+
+    hidden, intermediate, _, _ = PRESETS[preset]
+    return [(hidden, hidden), (hidden, intermediate)]
+
+
+def run_preset(preset: str, rank: int | None = None, repeats=3, device="cpu", dtype=torch.float32,
+               trackers=None) -> str:
+    """``run`` for every projected weight shape of a preset at the papers' rank for it."""
+    from .step import PAPER_RANKS
+
+    rank = rank or PAPER_RANKS.get(preset, 128)
+    return "\n\n".join(run(shape, rank, repeats, device, dtype, trackers) for shape in preset_shapes(preset))
+
+
 def run(shape=(2048, 5461), rank=512, repeats=3, device="cpu", dtype=torch.float32, trackers=None) -> str:
     gen = torch.Generator(device="cpu").manual_seed(0)
     k, n = min(shape), max(shape)

@@ -1,0 +1,32 @@
+"""The timing benchmarks run end to end on small shapes and report every contender (times are not asserted)."""
+
+import re
+
+from gradspace.bench import step, update
+from gradspace.trackers import TRACKERS
+
+
+def _rows(table: str) -> dict[str, list[str]]:
+    """Row name -> cells, from the last table that has the row."""
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) > 1 and not set(cells[1]) <= set("-"):
+            rows[cells[0]] = cells[1:]  # the last table wins
+    return rows
+
+
+def test_update_bench_covers_every_shape_of_a_preset_and_every_tracker():
+    out = update.run_preset("tiny", rank=8, repeats=1)
+    assert re.findall(r"One subspace update, (\d+ x \d+) at rank 8", out) == ["64 x 64", "64 x 172"]
+    rows = _rows(out)
+    assert set(rows) >= {"torch.linalg.svd", *(t for t in TRACKERS if t != "svd")}
+    assert float(rows["torch.linalg.svd"][1]) == 1.0
+
+
+def test_step_bench_with_fewer_layers_and_no_references():
+    out = step.run("tiny", ["galore", "subtrack"], rank=8, repeats=1, layers=1, references=False)
+    assert "with 1 of its blocks" in out
+    rows = _rows(out)
+    assert "gradspace subtrack" in rows and "galore-torch GaLoreAdamW" not in rows
+    assert float(rows["gradspace galore"][2]) == 1.0  # amortised ratio of galore to itself (T=200 column)
