@@ -68,3 +68,35 @@ def test_bad_accumulation_steps():
     opt = SubspaceOptimizer(projected_groups(model), lr=1e-2)
     with pytest.raises(ValueError, match="accumulation_steps"):
         Layerwise(opt, accumulation_steps=0)
+
+
+def test_sync_callable_sets_the_windows_and_lr_changes_reach_the_hooks():
+    # uneven windows, as a loop that decides them itself (the Trainer's last window of an epoch is shorter);
+    # load_state_dict replaces the group dicts, and an lr written into the new ones must reach the hooks
+    data, windows = batches(12), [3, 2, 1, 4, 2]
+    ref = make_model()
+    ref_opt = SubspaceOptimizer(projected_groups(ref, gap=2), lr=1e-2, weight_decay=0.01)
+    got = make_model()
+    opt = SubspaceOptimizer(projected_groups(got, gap=2), lr=1e-2, weight_decay=0.01)
+    opt_sd = opt.state_dict()
+    last = [False]
+    Layerwise(opt, accumulation_steps=7, sync=lambda: last[0])  # sync wins over the count
+    opt.load_state_dict(opt_sd)
+    i = 0
+    for w, size in enumerate(windows):
+        for k in range(size):
+            x, y = data[i]
+            i += 1
+            (nn.functional.mse_loss(ref(x), y) / size).backward()
+            last[0] = k == size - 1
+            (nn.functional.mse_loss(got(x), y) / size).backward()
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        opt.step()  # nothing left to step: the hooks did it
+        for o in (ref_opt, opt):
+            for group in o.param_groups:
+                group["lr"] = 1e-2 / (w + 2)
+    for a, b in zip(got.parameters(), ref.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert opt.state[got.up.weight]["step"] == len(windows)
+    assert all(p.grad is None for p in got.parameters())

@@ -17,9 +17,16 @@ Differences from the normal mode, by necessity: a non-finite gradient is caught 
 ``nonfinite="error"`` weights earlier in backward may already have moved when it is raised; ``nonfinite="skip"``
 skips the affected parameter's step only. A parameter that receives no gradient in a backward pass does not count
 that pass. Save checkpoints at accumulation boundaries (a partial window's buffers are not in the state dict).
+
+A training loop that decides the windows itself (the Hugging Face Trainer shortens an epoch's last window)
+passes ``sync``, a callable that is true during the last backward of a window, instead of counting:
+``Layerwise(opt, sync=lambda: accelerator.sync_gradients)``. The optimizer's own ``step()`` then finds no
+gradient left and does nothing, so such a loop may keep calling it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -29,17 +36,26 @@ from .trackers import get_tracker
 
 
 class Layerwise:
-    def __init__(self, optimizer: SubspaceOptimizer, accumulation_steps: int = 1):
+    def __init__(
+        self,
+        optimizer: SubspaceOptimizer,
+        accumulation_steps: int = 1,
+        *,
+        sync: Callable[[], bool] | None = None,
+    ):
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
         if not isinstance(optimizer, SubspaceOptimizer):
             raise TypeError("layer-wise mode needs a gradspace SubspaceOptimizer")
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
-        self._count: dict[torch.Tensor, int] = {}
+        self.sync = sync
+        self._count: dict[torch.Tensor, int] = {}  # backward passes so far in the parameter's current window
         self._projected: dict[torch.Tensor, torch.Tensor] = {}
-        self._group = {p: group for group in optimizer.param_groups for p in group["params"]}
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._group if p.requires_grad]
+        # indices, not group dicts: load_state_dict replaces the dicts, and LR schedulers write the new ones
+        self._group_index = {p: i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        params = [p for p in self._group_index if p.requires_grad]
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
 
     def remove(self) -> None:
         """Detach the hooks: back to the normal mode (``optimizer.step()``)."""
@@ -47,18 +63,22 @@ class Layerwise:
             handle.remove()
         self._handles = []
 
+    def _group(self, p: torch.Tensor) -> dict:
+        return self.optimizer.param_groups[self._group_index[p]]
+
     @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:
         count = self._count.get(p, 0) + 1
-        self._count[p] = count
-        boundary = count % self.accumulation_steps == 0
+        boundary = self.sync() if self.sync is not None else count == self.accumulation_steps
         acc = self._projected.get(p)
         if boundary:
+            self._count[p] = 0
             self._projected.pop(p, None)
-            self.optimizer.step_param(p, acc, self._group[p])
+            self.optimizer.step_param(p, acc, self._group(p))
             p.grad = None
             return
-        if acc is None and count % self.accumulation_steps != 1 and self.accumulation_steps > 1:
+        self._count[p] = count
+        if acc is None and count > 1:
             return  # this window accumulates in full (decided at its first micro-batch)
         layout = self._projectable(p)
         if layout is None:
@@ -70,7 +90,7 @@ class Layerwise:
     def _projectable(self, p: torch.Tensor) -> bool | None:
         """The orientation if this window may accumulate projected gradients, else None."""
         opt = self.optimizer
-        group = self._group[p]
+        group = self._group(p)
         layout = opt._layout(p, group)
         state = opt.state.get(p)
         if layout is None or not state or "basis" not in state or group["recovery"]:

@@ -1,0 +1,193 @@
+"""Hugging Face Trainer and Accelerate: a gradspace optimizer built from ``TrainingArguments``.
+
+    args = TrainingArguments("out", learning_rate=1e-3, optim_target_modules=["attn", "mlp"],
+                             optim_args="rank=128,update_proj_gap=200,scale=0.25")
+    opt = create_hf_optimizer(model, args, "galore")
+    trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None))  # scheduler: args
+
+``GradspaceTrainer(..., method="galore")`` does the same from inside the Trainer, where the Trainer refuses
+a ready optimizer (``model_init``, FSDP). The optimizer is a plain ``torch.optim.Optimizer``:
+``accelerator.prepare`` wraps it like any other, and its ``state_dict()`` loads with
+``torch.load(weights_only=True)``, as the Trainer's resume does.
+
+Layer-wise mode (``layerwise=True``) steps each weight inside backward and frees its gradient at once.
+Gradient accumulation works: the windows are the Trainer's own (Accelerate's ``sync_gradients``), and the
+Trainer's ``optimizer.step()`` and ``zero_grad()`` find no gradients left. What it cannot do: clip by the
+global gradient norm (no gradient outlives its own backward step, so ``max_grad_norm`` has no effect and the
+logged ``grad_norm`` is 0), or run under DDP (a weight would step before its gradient is averaged).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+from transformers import Trainer
+
+from ..layerwise import Layerwise
+from ..methods import METHODS, PROJECTION_KEYS, create_optimizer
+from ..optimizer import SubspaceOptimizer
+from ..params import DEFAULT_TARGETS, as_groups, select_params
+from ..rules import get_rule
+
+log = logging.getLogger(__name__)
+
+
+def parse_optim_args(optim_args: str | dict[str, Any] | None) -> dict[str, Any]:
+    """Options from a ``"rank=8,scale=0.25,base=lion"`` string (the ``TrainingArguments.optim_args`` format)
+    or a dict. String values become ints, floats, booleans or None where they read as one: ``rank=8`` is 8.
+    """
+    if optim_args is None:
+        return {}
+    if isinstance(optim_args, dict):
+        return dict(optim_args)
+    options: dict[str, Any] = {}
+    for item in optim_args.replace(" ", "").split(","):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"optim_args item {item!r} is not key=value (in {optim_args!r})")
+        options[key] = _typed(value)
+    return options
+
+
+def _typed(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def create_hf_optimizer(
+    model: nn.Module,
+    args: Any,
+    method: str = "galore",
+    *,
+    target_modules: str | re.Pattern | Sequence | None = None,
+    optim_args: str | dict[str, Any] | None = None,
+    layerwise: bool = False,
+    **options: Any,
+) -> SubspaceOptimizer:
+    """A gradspace optimizer for ``Trainer(..., optimizers=(opt, None))``, configured like the Trainer's own.
+
+    From ``args`` (a ``TrainingArguments``): ``learning_rate``; ``weight_decay`` on the parameters the Trainer
+    decays (not biases and norms); ``(adam_beta1, adam_beta2)`` and ``adam_epsilon`` where the inner rule has
+    ``betas``/``eps`` (as the Trainer gives Lion the Adam betas); ``seed`` for the random trackers;
+    ``optim_target_modules`` and ``optim_args`` when not given here. ``target_modules`` follows
+    :func:`gradspace.select_params`: substrings, regexes, ``"all-linear"`` (default ``("attn", "mlp")``);
+    unlike the Trainer's GaLore, the output head and embeddings are projected only when named.
+
+    Options, later ones winning: ``args.optim_args``, then ``optim_args`` (string or dict), then keyword
+    ``options``: ``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ``base``, ``beta1``/``beta2``, and
+    any tracker or rule option of :func:`gradspace.create_optimizer`.
+    """
+    return _build(model, args, method, target_modules, optim_args, layerwise, options, _decay_names(model))
+
+
+def _build(model, args, method, target_modules, optim_args, layerwise, options, decay_names):
+    """Shared by create_hf_optimizer and GradspaceTrainer, which passes its own (overridable) decay names."""
+    key = method.lower()
+    if key not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    opts = {**parse_optim_args(args.optim_args), **parse_optim_args(optim_args), **options}
+    base = opts.pop("base", "adamw")
+    rule = get_rule(base)
+    explicit = {"betas", "beta1", "beta2"} & set(opts)  # set for a rule without betas: the optimizer objects
+    betas = list(opts.pop("betas", (args.adam_beta1, args.adam_beta2)))
+    for i, name in enumerate(("beta1", "beta2")):
+        if name in opts:
+            betas[i] = float(opts.pop(name))
+    if "betas" in rule.defaults or explicit:
+        opts["betas"] = tuple(betas)
+    if "eps" in rule.defaults:
+        opts.setdefault("eps", args.adam_epsilon)
+    opts.setdefault("seed", args.seed)
+    projection = {k: opts.pop(k) for k in PROJECTION_KEYS if k in opts}
+    if METHODS[key] is None:  # full rank: create_optimizer rejects any projection key given
+        groups, opts = as_groups(model), {**opts, **projection}
+    else:
+        targets = target_modules if target_modules is not None else args.optim_target_modules
+        if isinstance(targets, str) and targets.replace("_", "-") == "all-linear":
+            targets = "all-linear"
+        groups = select_params(model, targets if targets is not None else DEFAULT_TARGETS, **projection)
+    groups = _split_decay(groups, decay_names, args.weight_decay)
+    opt = create_optimizer(key, groups, lr=args.learning_rate, base=base, weight_decay=args.weight_decay,
+                           **opts)
+    if layerwise:
+        _attach_layerwise(opt, args)
+    return opt
+
+
+def _decay_names(model: nn.Module) -> set[str]:
+    """The parameter names the Trainer applies weight decay to (its method does not use ``self``)."""
+    return set(Trainer.get_decay_parameter_names(None, model))
+
+
+def _split_decay(groups: list[dict], decay_names: set[str], weight_decay: float) -> list[dict]:
+    """Each group split into its decayed and undecayed parameters, as the Trainer's own optimizer does."""
+    out = []
+    for group in groups:
+        names = group["param_names"]
+        for decayed in (True, False):
+            keep = [i for i, name in enumerate(names) if (name in decay_names) == decayed]
+            if keep:
+                out.append({
+                    **group,
+                    "params": [group["params"][i] for i in keep],
+                    "param_names": [names[i] for i in keep],
+                    "weight_decay": weight_decay if decayed else 0.0,
+                })
+    return out
+
+
+def _attach_layerwise(opt: SubspaceOptimizer, args: Any) -> None:
+    """Step inside backward at the Trainer's accumulation boundaries; ``opt.layerwise.remove()`` undoes it."""
+    from accelerate.state import GradientState
+
+    if args.world_size > 1:
+        raise NotImplementedError(
+            "layer-wise mode steps each weight inside backward, before DDP has averaged its gradient across "
+            f"processes; run it on one process (world size is {args.world_size}) or use layerwise=False"
+        )
+    if args.max_grad_norm and args.max_grad_norm > 0:
+        log.warning(
+            "layer-wise mode frees each gradient inside backward, so the Trainer's clipping to "
+            "max_grad_norm=%s has no effect (and its logged grad_norm is 0); set max_grad_norm=0 to silence "
+            "this",
+            args.max_grad_norm,
+        )
+    opt.layerwise = Layerwise(opt, sync=lambda: GradientState().sync_gradients)
+
+
+class GradspaceTrainer(Trainer):
+    """A ``Trainer`` that builds a gradspace optimizer itself, from its own (possibly per-trial) arguments.
+
+    ``GradspaceTrainer(model=..., args=..., method="galore", target_modules=..., layerwise=False,
+    optim_options={"rank": 128})``: for ``model_init`` and FSDP, where ``optimizers=(opt, None)`` is refused.
+    It honours an overridden ``get_decay_parameter_names``.
+    """
+
+    def __init__(self, *args, method="galore", target_modules=None, layerwise=False, optim_options=None,
+                 **kwargs):
+        self.gradspace = {"method": method, "target_modules": target_modules, "layerwise": layerwise,
+                          "options": dict(optim_options or {})}
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            g = self.gradspace
+            self.optimizer = _build(model, self.args, g["method"], g["target_modules"], None, g["layerwise"],
+                                    g["options"], set(self.get_decay_parameter_names(model)))
+        return self.optimizer
