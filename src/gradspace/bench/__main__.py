@@ -1,4 +1,4 @@
-"""``python -m gradspace.bench {update,...}``: side-by-side benchmarks that print markdown tables."""
+"""``python -m gradspace.bench {update,step,adarank,memory}``: side-by-side benchmarks that print markdown tables."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="bench", required=True)
     upd = sub.add_parser("update", help="cost of one subspace update per tracker vs torch.linalg.svd")
     upd.add_argument("--shape", default="2048x5461", help="weight shape, e.g. 2048x5461")
-    upd.add_argument("--rank", type=int, default=512)
+    upd.add_argument("--preset", default=None, help="every projected shape of a LLaMA preset instead of --shape")
+    upd.add_argument("--rank", type=int, default=None, help="default: 512, or the papers' rank for --preset")
     upd.add_argument("--repeats", type=int, default=3)
     upd.add_argument("--device", default="cpu")
     upd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -27,8 +28,25 @@ def main(argv=None) -> None:
     stp.add_argument("--repeats", type=int, default=5)
     stp.add_argument("--device", default="cpu")
     stp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    stp.add_argument("--layers", type=int, default=None, help="build the preset with this many blocks")
+    stp.add_argument("--no-references", action="store_true", help="leave out torch AdamW and galore-torch")
     ada = sub.add_parser("adarank", help="sweep of AdaRankGrad's refresh criterion (justifies its defaults)")
     ada.add_argument("--steps", type=int, default=300)
+    mem = sub.add_parser("memory", help="optimizer-state bytes (counted vs formula vs papers) and peak step memory")
+    mem.add_argument("--configs", default="60m,130m,350m,1b", help="LLaMA presets for the state-bytes tables")
+    mem.add_argument("--vocab", type=int, default=32000)
+    mem.add_argument("--check-preset", default="mini", help="preset on which meta counts must equal real ones ('' skips)")
+    mem.add_argument("--adarank-preset", default="60m", help="preset for AdaRankGrad's effective rank ('' skips)")
+    mem.add_argument("--adarank-steps", type=int, default=30)
+    mem.add_argument("--peak-preset", default="60m", help="preset for the peak-memory table ('' skips)")
+    mem.add_argument("--peak-rank", type=int, default=None, help="default: hidden/4")
+    mem.add_argument("--peak-steps", type=int, default=3)
+    mem.add_argument("--peak-methods", default=None, help="comma-separated variant labels (default: all but 8-bit)")
+    mem.add_argument("--seq-len", type=int, default=128)
+    mem.add_argument("--batch-size", type=int, default=1)
+    mem.add_argument("--device", default="cpu")
+    mem.add_argument("--jobs", type=int, default=1, help="peak-memory subprocesses run at a time")
+    mem.add_argument("--out", default="runs/bench-memory")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -36,19 +54,32 @@ def main(argv=None) -> None:
     if args.bench == "update":
         from . import update
 
-        shape = tuple(int(x) for x in args.shape.lower().split("x"))
-        print(update.run(shape, args.rank, args.repeats, args.device, getattr(torch, args.dtype),
-                         args.trackers.split(",") if args.trackers else None))
+        trackers = args.trackers.split(",") if args.trackers else None
+        dtype = getattr(torch, args.dtype)
+        if args.preset:
+            print(update.run_preset(args.preset, args.rank, args.repeats, args.device, dtype, trackers))
+        else:
+            shape = tuple(int(x) for x in args.shape.lower().split("x"))
+            print(update.run(shape, args.rank or 512, args.repeats, args.device, dtype, trackers))
     elif args.bench == "step":
         from . import step
 
         print(step.run(args.preset, args.methods.split(",") if args.methods else None, args.rank,
-                       repeats=args.repeats, device=args.device, dtype=getattr(torch, args.dtype)))
+                       repeats=args.repeats, device=args.device, dtype=getattr(torch, args.dtype),
+                       layers=args.layers, references=not args.no_references))
 
     elif args.bench == "adarank":
         from . import adarank_sweep
 
         print(adarank_sweep.run(args.steps))
+
+    elif args.bench == "memory":
+        from . import memory
+
+        print(memory.run(args.configs.split(","), args.out, args.vocab, args.check_preset or None,
+                         args.adarank_preset or None, args.adarank_steps, args.peak_preset or None, args.peak_rank,
+                         args.peak_steps, args.seq_len, args.batch_size, args.device,
+                         args.peak_methods.split(",") if args.peak_methods else None, args.jobs))
 
 
 if __name__ == "__main__":

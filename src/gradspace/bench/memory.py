@@ -1,0 +1,498 @@
+"""Optimizer-state bytes per method (counted, next to a closed-form formula and the papers' table) and the peak
+memory of a whole training step, with and without layer-wise mode (issue #5).
+
+State bytes are counted from the state tensors after the first step. The LLaMA configs are built on the meta
+device, where every tracker runs on shapes alone except AdaRankGrad, whose rank comes from the gradient's data:
+there it is counted at its initial rank ``r_max`` (an upper bound), and its effective rank is measured separately
+by training a small model for a few steps on real text.
+
+Peak memory is measured in a fresh subprocess per configuration, so one configuration's allocations cannot
+hide in another's: on CPU the process's peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``) minus its
+RSS after the model was built, with glibc's mmap threshold fixed so that freed tensors go back to the OS; on CUDA
+``torch.cuda.max_memory_allocated`` minus the allocation after the build.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+from ..layerwise import Layerwise
+from ..methods import METHODS, create_optimizer
+from ..optimizer import optimizer_state_bytes
+from ..params import select_params
+from ..trackers.adarank import AdaRankTracker
+from ..train.models import PRESETS, build_llama
+from .step import PAPER_RANKS
+from .timing import markdown_table
+
+CONFIGS = ("60m", "130m", "350m", "1b")
+#: GaLore's Table 2 (repeated as AdaRankGrad's Table 4, papers/adarankgrad.txt): "memory estimate of the total of
+#: parameters and optimizer states in BF16", at the ranks of step.PAPER_RANKS, in G
+PAPER_TOTAL_G = {
+    "adamw": {"60m": 0.36, "130m": 0.76, "350m": 2.06, "1b": 7.80},
+    "galore": {"60m": 0.24, "130m": 0.52, "350m": 1.22, "1b": 4.38},
+}
+TARGET_RATIO = 0.35  # issue #5: with rank d/4 the state is at most 35% of AdamW's
+MiB = 2**20
+
+
+def variants() -> list[tuple[str, str, dict]]:
+    """(label, preset, extra options): every preset of METHODS, plus the 8-bit rule and SubTrack without its
+    m x n accumulation buffer."""
+    out = [(name, name, {}) for name in METHODS]
+    i = next(i for i, v in enumerate(out) if v[0] == "subtrack") + 1
+    out.insert(i, ("subtrack accumulate=False", "subtrack", {"accumulate": False}))
+    out += [("adamw 8-bit", "adamw", {"base": "adamw8bit"}), ("galore 8-bit", "galore", {"base": "adamw8bit"})]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the formula
+def _moment_bytes(numel: int, elem: int, base: str) -> int:
+    """Two Adam moments of ``numel`` elements: ``elem`` bytes each, or 8-bit codes plus a float32 absmax per
+    block of 256."""
+    if base == "adamw":
+        return 2 * numel * elem
+    if base == "adamw8bit":
+        return 2 * (numel + 4 * math.ceil(numel / 256))
+    raise ValueError(f"the formula covers bases adamw and adamw8bit, not {base!r}")
+
+
+def weight_bytes(shape, elem: int, method: str, rank: int, options: dict, clock=(1, 0)) -> int:
+    """State bytes of one weight after its first step (``clock`` = (steps since the last refresh, refreshes),
+    which only adarank's bookkeeping depends on).
+
+    Projected m x n weight, k = min(m, n) (the projected side), l = max(m, n), rank r: a float32 basis k x r,
+    two moments r x l, and per tracker: subtrack with ``accumulate`` a float32 m x n gradient sum; online_pca
+    Adam moments of P (2 k r float32) and one float32 scalar (||P^T P - I||); recovery one scalar (the limiter's
+    norm); adarank two scalars (error, reference norm), two more once ``min_gap`` steps have passed since a refresh
+    (norm, energy) and one after the first refresh (gap). Anything else, or r >= min(m, n): two moments of the
+    parameter's size. Step counters are Python ints, not tensors.
+    """
+    base = options.get("base", "adamw")
+    numel = math.prod(shape)
+    preset = METHODS[method]
+    if preset is None or len(shape) != 2 or rank >= min(shape):
+        return _moment_bytes(numel, elem, base)
+    k, l = min(shape), max(shape)
+    total = 4 * k * rank + _moment_bytes(rank * l, elem, base)
+    tracker = preset["tracker"]
+    if tracker == "subtrack" and options.get("accumulate", True):
+        total += 4 * numel
+    if tracker == "online_pca":
+        total += 2 * 4 * k * rank + 4
+    if preset.get("recovery"):
+        total += 4
+    if tracker == "adarank":
+        since, refreshes = clock
+        min_gap = max(1, options.get("update_proj_gap", 200) // 4)
+        total += 8 + (8 if since >= min_gap or refreshes else 0) + (4 if refreshes else 0)
+    return total
+
+
+def formula_bytes(model: torch.nn.Module, method: str, rank: int, options: dict, ranks=None, clocks=None) -> int:
+    """Predicted state bytes of ``create_optimizer(method, model, rank=rank, **options)`` after one step.
+
+    ``ranks``/``clocks`` (by parameter name) give adarank's effective ranks and refresh clocks, which come from the
+    data and no formula can know; by default every weight has ``rank`` and has taken one step.
+    """
+    projected = set(select_params(model)[0]["param_names"]) if METHODS[method] is not None else set()
+    total = 0
+    for name, p in model.named_parameters():
+        r = (ranks or {}).get(name, rank) if name in projected else math.inf  # not projected: full rank
+        total += weight_bytes(tuple(p.shape), p.element_size(), method, r, options, (clocks or {}).get(name, (1, 0)))
+    return total
+
+
+def projected_grad_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the gradients of the weights the presets project (what layer-wise mode must at least save)."""
+    names = set(select_params(model)[0]["param_names"])
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n in names)
+
+
+# ---------------------------------------------------------------------------------------------- counting
+def held_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of the distinct storages behind the state tensors: what the state really holds (a view into a
+    larger buffer would hold all of it, which ``optimizer_state_bytes``'s numel count would miss)."""
+    seen: dict[tuple, int] = {}
+    for st in opt.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                s = v.untyped_storage()
+                key = (v.device, s.data_ptr()) if v.device.type != "meta" else (id(v),)
+                seen[key] = s.nbytes()
+    return sum(seen.values())
+
+
+def _adarank_at_rmax(self, gn, rank, state, group, ctx, draw):
+    """AdaRankTracker._select on the meta device: no data to choose a rank from, so the initial rank r_max."""
+    r = min(group.get("r_max") or rank, *gn.shape)
+    state["trk_diag_error"] = gn.new_empty((), dtype=torch.float32)
+    return gn.new_empty((gn.shape[0], r), dtype=torch.float32)
+
+
+@contextmanager
+def _meta_safe(device: str):
+    if device != "meta":
+        yield
+        return
+    with mock.patch.object(AdaRankTracker, "_select", _adarank_at_rmax):
+        yield
+
+
+def count_state(preset: str, method: str, rank: int, options: dict, device: str = "meta", vocab: int = 32000,
+                seed: int = 0) -> tuple[int, int, torch.nn.Module, torch.optim.Optimizer]:
+    """(bytes held, ``optimizer_state_bytes``, model, optimizer) after one step with random gradients.
+
+    On the meta device nothing is computed (the non-finite check needs values, so it is off there)."""
+    torch.manual_seed(seed)
+    model = build_llama(preset, vocab_size=vocab, device=device)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for p in model.parameters():
+        p.grad = torch.empty_like(p) if device == "meta" else torch.randn(p.shape, generator=gen).to(p)
+    kw = {} if METHODS[method] is None else {"rank": rank}
+    extra = {"nonfinite": "off"} if device == "meta" else {}
+    opt = create_optimizer(method, model, lr=1e-6, **kw, **options, **extra)
+    with _meta_safe(device):
+        opt.step()
+    return held_bytes(opt), optimizer_state_bytes(opt), model, opt
+
+
+def _options_for_formula(options: dict) -> dict:
+    return {"update_proj_gap": 200, **options}
+
+
+def state_table(configs=CONFIGS, vocab: int = 32000) -> tuple[list[dict], str]:
+    """Counted vs formula state bytes for every variant at rank hidden/4 on each config (meta device)."""
+    rows = []
+    for cfg in configs:
+        rank = PRESETS[cfg][0] // 4
+        for label, method, options in variants():
+            held, counted, model, _ = count_state(cfg, method, rank, options, "meta", vocab)
+            formula = formula_bytes(model, method, rank, _options_for_formula(options))
+            if not held == counted == formula:
+                raise AssertionError(f"{cfg} {label}: held {held}, counted {counted}, formula {formula} bytes")
+            proj = set(select_params(model)[0]["param_names"])
+            proj_bytes = sum(weight_bytes(tuple(p.shape), p.element_size(), method, rank, options)
+                             for n, p in model.named_parameters() if n in proj)
+            rows.append({"config": cfg, "rank": rank, "variant": label, "bytes": counted, "formula": formula,
+                         "projected_bytes": proj_bytes})
+    for row in rows:
+        ref = next(r for r in rows if r["config"] == row["config"] and r["variant"] == "adamw")
+        row["x_adamw"] = row["bytes"] / ref["bytes"]
+        row["x_adamw_projected"] = row["projected_bytes"] / ref["projected_bytes"]
+    exact = markdown_table(
+        ["config", "rank", "variant", "state bytes (counted)", "formula", "equal", "MiB"],
+        [[r["config"], r["rank"], r["variant"], r["bytes"], r["formula"], "yes" if r["bytes"] == r["formula"] else
+          "NO", r["bytes"] / MiB] for r in rows])
+    labels = [v[0] for v in variants()]
+    wide = markdown_table(
+        ["variant", *[f"{c} (r={PRESETS[c][0] // 4}) bytes" for c in configs]],
+        [[lab, *[next(r["bytes"] for r in rows if r["config"] == c and r["variant"] == lab) for c in configs]]
+         for lab in labels])
+    ratio = markdown_table(
+        ["variant", *[f"{c} (r={PRESETS[c][0] // 4})" for c in configs], "target <= 0.35"],
+        [[lab, *[_ratio_cell(rows, c, lab) for c in configs], _target_cell(rows, lab)] for lab in labels])
+    return rows, (f"Optimizer-state bytes after the first step, rank = hidden/4, float32, vocabulary {vocab} "
+                  f"(counted on the meta device; adarank at its initial rank r_max)\n\n{exact}\n\n"
+                  f"The same, one column per config (every cell equals the formula to the byte)\n\n{wide}\n\n"
+                  f"State / AdamW's state: whole model (projected weights only)\n\n{ratio}")
+
+
+def _ratio_cell(rows, cfg, label):
+    r = next(r for r in rows if r["config"] == cfg and r["variant"] == label)
+    return f"{r['x_adamw']:.3f} ({r['x_adamw_projected']:.3f})"
+
+
+def _target_cell(rows, label):
+    mine = [r for r in rows if r["variant"] == label]
+    whole = all(r["x_adamw"] <= TARGET_RATIO for r in mine)
+    proj = all(r["x_adamw_projected"] <= TARGET_RATIO for r in mine)
+    return f"model {'met' if whole else 'no'}; projected {'met' if proj else 'no'}"
+
+
+def paper_table(configs=CONFIGS, vocab: int = 32000) -> str:
+    """Weights + state in BF16 (2 bytes per element, the basis included) at the papers' ranks, next to GaLore's
+    Table 2, which estimates exactly that sum. The paper's state alone is derived as its total minus its weights,
+    taking the weights as a third of its AdamW total (AdamW's state is twice the weights)."""
+    rows = []
+    for cfg in [c for c in configs if c in PAPER_RANKS]:
+        rank = PAPER_RANKS[cfg]
+        paper_weights = PAPER_TOTAL_G["adamw"][cfg] / 3
+        for method in ("adamw", "galore"):
+            _, counted, model, _ = count_state(cfg, method, rank, {}, "meta", vocab)
+            weights = sum(p.numel() for p in model.parameters()) * 2 / 1e9
+            state = counted / 2 / 1e9  # float32 -> bf16: every state tensor here is float32
+            total, paper_state = PAPER_TOTAL_G[method][cfg], PAPER_TOTAL_G[method][cfg] - paper_weights
+            rows.append([cfg, rank, method, weights + state, total, (weights + state) / total, state, paper_state,
+                         state / paper_state])
+    return ("Against GaLore's Table 2 (BF16 estimate of weights + optimizer state at the papers' ranks; ours: "
+            f"counted elements x 2 bytes, 1 GB = 1e9 B, vocabulary {vocab})\n\n" + markdown_table(
+                ["config", "rank", "method", "ours weights+state GB", "paper G", "ours/paper", "ours state GB",
+                 "paper state G (derived)", "ours/paper"], rows))
+
+
+def check_real(preset: str = "mini", vocab: int = 32000) -> str:
+    """The meta-device count equals the count on real tensors (adarank made to keep r_max: eta_th tiny)."""
+    rank = PRESETS[preset][0] // 4
+    lines = []
+    for label, method, options in variants():
+        if method == "adarank":
+            options = {**options, "eta_th": 1e-9}
+        meta = count_state(preset, method, rank, options, "meta", vocab)[:2]
+        real = count_state(preset, method, rank, options, "cpu", vocab)[:2]
+        if meta != real:
+            raise AssertionError(f"{preset} {label}: meta {meta} != real {real} bytes")
+        lines.append(label)
+    return f"meta-device counts equal real-tensor counts on {preset} for: {', '.join(lines)}"
+
+
+# ---------------------------------------------------------------------------------------------- adarank
+def adarank_table(preset: str = "60m", rank: int | None = None, steps: int = 30, gap: int = 20, batch: int = 8,
+                  seq_len: int = 64, ids: torch.Tensor | None = None) -> tuple[dict, str]:
+    """AdaRankGrad vs GaLore at the same initial rank after ``steps`` training steps on real text (Shakespeare
+    characters unless ``ids`` are given): effective rank and bytes held, with the formula at the chosen ranks."""
+    if ids is None:
+        from ..train.assets import shakespeare_text
+
+        text = shakespeare_text()[:200_000]
+        table = {c: i for i, c in enumerate(sorted(set(text)))}
+        ids = torch.tensor([table[c] for c in text])
+    vocab = int(ids.max()) + 1
+    rank = rank or PRESETS[preset][0] // 4
+    gen = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, len(ids) - seq_len - 1, (steps, batch), generator=gen)
+    out, rows = {}, []
+    for method in ("galore", "adarank"):
+        torch.manual_seed(0)
+        model = build_llama(preset, vocab_size=vocab)
+        opt = create_optimizer(method, model, lr=1e-3, rank=rank, update_proj_gap=gap)
+        for row in starts:
+            x = torch.stack([ids[s:s + seq_len] for s in row])
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        names = {p: n for n, p in model.named_parameters()}
+        ranks, clocks = {}, {}
+        for p, st in opt.state.items():
+            if "basis" in st:
+                ranks[names[p]] = st["basis"].shape[1]
+                clocks[names[p]] = (st["step"] - st.get("trk_last", 0), st["updates"])
+        counted = optimizer_state_bytes(opt)
+        formula = formula_bytes(model, method, rank, {"update_proj_gap": gap}, ranks, clocks)
+        if counted != formula:
+            raise AssertionError(f"{method} after {steps} steps: counted {counted} != formula {formula} bytes")
+        eff = list(ranks.values())
+        refreshes = sum(c[1] for c in clocks.values()) / len(clocks)
+        out[method] = {"bytes": counted, "mean_rank": sum(eff) / len(eff), "min_rank": min(eff),
+                       "max_rank": max(eff), "refreshes": refreshes}
+        rows.append([method, rank, f"{sum(eff) / len(eff):.1f} ({min(eff)}-{max(eff)})", refreshes, counted,
+                     formula, counted / out["galore"]["bytes"]])
+    title = (f"AdaRankGrad vs GaLore after {steps} steps on real text, LLaMA-{preset} shapes (vocabulary {vocab}), "
+             f"batch {batch} x {seq_len}, rank {rank}, update_proj_gap/max_gap {gap}, eta_th 0.48")
+    return out, f"{title}\n\n" + markdown_table(
+        ["method", "initial rank", "effective rank mean (min-max)", "refreshes per weight", "state bytes",
+         "formula at those ranks", "x galore"], rows)
+
+
+# ---------------------------------------------------------------------------------------------- peak memory
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+class _Meter:
+    """Peak memory since ``reset``, minus ``baseline``: RSS on CPU, the caching allocator's count on CUDA."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def current(self) -> int:
+        gc.collect()
+        return torch.cuda.memory_allocated() if self.cuda else _status_kb("VmRSS") * 1024
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # peak RSS := current RSS (Linux >= 4.0)
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated() if self.cuda else _status_kb("VmHWM") * 1024
+
+
+def peak_child(spec: dict) -> dict:
+    """One configuration's training steps in this (fresh) process; returns bytes relative to after the build."""
+    torch.set_num_threads(1)
+    device = spec["device"]
+    torch.manual_seed(0)
+    model = build_llama(spec["preset"], vocab_size=spec["vocab"], **spec.get("overrides", {})).to(device)
+    x = torch.randint(0, spec["vocab"], (spec["batch"], spec["seq_len"]), generator=torch.Generator().manual_seed(1))
+    x = x.to(device)
+    method, options = spec["method"], spec["options"]
+    if method == "torch-adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    else:
+        kw = {} if METHODS[method] is None else {"rank": spec["rank"], "update_proj_gap": spec["gap"]}
+        opt = create_optimizer(method, model, lr=1e-4, **kw, **options)
+    layerwise = Layerwise(opt) if spec["layerwise"] else None
+
+    def step():
+        model(input_ids=x, labels=x).loss.backward()
+        if layerwise is None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    meter = _Meter(device)
+    base = meter.current()
+    meter.reset()
+    t0 = time.perf_counter()
+    step()
+    first = meter.peak() - base
+    first_s = time.perf_counter() - t0
+    meter.reset()
+    for _ in range(spec["steps"] - 1):
+        step()
+    steady = meter.peak() - base
+    out = {"first_peak": first, "steady_peak": steady, "after": meter.current() - base,
+           "state": optimizer_state_bytes(opt), "first_step_s": first_s,
+           "projected_grads": projected_grad_bytes(model),
+           "all_grads": sum(p.numel() * p.element_size() for p in model.parameters())}
+    if method != "torch-adamw":
+        names = {p: n for n, p in model.named_parameters()}
+        ranks = {names[p]: st["basis"].shape[1] for p, st in opt.state.items() if "basis" in st}
+        clocks = {names[p]: (st["step"] - st.get("trk_last", 0), st["updates"])
+                  for p, st in opt.state.items() if "basis" in st}
+        out["formula"] = formula_bytes(model, method, spec["rank"], {"update_proj_gap": spec["gap"], **options},
+                                       ranks, clocks)
+    return out
+
+
+def run_child(spec: dict, timeout: float = 1800) -> dict:
+    """Run ``peak_child`` in a fresh interpreter. glibc's mmap threshold is fixed (not raised after each free) so
+    that a freed tensor's pages go back to the OS and RSS tracks what is live."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "gradspace.bench.memory", json.dumps(spec)], env=env, check=False,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory child {spec['method']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peak_specs(preset: str, rank: int, steps: int, seq_len: int, batch: int, vocab: int, device: str,
+               methods=None, gap: int = 200, overrides=None) -> list[tuple[str, dict]]:
+    """(label, child spec) for torch's AdamW and each variant (default: all but 8-bit), normal and layer-wise."""
+    methods = methods or ["torch.optim.AdamW", *[v[0] for v in variants() if "8-bit" not in v[0]]]
+    base = {"preset": preset, "rank": rank, "steps": steps, "seq_len": seq_len, "batch": batch, "vocab": vocab,
+            "device": device, "gap": gap, "overrides": overrides or {}}
+    specs = []
+    if "torch.optim.AdamW" in methods:
+        specs.append(("torch.optim.AdamW", {**base, "method": "torch-adamw", "options": {}, "layerwise": False}))
+    chosen = [v for v in variants() if v[0] in methods]
+    for label, method, options in chosen:
+        for lw in (False, True):
+            specs.append((label, {**base, "method": method, "options": options, "layerwise": lw}))
+    return specs
+
+
+def peak_table(specs: list[tuple[str, dict]], runner: Callable[[dict], dict] = run_child, jobs: int = 1
+               ) -> tuple[list, str]:
+    """Run every configuration (``jobs`` subprocesses at a time: each measures only its own memory)."""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        measured = list(pool.map(runner, [spec for _, spec in specs]))
+    results = []
+    for (label, spec), res in zip(specs, measured):
+        if "formula" in res and res["formula"] != res["state"]:
+            raise AssertionError(f"{label}: counted {res['state']} != formula {res['formula']} bytes")
+        results.append((label, spec, res))
+    rows = []
+    for label, spec, res in results:
+        saving, met = "", ""
+        if spec["layerwise"]:
+            normal = next(r for lab, s, r in results if lab == label and not s["layerwise"])
+            saving = (normal["steady_peak"] - res["steady_peak"]) / MiB
+            met = "met" if saving * MiB >= res["projected_grads"] else "no"
+        rows.append([label, "layer-wise" if spec["layerwise"] else "normal", res["state"] / MiB,
+                     res["first_peak"] / MiB, res["steady_peak"] / MiB, saving, met])
+    spec0, res0 = specs[0][1], results[0][2]
+    meter = "peak RSS - RSS after build" if spec0["device"] == "cpu" else "max_memory_allocated - after build"
+    title = (f"Peak memory of a training step (forward + backward + optimizer step), LLaMA-{spec0['preset']} "
+             f"{spec0.get('overrides') or ''}vocabulary {spec0['vocab']}, batch {spec0['batch']} x {spec0['seq_len']}, "
+             f"rank {spec0['rank']}, float32 on {spec0['device']}, {meter}, MiB; steady = steps 2-{spec0['steps']}. "
+             f"Gradients of the projected weights: {res0['projected_grads'] / MiB:.1f} MiB; of all parameters: "
+             f"{res0['all_grads'] / MiB:.1f} MiB")
+    return results, f"{title}\n\n" + markdown_table(
+        ["method", "mode", "state MiB", "first step peak MiB", "steady step peak MiB", "layer-wise saving MiB",
+         "saving >= projected grads"], rows)
+
+
+# ---------------------------------------------------------------------------------------------- plot and run
+def plot_state(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    labels = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(labels)
+    for j, lab in enumerate(labels):
+        ys = [next(r["bytes"] for r in rows if r["config"] == c and r["variant"] == lab) / MiB for c in configs]
+        ax.bar([i + (j - len(labels) / 2 + 0.5) * width for i in range(len(configs))], ys, width, label=lab,
+               color=plt.cm.tab20(j % 20))
+    ax.set_xticks(range(len(configs)), [f"LLaMA-{c} (r={next(r['rank'] for r in rows if r['config'] == c)})"
+                                        for c in configs])
+    ax.set_yscale("log")
+    ax.set_ylabel("optimizer state, MiB (float32)")
+    ax.set_title("Optimizer-state bytes per method (counted; rank = hidden/4)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(configs=CONFIGS, out: str | Path = "runs/bench-memory", vocab: int = 32000, check_preset: str | None = "mini",
+        adarank_preset: str | None = "60m", adarank_steps: int = 30, peak_preset: str | None = "60m",
+        peak_rank: int | None = None, peak_steps: int = 3, seq_len: int = 128, batch: int = 1, device: str = "cpu",
+        peak_methods=None, jobs: int = 1, adarank_ids: torch.Tensor | None = None) -> str:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, state_md = state_table(configs, vocab)
+    parts = [state_md]
+    if any(c in PAPER_RANKS for c in configs):
+        parts.append(paper_table(configs, vocab))
+    if check_preset:
+        parts.append(check_real(check_preset, vocab))
+    results = {"state": rows}
+    if adarank_preset and adarank_steps:
+        results["adarank"], md = adarank_table(adarank_preset, steps=adarank_steps, ids=adarank_ids)
+        parts.append(md)
+    if peak_preset:
+        rank = peak_rank or PRESETS[peak_preset][0] // 4
+        specs = peak_specs(peak_preset, rank, peak_steps, seq_len, batch, vocab, device, peak_methods)
+        peak, md = peak_table(specs, jobs=jobs)
+        results["peak"] = [{"label": lab, "spec": s, **r} for lab, s, r in peak]
+        parts.append(md)
+    plot_state(rows, out / "state_bytes.png")
+    text = "\n\n".join(parts)
+    (out / "memory.md").write_text(text + "\n")
+    (out / "memory.json").write_text(json.dumps(results, indent=1))
+    return text + f"\n\nwritten: {out / 'memory.md'}, {out / 'memory.json'}, {out / 'state_bytes.png'}"
+
+
+if __name__ == "__main__":  # the subprocess of run_child
+    print(json.dumps(peak_child(json.loads(sys.argv[1]))))
