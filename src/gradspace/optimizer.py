@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from . import distributed as dist_support
 from . import moments as moment_policies
 from .projection import PROJ_TYPES, add_back, basis_on_right, largest_principal_angle, oriented, project
 from .recovery import RECOVERY_DEFAULTS, add_scaled_gradient, recovery_scales
@@ -69,6 +70,8 @@ class SubspaceOptimizer(Optimizer):
         nonfinite: ``"error"`` raises before anything is modified if a gradient has inf/NaN; ``"skip"`` skips the
             whole step and counts it in ``diagnostics()["skipped_steps"]``; ``"off"`` does not check.
         diagnostics: compute captured energy every step (one extra read of each projected gradient).
+        distributed: ``None``/``"replicate"`` (every rank computes every subspace update) or ``"shard_updates"``
+            (each update computed by one rank of ``process_group`` and broadcast); see ``gradspace.distributed``.
         options: inner-rule and tracker hyperparameters (e.g. ``betas=(0.9, 0.95)``, ``eta=0.1``).
     """
 
@@ -88,6 +91,8 @@ class SubspaceOptimizer(Optimizer):
         seed: int = 0,
         nonfinite: str = "error",
         diagnostics: bool = True,
+        distributed: str | None = None,
+        process_group: Any = None,
         **options: Any,
     ):
         if nonfinite not in NONFINITE_MODES:
@@ -112,6 +117,9 @@ class SubspaceOptimizer(Optimizer):
         self.seed = int(seed)
         self.nonfinite = nonfinite
         self.collect_diagnostics = diagnostics
+        self.distributed = dist_support.check_mode(distributed)
+        self.process_group = process_group
+        self._new_bases: dict[torch.Tensor, torch.Tensor] | None = None
         self.skipped_steps = 0
         self._clipped: list[str] = []
         self._diag: dict[torch.Tensor, dict[str, Any]] = {}
@@ -127,6 +135,9 @@ class SubspaceOptimizer(Optimizer):
     # ------------------------------------------------------------------ groups and validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = dict(param_group)
+        params = group["params"]
+        if not isinstance(params, set):  # a generator would be consumed by validation (torch rejects sets itself)
+            group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
         if "rank" in group:
             for key, value in self._proj_defaults.items():
                 group.setdefault(key, value)
@@ -148,6 +159,9 @@ class SubspaceOptimizer(Optimizer):
         if not float(group.get("weight_decay", self.defaults["weight_decay"])) >= 0.0:
             raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
         rule.validate(group)
+        params = group["params"]
+        for i, p in enumerate(params):
+            dist_support.check_param(p, f"param {i} of this group (shape {tuple(p.shape)})", rule.name)
         if "rank" not in group:
             return
         rank, gap = group["rank"], group["update_proj_gap"]
@@ -165,22 +179,21 @@ class SubspaceOptimizer(Optimizer):
         tracker = get_tracker(group["tracker"])
         tracker.validate(group)
         moment_policies.validate_policy(group["moments"])
-        params = group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
         names = group.get("param_names") or [None] * len(params)
         for i, (p, name) in enumerate(zip(params, names)):
             label = name or f"param {i} of this group"
             if p.dim() != 2:
-                raise ValueError(
-                    f"{label} has shape {tuple(p.shape)}, but only 2-D weights can be projected; "
-                    "move it to a param group without 'rank'"
-                )
+                raise ValueError(dist_support.flattened_message(label, tuple(p.shape)))
             if rank >= min(p.shape):
                 self._clipped.append(f"{label} {tuple(p.shape)}")
 
     def _layout(self, p: torch.Tensor, group: dict) -> tuple[bool, int] | None:
         """(basis on the right, rank) for a projected weight, None for a full-rank parameter."""
-        if "rank" not in group or group["rank"] >= min(p.shape):
+        if "rank" not in group:
+            return None
+        if p.dim() != 2:  # flattened after the optimizer was built (FSDP1, ZeRO): never fall back to full rank
+            raise RuntimeError(dist_support.flattened_message(self._name(group, p), tuple(p.shape)))
+        if group["rank"] >= min(p.shape):
             return None
         return basis_on_right(tuple(p.shape), group["proj_type"]), group["rank"]
 
@@ -206,6 +219,8 @@ class SubspaceOptimizer(Optimizer):
         work = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not self._check_grads(work):
             return loss
+        # distributed="shard_updates": this step's new bases, each computed by one rank (gradspace.distributed)
+        self._new_bases = dist_support.shard_updates(self, work, self.process_group) if self.distributed else None
         full_rank: dict[int, list[torch.Tensor]] = {}
         for group, p in work:
             if self._layout(p, group) is None:  # batched per group: rules may run one fused kernel over them
@@ -226,17 +241,20 @@ class SubspaceOptimizer(Optimizer):
             return True
         # one fast reduction per gradient (a sum is 10x cheaper than an inf-norm on CPU); inf/NaN make it
         # non-finite, and the exact check below runs only then (a finite sum overflowing is not an error)
-        sums = torch.stack([p.grad.sum(dtype=torch.float32) for _, p in work])
-        if bool(sums.isfinite().all()):
-            return True
-        bad = next(((g, p) for g, p in work if not bool(p.grad.isfinite().all())), None)
-        if bad is None:
+        # (an FSDP2 shard checks its own rows; all ranks then agree through one all-reduce)
+        local = dist_support.local
+        sums = torch.stack([local(p.grad).sum(dtype=torch.float32) for _, p in work])
+        bad = None
+        if not bool(sums.isfinite().all()):
+            bad = next(((g, p) for g, p in work if not bool(local(p.grad).isfinite().all())), None)
+        if dist_support.all_finite(bad is None, (p for _, p in work)):
             return True
         if self.nonfinite == "skip":
             self.skipped_steps += 1
             return False
+        where = self._name(*bad) if bad is not None else "a parameter shard on another rank"
         raise FloatingPointError(
-            f"non-finite gradient (inf or NaN) in {self._name(*bad)}; nothing was updated. Lower the learning "
+            f"non-finite gradient (inf or NaN) in {where}; nothing was updated. Lower the learning "
             "rate, use loss scaling, or pass nonfinite='skip' to skip such steps"
         )
 
@@ -248,6 +266,7 @@ class SubspaceOptimizer(Optimizer):
         micro-batches; it is added to the projection of ``p.grad``. Only valid when the basis is not due to move.
         """
         group = group if group is not None else self._group_of(p)
+        self._new_bases = None  # bases move here as without distributed="shard_updates"
         work = [(group, p)]
         if not self._check_grads(work):
             return
@@ -292,22 +311,37 @@ class SubspaceOptimizer(Optimizer):
         if group["weight_decay"] > 0.0:
             torch._foreach_add_(params, params, alpha=-float(group["lr"]) * group["weight_decay"])
 
+    def _context(self, p: torch.Tensor, right: bool) -> Context:
+        return Context(index=self._param_index(p), right=right, seed=self.seed)
+
     def _step_projected(self, group, p, state, rule, right: bool, rank: int, extra=None) -> None:
         tracker = get_tracker(group["tracker"])
-        ctx = Context(index=self._param_index(p), right=right, seed=self.seed)
-        gn = oriented(p.grad, right)
+        ctx = self._context(p, right)
+        # gn is what is projected: the gradient, or under FSDP2 this rank's rows or the gathered full gradient;
+        # full() is the full gradient the tracker reads (the same tensor unless gn is a shard)
+        view = dist_support.param_view(p, right, gather=group["recovery"])
+        gn = oriented(view.grad, right)
+
+        def full() -> torch.Tensor:
+            return oriented(view.full_grad(), right)
+
         diag = self._diag.setdefault(p, {"update_seconds": 0.0, "angle": None})
+        new = None if self._new_bases is None else self._new_bases.pop(p, None)  # distributed="shard_updates"
         if "basis" not in state:
             state["step"] = 0
             state["updates"] = 0
             t0 = time.perf_counter()
-            state["basis"] = tracker.init(gn, rank, state, group, ctx)
+            state["basis"] = tracker.init(full(), rank, state, group, ctx)
+            if self.distributed == "shard_updates":  # computed everywhere once; the owner's bits for all
+                world = torch.distributed.get_world_size(self.process_group)
+                state["basis"] = dist_support.broadcast_basis(state["basis"], ctx.index % world, self.process_group)
             diag["update_seconds"] += time.perf_counter() - t0
             rule.init_state(state, _empty(state["basis"].shape[1], gn.shape[1], p, rule), group)
-        elif tracker.due(gn, state, group):
+        elif new is not None or (self._new_bases is None and tracker.due(gn, state, group)):
             t0 = time.perf_counter()
             old = state["basis"]
-            new = tracker.update(gn, state, group, ctx)
+            if new is None:
+                new = tracker.update(full(), state, group, ctx)
             moment_policies.apply_policy(
                 group["moments"], rule, state, old, new, _empty(new.shape[1], gn.shape[1], p, rule, state), group
             )
@@ -320,7 +354,11 @@ class SubspaceOptimizer(Optimizer):
         gt = project(basis, gn)
         if extra is not None:  # layer-wise accumulation: earlier micro-batches, already projected
             gt.add_(extra)
-        tracker.observe(gn, gt, state, group)
+        tgn, tgt = gn, gt
+        if view.local and tracker.needs_every_gradient:
+            tgn = full()
+            tgt = project(basis, tgn)
+        tracker.observe(tgn, tgt, state, group)
         if self.collect_diagnostics and extra is None:
             diag["energy"] = gt.square().sum() / torch.linalg.vector_norm(gn, dtype=torch.float32).square()
         direction, factor = rule.update(gt, state, group)
@@ -328,16 +366,20 @@ class SubspaceOptimizer(Optimizer):
         if group["recovery"]:  # S Ot + c (Gn - S Gt) = c Gn + S (Ot - c Gt): the residual is never formed
             gram = None if tracker.orthonormal else basis.mT @ basis
             c = recovery_scales(gn, gt, direction, state, group, gram)
-            add_scaled_gradient(p, gn, c, right, alpha)
+            if view.rows is None:
+                add_scaled_gradient(view.weight, gn, c, right, alpha)
+            else:  # FSDP2 (gn is the gathered gradient): this rank's rows only
+                rows = (gn[:, view.rows], c[view.rows]) if right else (gn[view.rows], c)
+                add_scaled_gradient(view.weight, *rows, right, alpha)
             direction = direction.to(gt.dtype) - c * gt
-        add_back(p, basis, direction, right, alpha)
+        add_back(view.weight, basis, direction, right, alpha, view.rows)
         t0 = time.perf_counter()
-        tracker.after_step(gn, state, group, ctx)
+        tracker.after_step(tgn, state, group, ctx)
         if tracker.moves_every_step:  # its per-step basis move is its subspace update
             diag["update_seconds"] += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ checkpoints
-    _PICKLED = ("_proj_defaults", "seed", "nonfinite", "collect_diagnostics", "skipped_steps")
+    _PICKLED = ("_proj_defaults", "seed", "nonfinite", "collect_diagnostics", "skipped_steps", "distributed")
 
     def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: torch.optim keeps only defaults, state, groups
         return {**super().__getstate__(), **{k: getattr(self, k) for k in self._PICKLED}}
@@ -345,6 +387,8 @@ class SubspaceOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._clipped, self._diag, self._index = [], {}, None
+        self.distributed = state.get("distributed")
+        self.process_group, self._new_bases = None, None
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

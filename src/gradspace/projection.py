@@ -52,9 +52,14 @@ def project_back(basis: torch.Tensor, ot: torch.Tensor, right: bool) -> torch.Te
     return un.mT if right else un
 
 
-def add_back(p: torch.Tensor, basis: torch.Tensor, ot: torch.Tensor, right: bool, alpha: float) -> None:
+def add_back(
+    p: torch.Tensor, basis: torch.Tensor, ot: torch.Tensor, right: bool, alpha: float, rows: slice | None = None
+) -> None:
     """``p += alpha * (S Ot)`` in the weight's layout, fused into one ``addmm_`` (no full-size temporary) when the
-    weight has the basis dtype."""
+    weight has the basis dtype. ``rows``: ``p`` holds only these rows of the weight (an FSDP2 shard) while ``S Ot``
+    is the full update."""
+    if rows is not None:
+        basis, ot = (basis, ot[:, rows]) if right else (basis[rows], ot)
     ot = ot.to(basis.dtype)
     if p.dtype != basis.dtype:
         p.add_(project_back(basis, ot, right), alpha=alpha)

@@ -1,4 +1,4 @@
-"""``python -m gradspace.bench {update,step,adarank,memory}``: side-by-side benchmarks that print markdown tables."""
+"""``python -m gradspace.bench {update,step,memory,distributed,adarank}``: side-by-side benchmarks, markdown tables."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ def main(argv=None) -> None:
     stp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     stp.add_argument("--layers", type=int, default=None, help="build the preset with this many blocks")
     stp.add_argument("--no-references", action="store_true", help="leave out torch AdamW and galore-torch")
+    dst = sub.add_parser("distributed", help="subspace updates sharded over 2 gloo ranks vs replicated vs 1 process")
+    dst.add_argument("--tracker", default="svd")
+    dst.add_argument("--steps", type=int, default=3)
     ada = sub.add_parser("adarank", help="sweep of AdaRankGrad's refresh criterion (justifies its defaults)")
     ada.add_argument("--steps", type=int, default=300)
     mem = sub.add_parser("memory", help="optimizer-state bytes (counted vs formula vs papers) and peak step memory")
@@ -67,6 +70,11 @@ def main(argv=None) -> None:
         print(step.run(args.preset, args.methods.split(",") if args.methods else None, args.rank,
                        repeats=args.repeats, device=args.device, dtype=getattr(torch, args.dtype),
                        layers=args.layers, references=not args.no_references))
+
+    elif args.bench == "distributed":
+        from . import sharded_updates
+
+        print(sharded_updates.run(args.tracker, args.steps))
 
     elif args.bench == "adarank":
         from . import adarank_sweep

@@ -56,6 +56,7 @@ def _is_int(x, low: int) -> bool:
 
 class AdaRankTracker(Tracker):
     name = "adarank"
+    update_diagnostics = ("trk_diag_error",)
     defaults = {
         "r_min": 1,  # Lemma 1: gradients tend to rank one, so allow it
         "r_max": None,  # None: the group's rank
@@ -102,9 +103,13 @@ class AdaRankTracker(Tracker):
 
     def update(self, gn, state, group, ctx: Context):
         basis = self._select(gn, group["rank"], state, group, ctx, draw=state["updates"] + 1)
-        state["trk_diag_gap"] = torch.tensor(float(state["step"] - state["trk_last"]), device=gn.device)
-        state["trk_last"] = state["step"]
+        self.skip_update(state, group)
         return basis
+
+    def skip_update(self, state, group) -> None:
+        """The refresh clock restarts."""
+        state["trk_diag_gap"] = torch.tensor(float(state["step"] - state["trk_last"]), device=state["basis"].device)
+        state["trk_last"] = state["step"]
 
     def due(self, gn, state, group) -> bool:
         lo, hi = _gaps(group)

@@ -32,6 +32,9 @@ class Tracker:
     #: ``observe``/``after_step`` read the full gradient every step; if False, layer-wise mode may accumulate
     #: micro-batch gradients already projected (r x l) between subspace updates instead of in full (k x l)
     needs_every_gradient: bool = True
+    #: 0-d tensor entries that ``update`` writes as diagnostics; with ``distributed="shard_updates"`` they travel
+    #: with the new basis to the ranks that did not compute it
+    update_diagnostics: tuple[str, ...] = ()
     #: the basis has S^T S = I to float32 accuracy (recovery scaling then needs no Gram matrix)
     orthonormal: bool = True
 
@@ -47,8 +50,12 @@ class Tracker:
         return state["step"] % group["update_proj_gap"] == 0
 
     def update(self, gn: torch.Tensor, state: dict, group: dict, ctx: Context) -> torch.Tensor:
-        """The new basis; may differ in rank from the old one."""
+        """The new basis (row-major); may differ in rank from the old one."""
         raise NotImplementedError
+
+    def skip_update(self, state: dict, group: dict) -> None:
+        """Every state change of ``update`` except the basis and ``update_diagnostics``, on a data-parallel rank
+        that receives the new basis from the rank that computed it (``distributed="shard_updates"``)."""
 
     def observe(self, gn: torch.Tensor, gt: torch.Tensor, state: dict, group: dict) -> None:
         """Called every step after projection (accumulators, convergence criteria)."""
@@ -58,11 +65,13 @@ class Tracker:
 
 
 def orthonormalize(s: torch.Tensor) -> torch.Tensor:
-    """QR with column signs fixed (diag(R) >= 0), so the result is a deterministic function of the input."""
+    """QR with column signs fixed (diag(R) >= 0), so the result is a deterministic function of the input.
+    Row-major like every other basis: the layout picks the matmul kernel, hence the rounding (and a basis
+    broadcast to other data-parallel ranks arrives row-major)."""
     q, r = torch.linalg.qr(s)
     signs = torch.sign(torch.diagonal(r))
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return q * signs
+    return (q * signs).contiguous()
 
 
 def orthonormality_error(s: torch.Tensor) -> float:

@@ -118,7 +118,11 @@ class SubTrackTracker(Tracker):
         if acc is not None and self._get(group, "accumulate"):
             g = acc.add_(gn).div_(state["trk_count"] + 1)  # in place: the buffer is reset below
         new = subtrack_step(state["basis"], g, float(self._get(group, "eta")), self._get(group, "normalize"))
-        if acc is not None:
-            acc.zero_()
-            state["trk_count"] = 0
+        self.skip_update(state, group)
         return new
+
+    def skip_update(self, state, group) -> None:
+        """A new window of gradients starts."""
+        if "trk_acc" in state:
+            state["trk_acc"].zero_()
+            state["trk_count"] = 0
