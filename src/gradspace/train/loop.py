@@ -56,6 +56,13 @@ def evaluate(model: torch.nn.Module, batches: Sequence[Batch]) -> dict[str, floa
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
 
+def _model_inputs(batch: Batch | dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A causal-LM ``(input_ids, labels)`` pair, or a dict of model inputs (classification batches), on ``device``."""
+    if not isinstance(batch, dict):
+        batch = {"input_ids": batch[0], "labels": batch[1]}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def train(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -72,14 +79,16 @@ def train(
     grad_accum: int = 1,
     step_hook: Callable[[int], bool | None] | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` for ``steps`` optimizer steps on ``batches`` (e.g. a :class:`~gradspace.train.data.BatchStream`).
+    """Train ``model`` for ``steps`` optimizer steps on ``batches`` (e.g. a :class:`~gradspace.train.data.BatchStream`
+    of ``(input_ids, labels)``, or a :class:`~gradspace.train.tasks.ExampleStream` of input dicts).
 
     Each step: forward with ``labels``, backward, optional gradient clipping, ``optimizer.step()``,
     ``scheduler.step()``. ``eval_fn(model)`` runs every ``eval_every`` steps (0: only at the end) and at the end.
     ``callback(record)`` gets the step record every ``log_every`` steps and at the last one.
 
     Returns ``{"history": [per-step dicts], "evals": [...], "train_loss": mean of the last 10% of steps (at most
-    10), "wall_time": seconds, "tokens": count, **final eval}``. A non-finite loss raises ``FloatingPointError``.
+    10), "wall_time": seconds, "tokens": count (not padding), **final eval}``. A non-finite loss raises
+    ``FloatingPointError``.
 
     Resuming: ``start_step`` is the number of steps already done (the model, optimizer, scheduler and batches
     restored by the caller); steps ``start_step + 1 .. steps`` run. ``grad_accum`` micro-batches are averaged per
@@ -104,14 +113,14 @@ def train(
         step_tokens = 0
         total_loss = 0.0
         for _ in range(grad_accum):
-            input_ids, labels = next(batches)
-            input_ids, labels = input_ids.to(device), labels.to(device)
-            loss = model(input_ids=input_ids, labels=labels).loss
+            inputs = _model_inputs(next(batches), device)
+            loss = model(**inputs).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower the learning rate")
             (loss / grad_accum if grad_accum > 1 else loss).backward()
             total_loss += loss.item()
-            step_tokens += input_ids.numel()
+            mask = inputs.get("attention_mask")
+            step_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         grad_norm = None
         if grad_clip:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +11,20 @@ COLUMNS = ("method", "final val loss", "val ppl", "wall time s", "subspace updat
            "peak memory B")
 
 
+def columns(results: dict[str, dict[str, Any]]) -> tuple[str, ...]:
+    """Pretraining shows validation loss and perplexity; fine-tuning its task's metric (a summary's ``metric``)."""
+    metric = next((r["metric"] for r in results.values() if r.get("metric")), None)
+    return COLUMNS if metric is None else ("method", f"val {metric}", "val loss", *COLUMNS[3:])
+
+
 def table_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
     rows = []
     for method, r in results.items():
+        quality = ([f"{r[r['metric']]:.4f}", f"{r['val_loss']:.4f}"] if r.get("metric")
+                   else [f"{r['val_loss']:.4f}", f"{r['val_ppl']:.2f}"])
         rows.append([
             method,
-            f"{r['val_loss']:.4f}",
-            f"{r['val_ppl']:.2f}",
+            *quality,
             f"{r['wall_time']:.1f}",
             f"{r['update_seconds']:.2f}",
             f"{r['state_bytes']:,}",
@@ -26,14 +34,15 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
 
 
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"]
+    cols = columns(results)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(results)]
     return "\n".join(lines)
 
 
 def text_table(results: dict[str, dict[str, Any]]) -> str:
-    rows = [list(COLUMNS)] + table_rows(results)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    rows = [list(columns(results))] + table_rows(results)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
     for n, row in enumerate(rows):
         out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
@@ -43,8 +52,13 @@ def text_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def _short(name: str) -> str:
-    return name.replace("model.layers.", "L").replace(".self_attn.", ".").replace(".mlp.", ".").replace(
-        ".weight", "")
+    """``model.layers.3.self_attn.q_proj.weight`` -> ``L3.q_proj``; ``bert.encoder.layer.3.attention.self.query``
+    -> ``L3.query``."""
+    name = re.sub(r"^.*?layers?\.(\d+)\.", r"L\1.", name)
+    for part, short in ((".self_attn.", "."), (".mlp.", "."), (".attention.self.", "."),
+                        (".attention.output.", ".attn_out.")):
+        name = name.replace(part, short)
+    return name.replace(".weight", "")
 
 
 def write_plots(folder: Path, results: dict[str, dict[str, Any]]) -> list[str]:
@@ -108,18 +122,23 @@ def write_report(folder: str | Path, results: dict[str, dict[str, Any]], config:
     plots = write_plots(folder, results)
     (folder / "metrics.json").write_text(json.dumps({"config": config, "results": results}, indent=1,
                                                     default=str))
+    if "task" in config:
+        setting = (f"`{config['model']}` fine-tuned on `{config['task']}`, {config['steps']} steps, batch "
+                   f"{config['batch_size']} (max length {config['max_length']}, x{config['grad_accum']} "
+                   "accumulation)")
+    else:
+        setting = (f"LLaMA-{config['preset']} on `{config['dataset']}`, {config['steps']} steps, batch "
+                   f"{config['batch_size']} x {config['seq_len']} tokens (x{config['grad_accum']} accumulation)")
     lines = [
         "# gradspace compare",
         "",
-        (f"LLaMA-{config['preset']} on `{config['dataset']}`, {config['steps']} steps, batch "
-        f"{config['batch_size']} x {config['seq_len']} tokens (x{config['grad_accum']} accumulation), seed "
-        f"{config['seed']}, device {config['device']}, dtype {config['dtype']}."),
+        f"{setting}, seed {config['seed']}, device {config['device']}, dtype {config['dtype']}.",
         "",
         markdown_table(results),
         "",
-        ("Peak memory is the process's maximum resident set size on CPU (it only grows, so later methods include "
-        "earlier ones' peak) and `torch.cuda.max_memory_allocated` (reset per method) on GPU. Subspace-update "
-        "time is `optimizer.diagnostics()['update_seconds']`."),
+        ("Each method runs in its own process: peak memory is that process's maximum resident set size on CPU, "
+         "`torch.cuda.max_memory_allocated` on GPU. Subspace-update time is "
+         "`optimizer.diagnostics()['update_seconds']`."),
         "",
         *[f"![{p[:-4]}]({p})" for p in plots],
         "",

