@@ -110,15 +110,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = "one of " + ", ".join(METHODS) + " (default galore)"
     resume = "a checkpoint file, or a run folder (its newest checkpoint)"
+    def parallel(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 (default "
+                        "DDP)")
+        sp.add_argument("--shard-updates", action="store_true", help="under torchrun: compute each subspace update "
+                        "on one rank and broadcast it")
+
     pre = sub.add_parser("pretrain", help="pretrain a LLaMA preset from scratch")
     pre.add_argument("--method", default=S, help=methods)
     pre.add_argument("--resume", default=None, help=resume)
     shared(pre)
     pretraining(pre)
+    parallel(pre)
     fine = sub.add_parser("finetune", help="fine-tune a pretrained encoder on a classification or regression task")
     fine.add_argument("--method", default=S, help=methods)
     fine.add_argument("--resume", default=None, help=resume)
     shared(fine)
+    parallel(fine)
     finetuning(fine)
     cmp_ = sub.add_parser("compare", help="run several methods on identical data, seed and budget; write a report "
                           "(pretraining, or fine-tuning with --task)")
@@ -334,14 +342,124 @@ class Data:
         return self._BatchStream(self.dataset, "train", cfg["batch_size"], cfg["seq_len"], seed=cfg["seed"])
 
 
+# ---------------------------------------------------------------------------------------------- torchrun
+class Parallel:
+    """This process's place in a ``torchrun`` job. Without one (WORLD_SIZE unset or 1) it is a single process and
+    every method is a no-op, so the training code has one path."""
+
+    def __init__(self, fsdp: bool = False, shard_updates: bool = False, device: str = "cpu"):
+        from .distributed import init_from_env
+
+        if (fsdp or shard_updates) and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            flag = "--fsdp" if fsdp else "--shard-updates"
+            raise UsageError(f"{flag} needs several processes: start the run with torchrun --nproc_per_node N")
+        self.rank, self.world, self.device = init_from_env(device)
+        self.strategy = "none" if self.world == 1 else "fsdp2" if fsdp else "ddp"
+        self.distributed = "shard_updates" if shard_updates else None
+        self.main = self.rank == 0
+
+    def wrap(self, model, blocks) -> tuple[Any, Any]:
+        """``(model to train, module whose parameters the optimizer gets)``. Under DDP that is ``model.module``,
+        with the single-process parameter names, so target modules match and checkpoints are interchangeable."""
+        from .distributed import wrap_model
+
+        wrapped = wrap_model(model, self.strategy, blocks=blocks)
+        return wrapped, model
+
+    def _reduce(self, value: float, op) -> float:
+        import torch
+        import torch.distributed as dist
+
+        if self.world == 1:
+            return value
+        t = torch.tensor([float(value)], device=self.device)
+        dist.all_reduce(t, op=op)
+        return float(t.item())
+
+    def all_ok(self, ok: bool) -> bool:
+        import torch.distributed as dist
+
+        return self._reduce(1.0 if ok else 0.0, dist.ReduceOp.MIN) > 0.0
+
+    def any(self, flag: bool) -> bool:
+        import torch.distributed as dist
+
+        return self._reduce(1.0 if flag else 0.0, dist.ReduceOp.MAX) > 0.0
+
+    def mean(self, value: float) -> float:
+        import torch.distributed as dist
+
+        return self._reduce(value, dist.ReduceOp.SUM) / self.world
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def agree(self, error: BaseException | None) -> None:
+        """Raise ``error`` here, or exit 2 quietly when another rank failed (it prints the one-line message); an
+        error on one rank must not leave the others waiting in a collective."""
+        if not self.all_ok(error is None):
+            if error is not None:
+                raise error
+            raise SystemExit(2)
+
+    def first(self, fn):
+        """``fn()`` on rank 0, then on the others: caches (tokenised corpus, downloaded model) are filled once."""
+        if self.world == 1:
+            return fn()
+        out, error = None, None
+        if self.main:
+            try:
+                out = fn()
+            except (UsageError, ValueError, OSError, RuntimeError) as err:
+                error = err
+        self.agree(error)
+        return out if self.main else fn()
+
+    def shard(self, stream) -> Any:
+        return stream if self.world == 1 else RankStream(stream, self.rank, self.world)
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+class RankStream:
+    """Rank ``rank``'s part of a stream: of every ``world`` consecutive batches, the ``rank``-th. All ranks advance
+    the same seeded stream, so the data position is the stream's own state (saved once, resumable), and ranks
+    with batch B see together what one process with batch ``world * B`` sees."""
+
+    def __init__(self, stream, rank: int, world: int):
+        self.stream, self.rank, self.world = stream, rank, world
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batches = [next(self.stream) for _ in range(self.world)]
+        return batches[self.rank]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+
+
 # ---------------------------------------------------------------------------------------------- training
 class StopFlag:
     """First Ctrl-C: finish the current step, save, exit 130. Second Ctrl-C: abort at once."""
 
-    def __init__(self):
+    def __init__(self, grace: float = 0.0):
         self.requested = False
         self.installed = False
         self._previous = None
+        self.grace = grace  # torchrun forwards the terminal's Ctrl-C: a second SIGINT this soon is the same one
+        self._when = 0.0
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -351,8 +469,11 @@ class StopFlag:
 
     def _handle(self, signum, frame):
         if self.requested:
+            if time.monotonic() - self._when < self.grace:
+                return
             raise KeyboardInterrupt
         self.requested = True
+        self._when = time.monotonic()
         print("\ngradspace: interrupt received; stopping after this step and saving a checkpoint "
               "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
@@ -390,12 +511,16 @@ def _tensorboard(folder: Path):
 def run_training(cfg: dict[str, Any], out: Path, *, command: str, model, optimizer, scheduler, stream,
                  evaluate_fn, settings: dict[str, Any], resume: dict | None = None, stop_after: int | None = None,
                  label: str | None = None, no_eval: dict[str, float] | None = None,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 extra: dict[str, Any] | None = None, parallel: Parallel | None = None,
+                 inner=None) -> dict[str, Any]:
     """The run machinery shared by ``pretrain`` and ``finetune``; returns the run's summary.
 
     Restores a checkpoint (model, optimizer, scheduler, data position, RNG), then creates the run folder (only now,
     so bad input leaves nothing behind), trains with metrics.jsonl lines, periodic ``evaluate_fn()`` and
     checkpoints, handles Ctrl-C (save, exit 130), and ends with a final evaluation, checkpoint and summary.json.
+
+    Under torchrun (``parallel``; ``model`` wrapped, ``inner`` the unwrapped module) only rank 0 writes files and
+    shows progress; see :meth:`_save_parallel` for checkpoints.
     """
     import torch
     from tqdm import tqdm
@@ -403,6 +528,9 @@ def run_training(cfg: dict[str, Any], out: Path, *, command: str, model, optimiz
     from .train import checkpoint as ck
     from .train.loop import train
 
+    parallel = parallel or Parallel()
+    inner = model if inner is None else inner
+    main = parallel.main
     device = next(model.parameters()).device
     start = 0
     if resume is not None:
@@ -410,31 +538,36 @@ def run_training(cfg: dict[str, Any], out: Path, *, command: str, model, optimiz
         if start >= cfg["steps"]:
             raise UsageError(f"the checkpoint is at step {start}, the run has {cfg['steps']} steps: nothing to do "
                              "(give a larger --steps to continue)")
+        error = None
         try:
-            model.load_state_dict(resume["model"])
-            optimizer.load_state_dict(resume["optimizer"])
+            _load_parallel(resume, parallel, model, inner, optimizer)
             if resume.get("scheduler") is not None:
                 scheduler.load_state_dict(resume["scheduler"])
             if resume.get("stream") is not None:
                 stream.load_state_dict(resume["stream"])
+        except ck.CheckpointError as err:
+            error = err
         except (RuntimeError, ValueError, KeyError) as err:
             first = str(err).strip().splitlines()[0][:200]
-            raise ck.CheckpointError(f"checkpoint does not fit this run ({first})") from None
+            error = ck.CheckpointError(f"checkpoint does not fit this run ({first})")
+        parallel.agree(error)
         ck.set_rng_state(resume["rng"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
     metrics_path = out / "metrics.jsonl"
-    if start and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
-        kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
-        metrics_path.write_text("".join(ln + "\n" for ln in kept))
-    elif not start:
-        metrics_path.write_text("")
-    metrics = metrics_path.open("a")
-    writer = _tensorboard(out)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg, indent=1))
+        if start and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
+            kept = [ln for ln in metrics_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["step"] <= start]
+            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        elif not start:
+            metrics_path.write_text("")
+    metrics = metrics_path.open("a") if main else open(os.devnull, "w")  # noqa: SIM115 - closed below
+    writer = _tensorboard(out) if main else None
     evals: list[dict] = []
 
     def log(line: dict[str, Any]) -> None:
@@ -453,21 +586,24 @@ def run_training(cfg: dict[str, Any], out: Path, *, command: str, model, optimiz
         log({"type": "eval", **e})
 
     def save(step: int) -> Path:
-        return ck.save_checkpoint(ckpt_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                  stream=stream, config=cfg)
+        return _save_parallel(ckpt_dir, step, parallel, model=model, inner=inner, optimizer=optimizer,
+                              scheduler=scheduler, stream=stream, config=cfg)
 
     bar = tqdm(total=cfg["steps"], initial=start, desc=label or cfg["method"], unit="step", dynamic_ncols=True,
-               file=sys.stderr)
+               file=sys.stderr, disable=not main)
 
     last: list[dict] = []
 
     def on_step_record(r: dict[str, Any]) -> None:
+        if parallel.world > 1:  # the loss of the global batch, the tokens of all ranks
+            r["loss"] = parallel.mean(r["loss"])
+            r["tokens_per_s"] *= parallel.world
         last[:] = [r]
         if r["step"] % cfg["log_every"] == 0 or r["step"] == cfg["steps"]:
             log({"type": "train", "step": r["step"], "loss": r["loss"], "lr": r["lr"],
                  "tokens_per_s": r["tokens_per_s"], "step_time": r["step_time"], "grad_norm": r["grad_norm"]})
 
-    with StopFlag() as flag:
+    with StopFlag(grace=2.0 if parallel.world > 1 else 0.0) as flag:
         def hook(step: int) -> bool:
             bar.update(step - bar.n)
             if last:
@@ -478,7 +614,7 @@ def run_training(cfg: dict[str, Any], out: Path, *, command: str, model, optimiz
                 save(step)
             if stop_after is not None and step == stop_after:
                 flag.request()
-            return flag.requested
+            return parallel.any(flag.requested)  # every rank stops at the same step
 
         try:
             result = train(model, optimizer, stream, cfg["steps"], scheduler=scheduler, start_step=start,
@@ -497,8 +633,10 @@ def run_training(cfg: dict[str, Any], out: Path, *, command: str, model, optimiz
     if result["stopped_at"] is not None:
         path = save(result["stopped_at"])
         metrics.close()
-        print(f"gradspace: interrupted at step {result['stopped_at']} of {cfg['steps']}; checkpoint saved to {path}\n"
-              f"resume with: gradspace {command} --resume {out}", file=sys.stderr)
+        if main:
+            print(f"gradspace: interrupted at step {result['stopped_at']} of {cfg['steps']}; checkpoint saved to "
+                  f"{path}\nresume with: gradspace {command} --resume {out}", file=sys.stderr, flush=True)
+        parallel.barrier()  # torchrun stops the other ranks when one exits: rank 0 has said everything by now
         raise SystemExit(130)
     do_eval(cfg["steps"])
     save(cfg["steps"])
@@ -526,8 +664,77 @@ def run_training(cfg: dict[str, Any], out: Path, *, command: str, model, optimiz
         **settings,
         **(extra or {}),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    if main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def _save_parallel(folder: Path, step: int, parallel: Parallel, *, model, inner, optimizer, scheduler, stream,
+                   config: dict[str, Any]) -> Path:
+    """Rank 0 writes ``ckpt-<step>.pt`` with the unwrapped model's full state dict, so one process can resume a
+    torchrun run and the other way round. DDP's optimizer state is the same on every rank: rank 0's is saved.
+    FSDP2's is per rank: each other rank writes ``ckpt-<step>.rank<r>.pt`` first, and rank 0 writes its main file
+    only after a barrier, so a main file that exists is a complete checkpoint."""
+    from .train import checkpoint as ck
+
+    state = None
+    if parallel.strategy == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        part = _local_optimizer_state(optimizer)
+        if not parallel.main:
+            ck.save_shard(folder, step, parallel.rank, {"step": step, **part})
+        parallel.barrier()
+    else:
+        part = {"optimizer": optimizer.state_dict()}
+    if parallel.main:
+        ck.save_checkpoint(folder, step, model=inner, optimizer=None, scheduler=scheduler, stream=stream,
+                           config=config, model_state=state,
+                           extra={**part, "world_size": parallel.world, "strategy": parallel.strategy})
+    parallel.barrier()
+    return ck.checkpoint_path(folder, step)
+
+
+def _local_optimizer_state(optimizer) -> dict[str, Any]:
+    """FSDP2: the optimizer state with its DTensors (moments of unprojected weights) as this rank's local tensors,
+    which load with ``weights_only=True`` and without a device mesh; ``dtensor_keys`` says where to re-wrap them."""
+    from .distributed import is_dtensor
+
+    sd = optimizer.state_dict()
+    keys = [[i, k] for i, s in sd["state"].items() for k, v in s.items() if is_dtensor(v)]
+    sd["state"] = {i: {k: v.to_local() if is_dtensor(v) else v for k, v in s.items()} for i, s in sd["state"].items()}
+    return {"optimizer": sd, "dtensor_keys": keys}
+
+
+def _load_parallel(resume: dict, parallel: Parallel, model, inner, optimizer) -> None:
+    """The model and optimizer state of ``resume``. FSDP2 checkpoints need the same strategy and world size (each
+    rank's optimizer state fits its own shard); DDP and single-process checkpoints load into each other."""
+    from .train import checkpoint as ck
+
+    saved_world, saved = int(resume.get("world_size", 1)), resume.get("strategy", "none")
+    if (saved == "fsdp2" or parallel.strategy == "fsdp2") and (saved, saved_world) != (parallel.strategy,
+                                                                                        parallel.world):
+        how = (f"with torchrun --nproc_per_node {saved_world} ... --fsdp" if saved == "fsdp2"
+               else "without --fsdp (with DDP or in one process)")
+        raise ck.CheckpointError(f"checkpoint {resume.get('path', '')} was written by {saved_world} process(es) "
+                                 f"with {saved}; resume it {how}")
+    if parallel.strategy == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.tensor import DTensor
+
+        set_model_state_dict(model, resume["model"], options=StateDictOptions(full_state_dict=True))
+        part = resume if parallel.main else ck.load_shard(Path(resume["path"]), parallel.rank)
+        sd = part["optimizer"]
+        params = [p for g in optimizer.param_groups for p in g["params"]]  # state_dict's numbering
+        for index, key in part.get("dtensor_keys", []):
+            p, state = params[index], sd["state"][index]
+            state[key] = DTensor.from_local(state[key].to(p.device), p.device_mesh, p.placements, shape=p.shape,
+                                            stride=p.stride())
+        optimizer.load_state_dict(sd)
+    else:
+        inner.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
 
 
 def _make_optimizer(cfg: dict[str, Any], model, settings: dict[str, Any], **extra):
@@ -540,7 +747,8 @@ def _make_optimizer(cfg: dict[str, Any], model, settings: dict[str, Any], **extr
 
 
 def run_pretrain(cfg: dict[str, Any], out: Path, *, data: Data | None = None, resume: dict | None = None,
-                 stop_after: int | None = None, label: str | None = None) -> dict[str, Any]:
+                 stop_after: int | None = None, label: str | None = None,
+                 parallel: Parallel | None = None) -> dict[str, Any]:
     """Train one run into ``out`` (created only once everything is set up); returns its summary."""
     import torch
 
@@ -550,19 +758,25 @@ def run_pretrain(cfg: dict[str, Any], out: Path, *, data: Data | None = None, re
     validate(cfg)
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
+    parallel = parallel or Parallel()
     data = data or Data(cfg)
-    device = torch.device(cfg["device"])
+    device = torch.device(cfg["device"]) if parallel.world == 1 else parallel.device
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
-    stream = data.stream()
+    stream = parallel.shard(data.stream())
     torch.manual_seed(cfg["seed"])
     model = build_llama(cfg["preset"], vocab_size=data.vocab_size).to(device=device, dtype=dtype)
+    model, inner = parallel.wrap(model, blocks=model.model.layers)
     settings = optimizer_settings(cfg)
-    optimizer = _make_optimizer(cfg, model, settings)
+    optimizer = _make_optimizer(cfg, inner, settings, **_distributed_option(parallel))
     evaluate_fn = (lambda: evaluate(model, data.eval_batches)) if data.eval_batches else None
     return run_training(cfg, out, command="pretrain", model=model, optimizer=optimizer,
                         scheduler=warmup_cosine(optimizer, cfg["steps"]), stream=stream, evaluate_fn=evaluate_fn,
                         settings=settings, resume=resume, stop_after=stop_after, label=label,
-                        no_eval={"val_loss": float("nan"), "val_ppl": float("nan")})
+                        no_eval={"val_loss": float("nan"), "val_ppl": float("nan")}, parallel=parallel, inner=inner)
+
+
+def _distributed_option(parallel: Parallel) -> dict[str, Any]:
+    return {"distributed": parallel.distributed} if parallel.distributed else {}
 
 
 class FinetuneSetup:
@@ -597,7 +811,8 @@ class FinetuneSetup:
 
 
 def run_finetune(cfg: dict[str, Any], out: Path, *, setup: FinetuneSetup | None = None, resume: dict | None = None,
-                 stop_after: int | None = None, label: str | None = None) -> dict[str, Any]:
+                 stop_after: int | None = None, label: str | None = None,
+                 parallel: Parallel | None = None) -> dict[str, Any]:
     """Fine-tune ``cfg["model"]`` on ``cfg["task"]`` into ``out``; returns the summary (with the final metrics)."""
     import torch
 
@@ -608,20 +823,24 @@ def run_finetune(cfg: dict[str, Any], out: Path, *, setup: FinetuneSetup | None 
     validate_finetune(cfg)
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
+    parallel = parallel or Parallel()
     setup = setup or FinetuneSetup(cfg)
     task = setup.task
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
-    model = setup.model.to(device=torch.device(cfg["device"]), dtype=dtype)
+    device = torch.device(cfg["device"]) if parallel.world == 1 else parallel.device
+    model = setup.model.to(device=device, dtype=dtype)
+    model, inner = parallel.wrap(model, blocks=model.bert.encoder.layer if hasattr(model, "bert") else ())
     settings = finetune_settings(cfg)
-    optimizer = _make_optimizer(cfg, model, settings, target_modules=setup.targets)
+    optimizer = _make_optimizer(cfg, inner, settings, target_modules=setup.targets, **_distributed_option(parallel))
     collate = collate_fn(setup.tokenizer, cfg["max_length"], dtype if task.regression else torch.long)
-    stream = ExampleStream(task.train, collate, cfg["batch_size"], seed=cfg["seed"])
+    stream = parallel.shard(ExampleStream(task.train, collate, cfg["batch_size"], seed=cfg["seed"]))
     batches = eval_batches(task.validation, collate, EVAL_BATCH, cfg["eval_batches"] * EVAL_BATCH)
     return run_training(cfg, out, command="finetune", model=model, optimizer=optimizer,
                         scheduler=warmup_cosine(optimizer, cfg["steps"]), stream=stream,
                         evaluate_fn=lambda: evaluate_task(model, batches, task.num_labels, task.regression),
                         settings=settings, resume=resume, stop_after=stop_after, label=label,
-                        extra={"task": task.name, "model": cfg["model"], "metric": task.metric})
+                        extra={"task": task.name, "model": cfg["model"], "metric": task.metric}, parallel=parallel,
+                        inner=inner)
 
 
 def _default_out(name: str | None = None) -> Path:
@@ -640,6 +859,7 @@ def _resolve_run(args: argparse.Namespace, command: str, defaults: dict[str, Any
         return cfg, Path(args.out) if args.out else _default_out(f"{name(cfg)}-{stamp}"), None
     path = ck.find_checkpoint(args.resume)
     resume = ck.load_checkpoint(path)
+    resume["path"] = str(path)
     saved = resume["config"]
     if ("task" in saved) != (command == "finetune"):
         other = "finetune" if "task" in saved else "pretrain"
@@ -656,13 +876,24 @@ def _resolve_run(args: argparse.Namespace, command: str, defaults: dict[str, Any
 def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg, out, resume = _resolve_run(args, "pretrain", DEFAULTS, IDENTITY, lambda c: f"{c['preset']}-{c['method']}")
     validate(cfg)
-    data = Data(cfg)
-    print(f"gradspace pretrain: llama-{cfg['preset']}, {cfg['method']} ({cfg['base']}), {data.info}; run folder "
-          f"{out}" + (f"; resuming at step {resume['step']}" if resume else ""), file=sys.stderr)
-    s = run_pretrain(cfg, out, data=data, resume=resume, stop_after=args.stop_after)
-    print(f"done: {s['steps']} steps, final train loss {s['final_loss']:.4f}, val loss {s['val_loss']:.4f} "
-          f"(ppl {s['val_ppl']:.2f}), {s['wall_time']:.1f}s; metrics in {out / 'metrics.jsonl'}")
+    parallel = Parallel(args.fsdp, args.shard_updates, cfg["device"])
+    try:
+        data = parallel.first(lambda: Data(cfg))
+        if parallel.main:
+            print(f"gradspace pretrain: llama-{cfg['preset']}, {cfg['method']} ({cfg['base']}), {data.info}; run "
+                  f"folder {out}" + (f"; resuming at step {resume['step']}" if resume else "") + _ranks(parallel),
+                  file=sys.stderr)
+        s = run_pretrain(cfg, out, data=data, resume=resume, stop_after=args.stop_after, parallel=parallel)
+    finally:
+        parallel.close()
+    if parallel.main:
+        print(f"done: {s['steps']} steps, final train loss {s['final_loss']:.4f}, val loss {s['val_loss']:.4f} "
+              f"(ppl {s['val_ppl']:.2f}), {s['wall_time']:.1f}s; metrics in {out / 'metrics.jsonl'}")
     return 0
+
+
+def _ranks(parallel: Parallel) -> str:
+    return f"; {parallel.world} processes, {parallel.strategy}" if parallel.world > 1 else ""
 
 
 def _task_slug(task: str) -> str:
@@ -672,12 +903,21 @@ def _task_slug(task: str) -> str:
 def cmd_finetune(args: argparse.Namespace) -> int:
     cfg, out, resume = _resolve_run(args, "finetune", FINETUNE_DEFAULTS, FINETUNE_IDENTITY,
                                     lambda c: f"{_task_slug(c['task'])}-{c['method']}")
-    setup = FinetuneSetup(cfg)
-    print(f"gradspace finetune: {cfg['model']}, {cfg['method']} ({cfg['base']}), {setup.info}; run folder {out}"
-          + (f"; resuming at step {resume['step']}" if resume else ""), file=sys.stderr)
-    s = run_finetune(cfg, out, setup=setup, resume=resume, stop_after=args.stop_after)
-    print(f"done: {s['steps']} steps, final train loss {s['final_loss']:.4f}, validation {s['metric']} "
-          f"{s[s['metric']]:.4f} (loss {s['val_loss']:.4f}), {s['wall_time']:.1f}s; results in {out / 'summary.json'}")
+    validate_finetune(cfg)
+    parallel = Parallel(args.fsdp, args.shard_updates, cfg["device"])
+    try:
+        setup = parallel.first(lambda: FinetuneSetup(cfg))
+        if parallel.main:
+            print(f"gradspace finetune: {cfg['model']}, {cfg['method']} ({cfg['base']}), {setup.info}; run folder "
+                  f"{out}" + (f"; resuming at step {resume['step']}" if resume else "") + _ranks(parallel),
+                  file=sys.stderr)
+        s = run_finetune(cfg, out, setup=setup, resume=resume, stop_after=args.stop_after, parallel=parallel)
+    finally:
+        parallel.close()
+    if parallel.main:
+        print(f"done: {s['steps']} steps, final train loss {s['final_loss']:.4f}, validation {s['metric']} "
+              f"{s[s['metric']]:.4f} (loss {s['val_loss']:.4f}), {s['wall_time']:.1f}s; results in "
+              f"{out / 'summary.json'}")
     return 0
 
 

@@ -258,3 +258,23 @@ def wrap_model(model: nn.Module, strategy: str = "none", *, blocks: Iterable[nn.
         fully_shard(model, **kwargs)
         return model
     raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+
+
+def init_from_env(device: str = "cpu") -> tuple[int, int, torch.device]:
+    """``(rank, world size, device)`` of this process under ``torchrun``, which sets RANK, WORLD_SIZE and LOCAL_RANK.
+
+    With WORLD_SIZE > 1 it initialises the default process group (nccl on CUDA, gloo otherwise) and gives each
+    rank its own GPU, ``cuda:LOCAL_RANK``, so that ``--device cuda`` means the same thing on every rank.
+    """
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = torch.device(device)
+    if world <= 1:
+        return 0, 1, dev
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return dist.get_rank(), dist.get_world_size(), dev

@@ -52,38 +52,76 @@ def save_checkpoint(
     step: int,
     *,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: Any = None,
     stream: Any = None,
     config: dict[str, Any] | None = None,
     keep: int = 2,
+    model_state: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``ckpt-<step>.pt`` in ``folder`` (temp file in the same folder, then ``os.replace``), keeping the
-    newest ``keep`` checkpoints (0: all). Returns the path."""
+    newest ``keep`` checkpoints (0: all, with their ``.rank<r>`` shard files). Returns the path.
+
+    ``model_state`` replaces ``model.state_dict()`` (e.g. the full state gathered from FSDP2 shards); ``extra``
+    adds or replaces fields (e.g. how many processes wrote it; ``optimizer=None`` with ``extra["optimizer"]``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "step": int(step),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model.state_dict() if model_state is None else model_state,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "stream": stream.state_dict() if stream is not None else None,
         "rng": rng_state(),
         "config": dict(config or {}),
+        **(extra or {}),
     }
     path = checkpoint_path(folder, step)
-    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+    _atomic_save(payload, path)
+    if keep:
+        for old in list_checkpoints(folder)[:-keep]:
+            old.unlink(missing_ok=True)
+            for shard in folder.glob(f"{old.stem}.rank*.pt"):
+                shard.unlink(missing_ok=True)
+    return path
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temp file next to ``path``, then ``os.replace``: readers never see half a file."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
-        torch.save(payload, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    if keep:
-        for old in list_checkpoints(folder)[:-keep]:
-            old.unlink(missing_ok=True)
+
+
+def shard_path(checkpoint: Path, rank: int) -> Path:
+    """The file next to ``ckpt-<step>.pt`` holding rank ``rank``'s part (FSDP2 optimizer shards)."""
+    return checkpoint.with_name(f"{checkpoint.stem}.rank{rank}.pt")
+
+
+def save_shard(folder: str | Path, step: int, rank: int, payload: dict[str, Any]) -> Path:
+    """Write one rank's part of the checkpoint of ``step``, atomically. Written before rank 0's main file, which
+    is the only one ``find_checkpoint`` picks: a checkpoint whose main file exists is complete."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = shard_path(checkpoint_path(folder, step), rank)
+    _atomic_save(payload, path)
     return path
+
+
+def load_shard(checkpoint: Path, rank: int) -> dict[str, Any]:
+    path = shard_path(Path(checkpoint), rank)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {checkpoint} has no part for rank {rank} ({path.name} is missing)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated or foreign file
+        raise CheckpointError(f"checkpoint part {path} is corrupt or truncated ({type(err).__name__})") from None
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:

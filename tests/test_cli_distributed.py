@@ -1,0 +1,115 @@
+"""`gradspace pretrain` under torchrun: two gloo processes with DDP and FSDP2 against one process, and resume.
+
+Each rank reads batches of 2 from the seeded stream (rank r the r-th of every two), so the two ranks together see
+what one process with batch 4 sees; every sequence has the same number of tokens, so DDP's average of the two
+ranks' mean losses is the one process's mean loss, and the final weights agree to float32 tolerance.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from gradspace import cli
+from gradspace.train.checkpoint import list_checkpoints, load_checkpoint
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+SRC = str(Path(cli.__file__).resolve().parent.parent)
+ARGS = ["--preset", "tiny", "--steps", "6", "--seq-len", "32", "--log-every", "1", "--eval-every", "3",
+        "--eval-batches", "1", "--threads", "1", "--method", "galore", "--rank", "8", "--update-gap", "2"]
+
+
+def torchrun(*argv, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+           "-m", "gradspace", "pretrain", *map(str, argv)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+def final_model(run: Path, step: int = 6) -> dict[str, torch.Tensor]:
+    ckpt = load_checkpoint(list_checkpoints(run / "checkpoints")[-1])
+    assert ckpt["step"] == step
+    return ckpt["model"]
+
+
+def assert_close(a: dict, b: dict, exact: bool = False) -> None:
+    assert sorted(a) == sorted(b)
+    for k, value in a.items():
+        if exact:
+            assert torch.equal(value, b[k]), k
+        else:
+            torch.testing.assert_close(value, b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One single-process run with batch 4 (in this process) and the torchrun runs the tests read."""
+    root = tmp_path_factory.mktemp("torchrun")
+    assert cli.main(["pretrain", *ARGS, "--batch-size", "4", "--out", str(root / "single")]) == 0
+    out = {"root": root}
+    out["ddp"] = torchrun(*ARGS, "--batch-size", 2, "--save-every", 3, "--out", root / "ddp")
+    out["ddp_resumed"] = torchrun("--resume", root / "ddp" / "checkpoints" / "ckpt-0000003.pt", "--threads", 1,
+                                  "--out", root / "ddp_resumed")
+    out["fsdp"] = torchrun(*ARGS, "--batch-size", 2, "--fsdp", "--out", root / "fsdp", "--stop-after", 3)
+    out["fsdp_resumed"] = torchrun("--resume", root / "fsdp", "--fsdp", "--threads", 1)
+    return out
+
+
+def test_ddp_run_matches_one_process_with_the_global_batch(runs):
+    root = runs["root"]
+    assert runs["ddp"].returncode == 0, runs["ddp"].stderr[-3000:]
+    assert "2 processes, ddp" in runs["ddp"].stderr and runs["ddp"].stdout.count("done: 6 steps") == 1  # rank 0 only
+    assert (root / "ddp" / "summary.json").is_file() and (root / "ddp" / "metrics.jsonl").is_file()
+    assert sorted(p.name for p in (root / "ddp" / "checkpoints").iterdir()) == ["ckpt-0000003.pt", "ckpt-0000006.pt"]
+    assert_close(final_model(root / "ddp"), final_model(root / "single"))
+
+
+def test_ddp_resume_is_bit_identical(runs):
+    root = runs["root"]
+    assert runs["ddp_resumed"].returncode == 0, runs["ddp_resumed"].stderr[-3000:]
+    assert "resuming at step 3" in runs["ddp_resumed"].stderr
+    assert_close(final_model(root / "ddp_resumed"), final_model(root / "ddp"), exact=True)
+
+
+def test_fsdp2_interrupt_resume_matches_one_process(runs):
+    root = runs["root"]
+    cut = runs["fsdp"]
+    assert cut.returncode != 0 and cut.stderr.count("interrupted at step 3 of 6") == 1, cut.stderr[-3000:]
+    assert "2 processes, fsdp2" in cut.stderr and "exitcode  : 130" in cut.stderr  # the ranks' code
+    names = sorted(p.name for p in (root / "fsdp" / "checkpoints").iterdir())
+    assert names == ["ckpt-0000003.pt", "ckpt-0000003.rank1.pt", "ckpt-0000006.pt", "ckpt-0000006.rank1.pt"]
+    assert runs["fsdp_resumed"].returncode == 0, runs["fsdp_resumed"].stderr[-3000:]
+    assert "resuming at step 3" in runs["fsdp_resumed"].stderr
+    ckpt = load_checkpoint(root / "fsdp" / "checkpoints" / "ckpt-0000006.pt")
+    assert (ckpt["world_size"], ckpt["strategy"]) == (2, "fsdp2")
+    assert_close(final_model(root / "fsdp"), final_model(root / "single"))
+
+
+def test_fsdp2_checkpoint_needs_the_same_world_size(runs, capsys):
+    try:
+        code = cli.main(["pretrain", "--resume", str(runs["root"] / "fsdp"), "--threads", "1", "--steps", "8",
+                         "--out", str(runs["root"] / "fsdp_single")])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("gradspace: error:")]
+    assert "2 process(es) with fsdp2" in line and "--nproc_per_node 2" in line
+
+
+@pytest.mark.parametrize("flag", ["--fsdp", "--shard-updates"])
+def test_parallel_flags_need_torchrun(flag, capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    try:
+        code = cli.main(["pretrain", *ARGS, flag, "--out", str(tmp_path / "x")])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and "needs several processes" in err and not (tmp_path / "x").exists()
