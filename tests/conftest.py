@@ -1,6 +1,10 @@
+import json
+
 import pytest
 import torch
 from torch import nn
+
+from gradspace import cli
 
 # tiny models run faster on one thread, and CI machines have 2 cores shared with the test runner
 torch.set_num_threads(1)
@@ -60,3 +64,16 @@ def projected_groups(model, rank=6, gap=20, **extra):
 @pytest.fixture
 def model():
     return make_model()
+
+
+def run(*argv):
+    """``gradspace ARGV`` in this process; its exit code."""
+    try:
+        return cli.main([str(a) for a in argv])
+    except SystemExit as exc:
+        return exc.code
+
+
+def lines(path):
+    """The records of a JSONL file."""
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]

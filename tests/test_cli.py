@@ -5,23 +5,12 @@ import json
 import pytest
 import torch
 
-from gradspace import cli
+from conftest import lines, run
 from gradspace.train.checkpoint import list_checkpoints, load_checkpoint
 
 torch.set_num_threads(1)
 SMALL = ["--steps", "6", "--seq-len", "32", "--batch-size", "4", "--log-every", "1", "--eval-every", "3",
          "--eval-batches", "2", "--threads", "1"]
-
-
-def run(*argv):
-    try:
-        return cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        return exc.code
-
-
-def lines(path):
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def assert_clean_error(capsys, code, *words):

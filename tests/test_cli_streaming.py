@@ -6,8 +6,9 @@ import types
 
 import torch
 
+from conftest import run
 from gradspace.train.checkpoint import list_checkpoints, load_checkpoint
-from test_cli import SMALL, run
+from test_cli import SMALL
 
 ROWS = [{"text": f"Line {i}: the quick brown fox {'jumps over' if i % 2 else 'naps beside'} the lazy dog {i}."}
         for i in range(200)]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradspace import cli
+from conftest import lines, run
 from gradspace.train import metrics as M
 from gradspace.train.checkpoint import list_checkpoints, load_checkpoint
 from gradspace.train.tasks import BUILTIN, ExampleStream, Split, load_task
@@ -18,17 +18,6 @@ SUBJECTS = ["the movie", "this film", "the plot", "the acting", "the ending", "t
 GOOD = ["wonderful", "brilliant", "delightful", "superb", "moving", "excellent"]
 BAD = ["awful", "boring", "terrible", "dreadful", "dull", "horrible"]
 FAST = ["--batch-size", "8", "--max-length", "16", "--threads", "1", "--log-every", "1"]
-
-
-def run(*argv):
-    try:
-        return cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        return exc.code
-
-
-def lines(path):
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def assert_clean_error(capsys, code, *words):

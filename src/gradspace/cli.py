@@ -756,12 +756,8 @@ def run_pretrain(cfg: dict[str, Any], out: Path, *, data: Data | None = None, re
     from .train.models import build_llama
 
     validate(cfg)
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    parallel = parallel or Parallel()
+    parallel, device, dtype = _placement(cfg, parallel)
     data = data or Data(cfg)
-    device = torch.device(cfg["device"]) if parallel.world == 1 else parallel.device
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
     stream = parallel.shard(data.stream())
     torch.manual_seed(cfg["seed"])
     model = build_llama(cfg["preset"], vocab_size=data.vocab_size).to(device=device, dtype=dtype)
@@ -773,6 +769,17 @@ def run_pretrain(cfg: dict[str, Any], out: Path, *, data: Data | None = None, re
                         scheduler=warmup_cosine(optimizer, cfg["steps"]), stream=stream, evaluate_fn=evaluate_fn,
                         settings=settings, resume=resume, stop_after=stop_after, label=label,
                         no_eval={"val_loss": float("nan"), "val_ppl": float("nan")}, parallel=parallel, inner=inner)
+
+
+def _placement(cfg: dict[str, Any], parallel: Parallel | None):
+    """Threads, process layout, device and dtype of a run (torchrun ranks use their own device)."""
+    import torch
+
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    parallel = parallel or Parallel()
+    device = torch.device(cfg["device"]) if parallel.world == 1 else parallel.device
+    return parallel, device, {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
 
 
 def _distributed_option(parallel: Parallel) -> dict[str, Any]:
@@ -821,13 +828,9 @@ def run_finetune(cfg: dict[str, Any], out: Path, *, setup: FinetuneSetup | None 
     from .train.tasks import ExampleStream, collate_fn, eval_batches
 
     validate_finetune(cfg)
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    parallel = parallel or Parallel()
+    parallel, device, dtype = _placement(cfg, parallel)
     setup = setup or FinetuneSetup(cfg)
     task = setup.task
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
-    device = torch.device(cfg["device"]) if parallel.world == 1 else parallel.device
     model = setup.model.to(device=device, dtype=dtype)
     model, inner = parallel.wrap(model, blocks=model.bert.encoder.layer if hasattr(model, "bert") else ())
     settings = finetune_settings(cfg)
