@@ -137,6 +137,25 @@ def test_top_triplet_matches_svd_and_zero_tangent_does_not_move():
     assert torch.allclose(subtrack_step(s, inside, 2.0), s, atol=1e-6)
 
 
+def test_raw_step_size_is_the_papers():
+    """normalize=False: the paper's eq. 6 with its own step size, written out from the paper and the authors'
+    code: tangent -grad F = 2 R A^T (F(S) = ||S A - G||^2), top singular triplet (u, s, v) of it by a full SVD,
+    S + (S v (cos(eta s) - 1) + u sin(eta s)) v^T. A factor-2 slip would halve every published step size."""
+    gen = torch.Generator().manual_seed(7)
+    s = orthonormalize(torch.randn(20, 4, generator=gen, dtype=torch.float64))
+    g = torch.randn(20, 15, generator=gen, dtype=torch.float64) * 0.1
+    for eta in (0.05, 0.5, 3.0):  # Table 3's range of step sizes, kept below the pi/2 clamp
+        a = s.mT @ g
+        minus_grad = 2.0 * (g - s @ a) @ a.mT
+        u, sig, vh = torch.linalg.svd(minus_grad, full_matrices=False)
+        u, sig, v = u[:, 0], sig[0], vh[0]
+        assert float(eta * sig) < math.pi / 2
+        expected = s + torch.outer((s @ v) * (torch.cos(eta * sig) - 1.0) + u * torch.sin(eta * sig), v)
+        got = subtrack_step(s, g, eta, normalize=False)
+        assert torch.allclose(got, expected, atol=1e-9), eta
+        assert float(largest_principal_angle(got, s)) == pytest.approx(float(eta * sig), rel=1e-3)  # arccos in float32
+
+
 def test_orthonormal_after_10000_float32_updates():
     gen = torch.Generator().manual_seed(2)
     s = orthonormalize(torch.randn(16, 4, generator=gen))
@@ -210,7 +229,38 @@ def test_online_pca_lr_modes_and_diagnostics():
         opt.step()
     w = opt.diagnostics()["weights"]["w"]
     assert 0.0 < w["trk_diag_orth"] < 0.1 and w["updates"] == 0
-    assert opt.state[p]["trk_p_step"] == 3
+    assert opt.state[p]["trk_p_step"] == 2  # no P step on the step that initialised P
+
+
+@pytest.mark.parametrize("preset", ["osd", "osd-code"])
+def test_no_p_step_on_the_initialising_step(preset):
+    """At the SVD start the online-PCA loss is stationary; a P step there would move every entry of P by
+    Adam's full alpha * lr (normalised rounding noise) and lose the SVD (ALGORITHMS.md 4)."""
+    from gradspace import create_optimizer
+    from gradspace.trackers.svd import top_singular_basis
+
+    p = nn.Parameter(torch.zeros(30, 60))
+    opt = create_optimizer(preset, [{"params": [p], "rank": 4}], lr=1e-3)
+    (g, _), (g2, _) = rotating_stream(2, 0.01)
+    p.grad = g
+    opt.step()
+    assert torch.equal(opt.state[p]["basis"], top_singular_basis(g, 4, False))
+    assert opt.state[p]["trk_p_step"] == 0
+    p.grad = g2
+    opt.step()  # the second step moves P, a little
+    moved = float(largest_principal_angle(orthonormalize(opt.state[p]["basis"]), top_singular_basis(g, 4, False)))
+    assert 0.0 < moved < 0.1 and opt.state[p]["trk_p_step"] == 1
+
+
+def test_p_weight_decay_follows_w_unless_set():
+    tracker = get_tracker("online_pca")
+    assert tracker.p_weight_decay({"weight_decay": 0.1}) == 0.1
+    assert tracker.p_weight_decay({"weight_decay": 0.1, "p_weight_decay": 0.0}) == 0.0
+    from gradspace import create_optimizer
+
+    opt = create_optimizer("osd-code", [{"params": [nn.Parameter(torch.zeros(8, 8))], "rank": 2}],
+                           weight_decay=0.1)
+    assert tracker.p_weight_decay(opt.param_groups[0]) == 0.01  # the authors' code's own setting
 
 
 @pytest.mark.parametrize(

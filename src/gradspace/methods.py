@@ -18,6 +18,8 @@ from .params import DEFAULT_TARGETS, as_groups, select_params
 METHODS: dict[str, dict[str, Any] | None] = {
     "adamw": None,  # full rank, for comparison
     "galore": {"tracker": "svd", "moments": "keep"},
+    # Fira (fira==1.0.2): GaLore plus recovery scaling of the dropped residual (ALGORITHMS.md 7.3)
+    "fira": {"tracker": "svd", "moments": "keep", "recovery": True},
     "subtrack": {"tracker": "subtrack", "moments": "keep"},
     "subtrack++": {"tracker": "subtrack", "moments": "project", "recovery": True},
     "osd": {"tracker": "online_pca", "moments": "keep"},

@@ -21,7 +21,8 @@ from torch.optim import Optimizer
 from . import distributed as dist_support
 from . import moments as moment_policies
 from .projection import PROJ_TYPES, add_back, basis_on_right, largest_principal_angle, oriented, project
-from .recovery import RECOVERY_DEFAULTS, add_scaled_gradient, recovery_scales
+from . import recovery
+from .recovery import RECOVERY_DEFAULTS, add_scaled_gradient, recovery_scales, residual_alpha
 from .rules import RULES, get_rule
 from .trackers import TRACKERS, Context, get_tracker
 
@@ -179,6 +180,9 @@ class SubspaceOptimizer(Optimizer):
         tracker = get_tracker(group["tracker"])
         tracker.validate(group)
         moment_policies.validate_policy(group["moments"])
+        if type(group["recovery"]) is not bool:
+            raise ValueError(f"recovery must be True or False, got {group['recovery']!r}")
+        recovery.validate(group)
         names = group.get("param_names") or [None] * len(params)
         for i, (p, name) in enumerate(zip(params, names)):
             label = name or f"param {i} of this group"
@@ -362,17 +366,20 @@ class SubspaceOptimizer(Optimizer):
         if self.collect_diagnostics and extra is None:
             diag["energy"] = gt.square().sum() / torch.linalg.vector_norm(gn, dtype=torch.float32).square()
         direction, factor = rule.update(gt, state, group)
-        alpha = -float(group["lr"]) * factor * float(group["scale"])
-        if group["recovery"]:  # S Ot + c (Gn - S Gt) = c Gn + S (Ot - c Gt): the residual is never formed
+        step = -float(group["lr"]) * factor
+        scale = float(group["scale"])
+        if group["recovery"]:  # scale S Ot + c (Gn - a S Gt) = c Gn + S (scale Ot - a c Gt): no residual formed
             gram = None if tracker.orthonormal else basis.mT @ basis
-            c = recovery_scales(gn, gt, direction, state, group, gram)
+            a = residual_alpha(group)
+            c = recovery_scales(gn, gt, direction, state, group, gram, a)
             if view.rows is None:
-                add_scaled_gradient(view.weight, gn, c, right, alpha)
+                add_scaled_gradient(view.weight, gn, c, right, step)
             else:  # FSDP2 (gn is the gathered gradient): this rank's rows only
                 rows = (gn[:, view.rows], c[view.rows]) if right else (gn[view.rows], c)
-                add_scaled_gradient(view.weight, *rows, right, alpha)
-            direction = direction.to(gt.dtype) - c * gt
-        add_back(view.weight, basis, direction, right, alpha, view.rows)
+                add_scaled_gradient(view.weight, *rows, right, step)
+            direction = direction.to(gt.dtype) * scale - (a * c) * gt
+            scale = 1.0
+        add_back(view.weight, basis, direction, right, step * scale, view.rows)
         t0 = time.perf_counter()
         tracker.after_step(tgn, state, group, ctx)
         if tracker.moves_every_step:  # its per-step basis move is its subspace update

@@ -48,7 +48,13 @@ class OnlinePCATracker(Tracker):
     Learning rate of P: ``alpha * lr`` (``p_lr_mode="alpha"``, the paper) or, as the authors' code,
     ``p_lr * lr / initial_lr`` with ``p_lr`` defaulting to ``1 / update_proj_gap`` (``p_lr_mode="code"``;
     ``initial_lr`` is what torch LR schedulers store in the group, so the ratio is the schedule's factor).
-    ``p_weight_decay`` is AdamW-style decoupled decay of P (the authors' code: 0.01 with ``osd_lambda=0``).
+    ``p_weight_decay`` is AdamW-style decoupled decay of P; by default W's ``weight_decay``, as the paper ties
+    them (the authors' code: 0.01 with ``osd_lambda=0``).
+
+    No P step is taken on the step that initialised P (as in the authors' code): the online-PCA loss is exactly
+    stationary at the SVD start, so its gradient there is float rounding, which Adam would normalise into full
+    ``alpha * lr`` moves of every entry of P, throwing the SVD away and making the run chaotically sensitive to
+    the last bit of the gradient.
     """
 
     name = "online_pca"
@@ -60,7 +66,7 @@ class OnlinePCATracker(Tracker):
         "p_optimizer": "adam",
         "p_lr_mode": "alpha",
         "p_lr": None,
-        "p_weight_decay": 0.0,
+        "p_weight_decay": None,  # None: W's weight_decay (the paper ties them)
     }
 
     def _get(self, group: dict, key: str):
@@ -74,7 +80,8 @@ class OnlinePCATracker(Tracker):
 
         number("alpha", lambda x: 0.0 < x < math.inf, "a positive finite number")
         number("osd_lambda", lambda x: 0.0 <= x < math.inf, "a finite number >= 0")
-        number("p_weight_decay", lambda x: 0.0 <= x < math.inf, "a finite number >= 0")
+        if self._get(group, "p_weight_decay") is not None:
+            number("p_weight_decay", lambda x: 0.0 <= x < math.inf, "None (W's weight_decay) or a finite number >= 0")
         if self._get(group, "p_lr") is not None:
             number("p_lr", lambda x: 0.0 < x < math.inf, "None or a positive finite number")
         for key, choices in (("p_optimizer", P_OPTIMIZERS), ("p_lr_mode", P_LR_MODES)):
@@ -104,12 +111,20 @@ class OnlinePCATracker(Tracker):
         initial = float(group.get("initial_lr", lr))
         return base * (lr / initial if initial > 0.0 else 1.0)
 
+    def p_weight_decay(self, group: dict) -> float:
+        wd = self._get(group, "p_weight_decay")
+        return float(group.get("weight_decay", 0.0) if wd is None else wd)
+
     def after_step(self, gn, state, group, ctx: Context) -> None:
         p = state["basis"]
+        if state["step"] == 0:  # the step that initialised P by SVD: no P step (class docstring)
+            eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+            state["trk_diag_orth"] = torch.linalg.matrix_norm(p.mT @ p - eye)
+            return
         grad, d = pca_grad(p, gn, float(self._get(group, "osd_lambda")))
         state["trk_diag_orth"] = torch.linalg.matrix_norm(d)  # of the P this step projected with
         lr = self.p_lr(group)
-        wd = float(self._get(group, "p_weight_decay"))
+        wd = self.p_weight_decay(group)
         state["trk_p_step"] += 1
         if wd > 0.0:
             p.mul_(1.0 - lr * wd)

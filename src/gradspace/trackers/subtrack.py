@@ -62,12 +62,17 @@ def geodesic_step(s: torch.Tensor, h: torch.Tensor, eta: float) -> torch.Tensor:
 def subtrack_step(s: torch.Tensor, g: torch.Tensor, eta: float, normalize: bool = True) -> torch.Tensor:
     """One SubTrack update of the orthonormal basis ``s`` (k x r) toward the gradient ``g`` (k x l), float32.
 
-    ``normalize`` measures ``g`` in units of its Frobenius norm (H is quadratic in g, so H is divided by
-    ``||g||^2`` instead of copying g), which makes ``eta`` independent of the gradient's scale.
+    ``normalize=True`` measures ``g`` in units of its Frobenius norm (H is quadratic in g, so H is divided by
+    ``||g||^2`` instead of copying g): the angle is ``eta * sigma(H) / ||g||^2``, independent of the gradient's
+    scale. ``normalize=False`` is the paper's and the authors' code's raw step: the angle is
+    ``eta * sigma(grad F)`` with ``grad F = -2 H``, i.e. ``2 * eta * sigma(H)``, so a step size from the paper's
+    Table 3 gives the paper's step.
     """
     h = descent_direction(s, g)
     if normalize:
         h = h / torch.linalg.vector_norm(g).square().clamp_min(_TINY)
+    else:
+        eta = 2.0 * eta  # sigma(grad F) = 2 sigma(H)
     new = geodesic_step(s, h, eta)
     if orthonormality_error(new) > ORTH_TOL:
         new = orthonormalize(new)
@@ -77,6 +82,10 @@ def subtrack_step(s: torch.Tensor, g: torch.Tensor, eta: float, normalize: bool 
 class SubTrackTracker(Tracker):
     """``subtrack``: SVD once, then a rank-1 geodesic step every ``update_proj_gap`` steps toward the average
     of the gradients seen since the last update (``accumulate=True``) or toward the current one (``False``).
+
+    ``eta``: with ``normalize=True`` (the default) a scale-free multiplier of the angle, ``theta = eta *
+    sigma(H) / ||G||^2`` with ``H = R A^T`` (so ``theta <= eta / 2``: sigma(H) is at most ||G||^2 / 2); with
+    ``normalize=False`` the paper's step size, ``theta = eta * sigma(grad F) = 2 eta sigma(H)`` (Table 3's values).
 
     Default ``eta = 2`` (with ``normalize=True``): the largest multiplier for which an update can never raise
     F for any gradient (tests/test_trackers_subtrack_osd.py shows 2 holds and 3 overshoots); the optimal
