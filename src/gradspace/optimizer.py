@@ -10,9 +10,13 @@ inner rule in a rank-r subspace), every other group runs the same inner rule in 
 
 from __future__ import annotations
 
+import difflib
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable
+from copy import deepcopy
+from itertools import chain
 from typing import Any
 
 import torch
@@ -40,6 +44,48 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
     "recovery": False,
     **RECOVERY_DEFAULTS,
 }
+
+
+#: param-group keys that torch, its LR schedulers, the Hugging Face Trainer and common training code add; accepted
+#: as they are (any other key that is not a near-miss of a known one is accepted too, as torch does)
+FOREIGN_GROUP_KEYS = {
+    "initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum", "max_momentum", "momentum_decay", "name",
+    "foreach", "fused", "capturable", "differentiable", "maximize", "amsgrad", "decoupled_weight_decay",
+}
+#: misspellings that difflib's similarity does not catch
+GROUP_KEY_ALIASES = {"projection_type": "proj_type", "proj_gap": "update_proj_gap", "update_gap": "update_proj_gap",
+                     "galore_scale": "scale", "alpha_scale": "scale", "rule": "base", "inner_rule": "base"}
+#: group keys that fix the structure of the saved state: a checkpoint saved with other values cannot be loaded
+STRUCTURAL_KEYS = ("tracker", "moments", "recovery", "p_lr_mode", "p_optimizer", "accumulate", "base", "rank",
+                   "proj_type", "state_dtype")
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, torch.Tensor) else value
+
+
+def _check_lr_and_decay(lr: Any, weight_decay: Any) -> None:
+    """torch.optim's checks, before anything else is looked at."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    lr, weight_decay = _number(lr), _number(weight_decay)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0.0:
+        raise ValueError(f"Invalid learning rate: lr must be a number >= 0, got {lr!r}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0.0:
+        raise ValueError(f"Invalid weight_decay value: weight_decay must be a number >= 0, got {weight_decay!r}")
+
+
+def _split_named(params: list) -> tuple[list, list[str] | None]:
+    """``[(name, tensor), ...]`` (``model.named_parameters()``, as torch >= 2.6 accepts) into tensors and names."""
+    named = [isinstance(x, tuple) for x in params]
+    if not any(named):
+        return params, None
+    if not all(named) or not all(len(x) == 2 and isinstance(x[0], str) for x in params):
+        raise ValueError(
+            "all optimizer params should be with/without names. Some param names are missing: pass all tensors or "
+            "all (name, tensor) pairs, as model.named_parameters() gives"
+        )
+    return [p for _, p in params], [n for n, _ in params]
 
 
 def _known(kind: str) -> dict[str, set[str]]:
@@ -96,10 +142,11 @@ class SubspaceOptimizer(Optimizer):
         process_group: Any = None,
         **options: Any,
     ):
+        _check_lr_and_decay(lr, weight_decay)
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_MODES)}, got {nonfinite!r}")
-        rule_keys = set().union(*_known("rule").values())
-        tracker_keys = set().union(*_known("tracker").values()) | set(RECOVERY_DEFAULTS) | {"state_dtype"}
+        rule_keys = set().union(*_known("rule").values()) | {"state_dtype"}
+        tracker_keys = set().union(*_known("tracker").values()) | set(RECOVERY_DEFAULTS)
         unknown = set(options) - rule_keys - tracker_keys
         if unknown:
             raise ValueError(
@@ -113,8 +160,9 @@ class SubspaceOptimizer(Optimizer):
             moments=moments, recovery=recovery,
         )
         self._proj_defaults.update({k: v for k, v in options.items() if k in tracker_keys and k not in rule_keys})
-        defaults = {"lr": lr, "weight_decay": weight_decay, "base": base}
+        defaults = {"lr": lr, "weight_decay": weight_decay, "base": base, "state_dtype": None}
         defaults.update({k: v for k, v in options.items() if k in rule_keys})
+        get_rule(base).validate({**get_rule(base).defaults, **defaults})  # before the params, as torch.optim does
         self.seed = int(seed)
         self.nonfinite = nonfinite
         self.collect_diagnostics = diagnostics
@@ -125,7 +173,9 @@ class SubspaceOptimizer(Optimizer):
         self._clipped: list[str] = []
         self._diag: dict[torch.Tensor, dict[str, Any]] = {}
         self._index: dict[torch.Tensor, int] | None = None
+        self._shapes: dict[torch.Tensor, tuple[int, ...]] = {}
         super().__init__(params, defaults)
+        self.register_state_dict_post_hook(_add_gradspace_state, prepend=True)
         if self._clipped:
             log.warning(
                 "rank >= min(m, n) for %d weight(s) (%s): they are trained in full rank, without projection",
@@ -135,10 +185,16 @@ class SubspaceOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ groups and validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
         group = dict(param_group)
         params = group["params"]
         if not isinstance(params, set):  # a generator would be consumed by validation (torch rejects sets itself)
-            group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+            params, names = _split_named([params] if isinstance(params, torch.Tensor) else list(params))
+            group["params"] = params
+            if names is not None:
+                group["param_names"] = names
+        self._check_group_keys(group)
         if "rank" in group:
             for key, value in self._proj_defaults.items():
                 group.setdefault(key, value)
@@ -151,14 +207,25 @@ class SubspaceOptimizer(Optimizer):
         super().add_param_group(group)
         self._index = None
 
+    def _check_group_keys(self, group: dict) -> None:
+        """A near-miss of a known key (``updte_proj_gap``, ``projection_type``) is an error naming the intended
+        key; any other key is kept, as torch keeps it."""
+        known = {"params", "param_names", *self.defaults, *PROJECTION_DEFAULTS, "rank"}
+        known |= set().union(*_known("rule").values(), *_known("tracker").values())
+        for key in group:
+            if key in known or key in FOREIGN_GROUP_KEYS or not isinstance(key, str):
+                continue
+            close = GROUP_KEY_ALIASES.get(key) or next(iter(difflib.get_close_matches(key, known, 1, 0.8)), None)
+            if close is not None:
+                raise ValueError(f"unknown param-group key {key!r}: did you mean {close!r}?")
+
     def _validate_group(self, group: dict, rule) -> None:
-        lr = group.get("lr", self.defaults["lr"])
-        if isinstance(lr, torch.Tensor):
-            lr = float(lr)
-        if not lr >= 0.0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not float(group.get("weight_decay", self.defaults["weight_decay"])) >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
+        _check_lr_and_decay(group.get("lr", self.defaults["lr"]), group.get("weight_decay", self.defaults["weight_decay"]))
+        dtype = group.get("state_dtype", self.defaults.get("state_dtype"))
+        if dtype is not None:
+            resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+            if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+                raise ValueError(f"state_dtype must be None or a floating-point dtype (e.g. 'float32'), got {dtype!r}")
         rule.validate(group)
         params = group["params"]
         for i, p in enumerate(params):
@@ -241,6 +308,7 @@ class SubspaceOptimizer(Optimizer):
         for group, p in work:
             if p.grad.is_sparse:
                 raise RuntimeError(f"{self._name(group, p)} has a sparse gradient; SubspaceOptimizer needs dense ones")
+            self._check_shape(group, p)
         if self.nonfinite == "off" or not work:
             return True
         # one fast reduction per gradient (a sum is 10x cheaper than an inf-norm on CPU); inf/NaN make it
@@ -261,6 +329,22 @@ class SubspaceOptimizer(Optimizer):
             f"non-finite gradient (inf or NaN) in {where}; nothing was updated. Lower the learning "
             "rate, use loss scaling, or pass nonfinite='skip' to skip such steps"
         )
+
+    def _check_shape(self, group: dict, p: torch.Tensor) -> None:
+        """A parameter resized after its state was made (``p.data = ...``) would corrupt memory in the fused kernels
+        or silently shrink the state: stop with an error instead. Shapes are recorded on a parameter's first step
+        (or first step after a load, whose shapes ``load_state_dict`` has checked against the saved state)."""
+        shape = tuple(p.shape)
+        if tuple(p.grad.shape) != shape:
+            raise RuntimeError(
+                f"{self._name(group, p)} has shape {shape} but its gradient has shape {tuple(p.grad.shape)}"
+            )
+        known = self._shapes.setdefault(p, shape)
+        if known != shape:
+            raise RuntimeError(
+                f"{self._name(group, p)} changed shape from {known} to {shape} after the optimizer made its state; "
+                "build a new optimizer (or add the resized tensor as a new parameter) after changing a model's shapes"
+            )
 
     @torch.no_grad()
     def step_param(self, p: torch.Tensor, projected_grad: torch.Tensor | None = None, group: dict | None = None):
@@ -364,7 +448,8 @@ class SubspaceOptimizer(Optimizer):
             tgt = project(basis, tgn)
         tracker.observe(tgn, tgt, state, group)
         if self.collect_diagnostics and extra is None:
-            diag["energy"] = gt.square().sum() / torch.linalg.vector_norm(gn, dtype=torch.float32).square()
+            norm = torch.linalg.vector_norm(gn, dtype=torch.promote_types(gn.dtype, torch.float32))
+            diag["energy"] = gt.square().sum() / norm.square()
         direction, factor = rule.update(gt, state, group)
         step = -float(group["lr"]) * factor
         scale = float(group["scale"])
@@ -393,41 +478,58 @@ class SubspaceOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._clipped, self._diag, self._index = [], {}, None
-        self.distributed = state.get("distributed")
-        self.process_group, self._new_bases = None, None
-
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["gradspace"] = {"skipped_steps": self.skipped_steps, "seed": self.seed}
-        return sd
+        self._clipped, self._diag, self._index, self._shapes, self._new_bases = [], {}, None, {}, None
+        if not hasattr(self, "process_group"):  # unpickled or deep-copied: a process group does not travel
+            self.process_group = None
+            self.distributed = state.get("distributed")
+        if _add_gradspace_state not in self._optimizer_state_dict_post_hooks.values():
+            self.register_state_dict_post_hook(_add_gradspace_state, prepend=True)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load without PyTorch's cast of state to the param dtype: a float32 basis or float32 moments of a bf16
-        parameter come back as they were saved, so a resumed run equals the uninterrupted one."""
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("gradspace", {})
-        saved_state = state_dict.get("state", {})
-        params = [p for g in self.param_groups for p in g["params"]]
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        if len(saved_ids) != len(params):
+        """torch's contract (pre-hooks may change the dict before it is checked, non-parameter state keys are kept,
+        post-hooks run last), with two differences. State is loaded without torch's cast to the param dtype, so a
+        float32 basis or float32 moments of a bf16 parameter come back as saved and a resumed run equals the
+        uninterrupted one. And a state saved with another method, tracker, inner rule, rank or model is refused
+        with an error instead of silently replacing this optimizer's configuration."""
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        extra = state_dict.get("gradspace", {})
+        groups, saved_groups = self.param_groups, deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
             raise ValueError(
-                f"optimizer checkpoint has {len(saved_ids)} parameters but this optimizer has {len(params)}; "
+                f"loaded state dict has {len(saved_groups)} parameter groups but this optimizer has {len(groups)}; "
                 "it was saved for a different model or parameter selection"
             )
-        id_to_param = dict(zip(saved_ids, params))
-        rule_of = {p: get_rule(g["base"]) for g in self.param_groups for p in g["params"]}
-        new_state: dict[torch.Tensor, dict] = {}
-        for pid, st in saved_state.items():
-            p = id_to_param[pid]
+        for i, (group, saved) in enumerate(zip(groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"loaded state dict has {len(saved['params'])} parameters in group {i} but this optimizer has "
+                    f"{len(group['params'])}; it was saved for a different model or parameter selection"
+                )
+            _check_same_configuration(i, group, saved)
+        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
+                          chain.from_iterable(g["params"] for g in groups)))
+        rule_of = {p: get_rule(g["base"]) for g in groups for p in g["params"]}
+        state: defaultdict[Any, dict] = defaultdict(dict)
+        for key, st in state_dict["state"].items():
+            if key not in id_map:  # state not tied to a parameter: kept as it is, as torch does
+                state[key] = st
+                continue
+            p = id_map[key]
             self._check_saved_state(p, st, rule_of[p])
-            new_state[p] = {k: (v.to(device=p.device) if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
-        super().load_state_dict({**state_dict, "state": {}})
-        self.state.update(new_state)
+            state[p] = {k: (v.to(device=p.device) if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+        for group, saved in zip(groups, saved_groups):
+            saved["params"] = group["params"]
+            for key, value in group.items():  # keys added since the checkpoint was written keep this run's value
+                saved.setdefault(key, value)
+        self.__setstate__({"state": state, "param_groups": saved_groups})
         self.skipped_steps = int(extra.get("skipped_steps", 0))
         self.seed = int(extra.get("seed", self.seed))
-        self._index = None
-        self._diag = {}
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
     @staticmethod
     def _check_saved_state(p: torch.Tensor, st: dict, rule) -> None:
@@ -483,6 +585,27 @@ class SubspaceOptimizer(Optimizer):
             "state_bytes": optimizer_state_bytes(self),
             "update_seconds": sum(w["update_seconds"] for w in per_weight.values()),
         }
+
+
+def _add_gradspace_state(opt: SubspaceOptimizer, state_dict: dict[str, Any]) -> None:
+    """The first state_dict post-hook: user hooks registered later see the whole dict, gradspace's part included."""
+    state_dict["gradspace"] = {"skipped_steps": opt.skipped_steps, "seed": opt.seed}
+
+
+def _check_same_configuration(index: int, group: dict, saved: dict) -> None:
+    if ("rank" in group) != ("rank" in saved):
+        kinds = ("projected", "full-rank") if "rank" in saved else ("full-rank", "projected")
+        raise ValueError(
+            f"optimizer checkpoint: param group {index} was saved {kinds[0]} but is {kinds[1]} here; build the "
+            "optimizer with the same method and parameter selection as the run that saved it"
+        )
+    for key in STRUCTURAL_KEYS:
+        if key in saved and key in group and saved[key] != group[key]:
+            raise ValueError(
+                f"optimizer checkpoint was saved with {key}={saved[key]!r} in param group {index}, but this "
+                f"optimizer has {key}={group[key]!r}; build it with the same method, inner rule and rank as the "
+                "run that saved it (or start a new run)"
+            )
 
 
 def _empty(rank: int, cols: int, p: torch.Tensor, rule, state: dict | None = None) -> torch.Tensor:

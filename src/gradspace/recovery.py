@@ -55,7 +55,7 @@ def recovery_scales(
     ``state["rec_norm"]``."""
     gt_sq = gt.square().sum(0)
     phi = torch.linalg.vector_norm(ot.to(gt.dtype), dim=0) / (gt_sq.sqrt() + 1e-8)
-    gn_sq = torch.linalg.vector_norm(gn, dim=0, dtype=gt.dtype).square()
+    gn_sq = torch.linalg.vector_norm(gn, dim=0, dtype=torch.promote_types(gn.dtype, gt.dtype)).square().to(gt.dtype)
     in_span = gt_sq if gram is None else (gt * (gram @ gt)).sum(0)
     residual_sq = (gn_sq - (2.0 * a) * gt_sq + (a * a) * in_span).clamp_min(0)
     norm = (phi.square() * residual_sq).sum().sqrt()
