@@ -1,6 +1,7 @@
 """The Hugging Face streaming path of ``gradspace pretrain --dataset NAME --streaming``, with a stand-in ``datasets``
 module (the hub is unreachable here): batches are packed from the rows' text, and a resumed run is bit-identical."""
 
+import random
 import sys
 import types
 
@@ -14,11 +15,27 @@ ROWS = [{"text": f"Line {i}: the quick brown fox {'jumps over' if i % 2 else 'na
         for i in range(200)]
 
 
+class FakeIterable:
+    """Just what gradspace uses of ``datasets.IterableDataset``: iteration and a seeded ``shuffle``."""
+
+    def __init__(self, rows, calls):
+        self.rows, self.calls = rows, calls
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def shuffle(self, seed, buffer_size):
+        self.calls.append(("shuffle", seed, buffer_size))
+        rows = list(self.rows)
+        random.Random(seed).shuffle(rows)
+        return FakeIterable(rows, self.calls)
+
+
 def fake_datasets(calls):
     def load_dataset(name, split, streaming):
         calls.append((name, split, streaming))
         offset = 0 if split == "train" else 100  # a different "validation" split
-        return iter(ROWS[offset:] + ROWS[:offset])
+        return FakeIterable(ROWS[offset:] + ROWS[:offset], calls)
 
     return types.SimpleNamespace(load_dataset=load_dataset)
 
@@ -47,3 +64,12 @@ def test_streaming_without_the_datasets_package_is_a_clear_error(tmp_path, monke
     err = capsys.readouterr().err
     assert code == 2 and "pip install datasets" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_streaming_uses_its_seed_for_training_rows_only(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets(calls))
+    args = [*SMALL, "--dataset", "someone/corpus", "--streaming", "--method", "adamw", "--steps", "2"]
+    assert run("pretrain", *args, "--seed", "1", "--out", tmp_path / "a") == 0
+    assert run("pretrain", *args, "--seed", "2", "--out", tmp_path / "b") == 0
+    assert [c for c in calls if c[0] == "shuffle"] == [("shuffle", 1, 10_000), ("shuffle", 2, 10_000)]

@@ -250,17 +250,30 @@ def finetune_settings(cfg: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- data
 class HFStream:
-    """Batches packed from a streamed Hugging Face dataset's ``text`` field (GPT-2 BPE); resumes by skipping."""
+    """Batches packed from a streamed Hugging Face dataset's ``text`` field (GPT-2 BPE); resumes by skipping.
 
-    def __init__(self, name: str, split: str, batch_size: int, seq_len: int, tokenizer, seed: int = 0):
+    With a ``seed`` the rows come through ``IterableDataset.shuffle`` (a buffer of ``SHUFFLE_BUFFER`` rows, seed
+    ``seed + epoch`` for each pass), so runs with different seeds see different orders; ``seed=None`` (the
+    validation batches) keeps the dataset's order."""
+
+    SHUFFLE_BUFFER = 10_000
+
+    def __init__(self, name: str, split: str, batch_size: int, seq_len: int, tokenizer, seed: int | None = 0):
         try:
             import datasets
         except ImportError:
             raise UsageError(f"dataset {name!r} is a Hugging Face dataset: run `pip install datasets` (and it needs "
                              "network access to the Hugging Face hub)") from None
         self.name, self.split, self.batch_size, self.seq_len, self.tok = name, split, batch_size, seq_len, tokenizer
-        self.step = 0
-        self._make = lambda: iter(datasets.load_dataset(name, split=split, streaming=True))
+        self.step, self.epoch = 0, 0
+
+        def rows():
+            ds = datasets.load_dataset(name, split=split, streaming=True)
+            if seed is not None:
+                ds = ds.shuffle(seed=seed + self.epoch, buffer_size=self.SHUFFLE_BUFFER)
+            return iter(ds)
+
+        self._make = rows
         self._rows = self._make()
         self._buffer: list[int] = []
 
@@ -275,6 +288,7 @@ class HFStream:
             try:
                 row = next(self._rows)
             except StopIteration:
+                self.epoch += 1
                 self._rows = self._make()
                 continue
             self._buffer.extend(self.tok(row.get("text", ""), add_special_tokens=False)["input_ids"] + [50256])
@@ -312,7 +326,7 @@ class Data:
             self._tok = tok
             self.eval_batches = []
             try:
-                val = HFStream(name, "validation", cfg["batch_size"], cfg["seq_len"], tok)
+                val = HFStream(name, "validation", cfg["batch_size"], cfg["seq_len"], tok, seed=None)
                 self.eval_batches = [next(val) for _ in range(cfg["eval_batches"])]
             except UsageError:
                 raise
