@@ -11,6 +11,7 @@ from gradspace import SubspaceOptimizer
 from gradspace.optimizer import state_bytes
 from gradspace.trackers import Context, get_tracker
 from gradspace.trackers.base import orthonormality_error
+from gradspace.trackers.random_walk import seeded_generator
 
 CTX = Context(index=0, right=False, seed=0)
 
@@ -63,6 +64,130 @@ def test_adarank_respects_r_min_and_r_max():
     flat = with_spectrum(torch.ones(30, dtype=torch.float64), 32, 48, gen)  # error(r) = (30 - r) / 30
     assert get_tracker("adarank").init(flat, 8, state, {"eta_th": 0.12}, CTX).shape == (32, 8)  # r_max caps
     assert get_tracker("adarank").init(flat, 8, state, {"eta_th": 0.12, "r_max": 40}, CTX).shape == (32, 27)
+
+
+# A gradient of exact rank 10 < r_max: the range finder spans its range, so the ordered basis is its top
+# singular vectors and the chosen rank is exactly what the formulas give from s.
+S10 = torch.tensor([3.0, 2.0, 1.5, 1.2, 1.0, 0.8, 0.6, 0.4, 0.3, 0.2], dtype=torch.float64)
+
+
+def by_hand(s: torch.Tensor, eta_th: float, squared: bool, r_min: int = 1) -> int:
+    """Smallest r >= r_min with ||G - S_r S_r^T G||_F^2 / ||G||_F^2 <= eta_th (squared, eq. 2) or
+    ||G - S_r S_r^T G||_F / ||G||_F <= eta_th (unsquared, Algorithm 2's box), from the singular values."""
+    for r in range(r_min, len(s) + 1):
+        err = float((s[r:] ** 2).sum() / (s**2).sum())
+        if (err if squared else err**0.5) <= eta_th:
+            return r
+    raise AssertionError("no rank meets the threshold")
+
+
+@pytest.mark.parametrize("eta_th", [0.48, 0.3, 0.2, 0.1, 0.05])
+@pytest.mark.parametrize("criterion", ["squared", "unsquared"])
+def test_adarank_rank_is_the_smallest_meeting_each_criterion(criterion, eta_th):
+    want = by_hand(S10, eta_th, squared=criterion == "squared")
+    for i in range(5):
+        g = with_spectrum(S10, 48, 80, torch.Generator().manual_seed(i))
+        state = {"step": 0, "updates": 0}
+        group = {"eta_th": eta_th, "criterion": criterion}
+        basis = get_tracker("adarank").init(g, 16, state, group, Context(index=i, right=False, seed=0))
+        assert basis.shape == (48, want)
+        dropped = float((g - basis @ (basis.mT @ g)).square().sum() / g.square().sum())
+        assert float(state["trk_diag_error"]) == pytest.approx(dropped, abs=1e-5)  # always the squared error
+        assert (dropped if criterion == "squared" else dropped**0.5) <= eta_th
+
+
+def test_the_two_criteria_differ_on_this_spectrum():
+    """The test above distinguishes them: at the paper's 0.48, squared keeps 2 directions, unsquared 3."""
+    assert (by_hand(S10, 0.48, True), by_hand(S10, 0.48, False)) == (2, 3)
+    assert all(by_hand(S10, e, True) < by_hand(S10, e, False) for e in (0.3, 0.2, 0.1, 0.05))
+
+
+def range_finder(g: torch.Tensor, r_max: int, power_iters: int, ctx=CTX, draw=0) -> torch.Tensor:
+    """Algorithm 1 (plus power iterations), written out with the tracker's generator draw."""
+    omega = torch.randn(g.shape[1], r_max, generator=seeded_generator(ctx, draw, g.device))
+    q = torch.linalg.qr(g @ omega).Q
+    for _ in range(power_iters):
+        q = torch.linalg.qr(g @ (g.mT @ q)).Q
+    return q
+
+
+@pytest.mark.parametrize("power_iters", [0, 2])
+@pytest.mark.parametrize("criterion", ["squared", "unsquared"])
+def test_adarank_prefix_basis_is_the_range_finders_own_columns(power_iters, criterion):
+    gen = torch.Generator().manual_seed(3)
+    s = (torch.arange(64, dtype=torch.float64) + 1) ** -0.8  # power law: full rank, no exact answer
+    g, r_max, eta_th = with_spectrum(s, 64, 96, gen), 24, 0.3
+    q = range_finder(g, r_max, power_iters)
+    # prefix errors from the row energies of Q^T G, in the criterion's units
+    err = 1 - torch.cumsum((q.mT @ g).double().square().sum(1), 0) / g.double().square().sum()
+    meets = err if criterion == "squared" else err.clamp_min(0).sqrt()
+    want = int((meets <= eta_th).nonzero()[0]) + 1 if (meets <= eta_th).any() else r_max
+    group = {"eta_th": eta_th, "criterion": criterion, "power_iters": power_iters}
+    state = {"step": 0, "updates": 0}
+    prefix = get_tracker("adarank").init(g, r_max, state, {**group, "basis": "prefix"}, CTX)
+    assert prefix.shape == (64, want)
+    torch.testing.assert_close(prefix, q[:, :want], rtol=0, atol=1e-6)
+    dropped = (g - prefix @ (prefix.mT @ g)).square().sum() / g.square().sum()
+    assert float(state["trk_diag_error"]) == pytest.approx(float(dropped), abs=1e-5)
+    # the ordered basis rotates inside the same span: the best prefixes of span(Q), so never a higher rank
+    ordered = get_tracker("adarank").init(g, r_max, {"step": 0, "updates": 0}, group, CTX)
+    assert ordered.shape[1] <= want
+    assert not torch.allclose(ordered[:, :1].abs(), prefix[:, :1].abs(), atol=1e-3)
+    top = torch.linalg.svd(g.double()).U[:, 0].float()
+    assert float((ordered[:, 0] @ top).abs()) > float((prefix[:, 0] @ top).abs())  # ordered leads with u_1
+
+
+@pytest.mark.parametrize("basis", ["ordered", "prefix"])
+@pytest.mark.parametrize("criterion", ["squared", "unsquared"])
+@pytest.mark.parametrize("r_min", [1, 3, 6, 12])
+def test_adarank_r_min_floors_the_rank(r_min, criterion, basis):
+    g = with_spectrum(S10, 48, 80, torch.Generator().manual_seed(0))
+    if basis == "ordered":
+        want = by_hand(S10, 0.48, squared=criterion == "squared")  # 2 or 3 without a floor
+    else:
+        err = 1 - torch.cumsum((range_finder(g, 16, 2).mT @ g).double().square().sum(1), 0) / g.square().sum()
+        ok = (err if criterion == "squared" else err.clamp_min(0).sqrt()) <= 0.48
+        want = int(ok.nonzero()[0]) + 1
+    group = {"r_min": r_min, "criterion": criterion, "basis": basis}
+    assert get_tracker("adarank").init(g, 16, {"step": 0, "updates": 0}, group, CTX).shape == (48, max(r_min, want))
+
+
+def test_adarank_r_min_holds_through_training():
+    data = batches(20)
+    model = make_model()
+    opt = SubspaceOptimizer(projected_groups(model, rank=6, gap=5), lr=1e-2, tracker="adarank",
+                            moments="rotate", min_gap=1, r_min=4)
+    seen = set()
+    for x, y in data:
+        train(model, opt, [(x, y)])
+        seen |= {st["basis"].shape[1] for st in opt.state.values() if "basis" in st}
+    assert min(seen) >= 4, seen
+    assert all(st["updates"] >= 3 for st in opt.state.values() if "basis" in st)
+
+
+@pytest.mark.parametrize("criterion, first_refresh", [("squared", 10), ("unsquared", 2)])
+def test_adarank_stale_trigger_uses_the_criterion(criterion, first_refresh):
+    """Captured energy 0.6: stale for 'unsquared' (residual ratio sqrt(0.4) = 0.63 > 0.48), not for 'squared'
+    (error 0.4 <= 0.48); the norm trigger is off (varsigma 0), so 'squared' waits for max_gap."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(32, 2, generator=gen) @ torch.randn(2, 64, generator=gen)
+    p = nn.Parameter(torch.zeros(32, 64))
+    opt = SubspaceOptimizer([{"params": [p], "rank": 4}], lr=1e-3, tracker="adarank", moments="rotate",
+                            criterion=criterion, r_min=4, varsigma=0.0, min_gap=2, max_gap=10)
+    p.grad = g.clone()
+    opt.step()
+    s = opt.state[p]["basis"]
+    z = torch.randn(32, 64, generator=gen)
+    z -= s @ (s.mT @ z)  # outside the basis
+    z *= (g.square().sum() * (1 / 0.6 - 1) / z.square().sum()).sqrt()
+    h = g + z
+    assert float((s.mT @ h).square().sum() / h.square().sum()) == pytest.approx(0.6, abs=1e-4)
+    for t in range(1, 12):
+        p.grad = h.clone()
+        opt.step()
+        if opt.state[p]["updates"]:
+            break
+    assert t == first_refresh
 
 
 def run_manual(opt, p, grads):
@@ -147,6 +272,11 @@ BAD_OPTIONS = [
     ({"power_iters": -1}, "power_iters"),
     ({"varsigma": 2.0}, "varsigma"),
     ({"moments": "keep"}, "keep"),
+    ({"criterion": "relative"}, "criterion must be one of 'squared', 'unsquared'"),
+    ({"criterion": "Squared"}, "criterion"),
+    ({"basis": "svd"}, "basis must be one of 'ordered', 'prefix'"),
+    ({"r_min": 2.5}, "r_min"),
+    ({"r_min": True}, "r_min"),
 ]
 
 

@@ -33,8 +33,12 @@ def main(argv=None) -> None:
     dst = sub.add_parser("distributed", help="subspace updates sharded over 2 gloo ranks vs replicated vs 1 process")
     dst.add_argument("--tracker", default="svd")
     dst.add_argument("--steps", type=int, default=3)
-    ada = sub.add_parser("adarank", help="sweep of AdaRankGrad's refresh criterion (justifies its defaults)")
+    ada = sub.add_parser("adarank", help="AdaRankGrad: refresh-criterion sweep, or --variants: rank rules vs GaLore")
     ada.add_argument("--steps", type=int, default=300)
+    ada.add_argument("--variants", action="store_true",
+                     help="instead: rank rules (criterion, basis, r_min, eta_th) vs GaLore over several seeds")
+    ada.add_argument("--seeds", type=int, default=3, help="with --variants")
+    ada.add_argument("--only", default=None, help="with --variants: comma-separated label substrings")
     mem = sub.add_parser("memory", help="optimizer-state bytes (counted vs formula vs papers) and peak step memory")
     mem.add_argument("--configs", default="60m,130m,350m,1b", help="LLaMA presets for the state-bytes tables")
     mem.add_argument("--vocab", type=int, default=32000)
@@ -79,7 +83,10 @@ def main(argv=None) -> None:
     elif args.bench == "adarank":
         from . import adarank_sweep
 
-        print(adarank_sweep.run(args.steps))
+        if args.variants:
+            print(adarank_sweep.run_variants(args.steps, args.seeds, only=args.only))
+        else:
+            print(adarank_sweep.run(args.steps))
 
     elif args.bench == "memory":
         from . import memory

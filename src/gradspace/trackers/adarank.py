@@ -1,21 +1,39 @@
 """AdaRankGrad's tracker (ALGORITHMS.md section 5): adaptive rank and adaptive update times.
 
-Basis (Algorithms 1-2): a randomised range finder with ``r_max`` Gaussian columns and ``power_iters`` power
-iterations, then ``B = Q^T G = Ub Sb Vb^T`` and the ordered basis ``Q Ub``. ``Ub`` and ``Sb^2`` come from the
-eigendecomposition of the r x r ``B B^T``: the same factors as an SVD of B at a tenth of its cost (that SVD
-dominated the update). The prefixes of ``Q Ub`` are nested, so every prefix error
-``1 - sum_{i<=r} Sb_i^2 / ||G||_F^2`` comes out of one cumulative sum, and the rank is the smallest ``r`` in
-``[r_min, r_max]`` with **error <= eta_th** (the paper's binary search is not needed). ``eta_th`` is the
-fraction of gradient energy the subspace may *drop*, as in the paper's eqs. (2), (4) and (10); its Algorithm 2
-box divides unsquared norms, under which the same 0.48 would mean a squared error of 0.23. If no rank meets
-the threshold (the randomised estimate can only under-capture), the rank is ``r_max``.
+Range finder (Algorithm 1, SSRF): ``Omega`` (n x ``r_max``, Gaussian), ``Q = qr(G Omega).Q``, then
+``power_iters`` power iterations ``Q = qr(G G^T Q).Q`` (not in the paper: ``power_iters=0`` is its Algorithm 1).
+
+Basis, option ``basis``:
+
+- ``"ordered"`` (default): ``B = Q^T G = Ub Sb Vb^T`` and the basis ``Q Ub``, whose prefixes are the best ones
+  inside ``span(Q)``. ``Ub``, ``Sb^2`` come from the eigendecomposition of the r x r ``B B^T`` (the factors of
+  ``svd(B)`` at about a tenth of its cost). Prefix error: ``1 - sum_{i<=r} Sb_i^2 / ||G||_F^2``, which is what
+  Algorithm 2's comment (``sum_{i>r} sigma_i^2 / sum_i sigma_i^2``) assumes.
+- ``"prefix"``: Algorithms 1-2 literally: ``Q[:, :r]`` of the range finder's own ``Q``, no rotation. ``Q`` is
+  orthonormal, so the prefix error is exactly ``1 - sum_{i<=r} ||(Q^T G)_i||^2 / ||G||_F^2`` (row i of ``Q^T G``).
+  Without power iterations the leading columns of ``Q`` are random mixtures of the top directions, so a prefix
+  needs at least the ordered basis's rank for the same error.
+
+Rank (Algorithm 2): the smallest ``r`` in ``[r_min, r_max]`` meeting the threshold, from one cumulative sum (the
+paper's binary search is not needed); ``r_max`` if none does (a randomised estimate can only under-capture).
+Option ``criterion``:
+
+- ``"squared"`` (default, eq. 2 and Algorithm 3's definition of ``r_t``): ``||G - S S^T G||_F^2 / ||G||_F^2 <=
+  eta_th``, i.e. drop at most ``eta_th`` of the gradient's energy;
+- ``"unsquared"`` (the box of Algorithm 2): ``||G - S S^T G||_F / ||G||_F <= eta_th``; the paper's 0.48 then
+  allows a squared error of only 0.23.
+
+``r_min`` (default 1: Lemma 1 says gradients tend to rank one) floors the rank; ``r_max`` (default: the
+group's rank) caps it.
 
 Update times (Algorithm 3, block 3): refresh when the projected gradient has converged,
-``||Gt|| <= varsigma * ||Gt at the last refresh||``, or when the subspace has gone stale, captured energy
-``||Gt||^2 / ||G||^2 < 1 - eta_th``, always within ``min_gap <= steps since refresh <= max_gap``. ``due`` runs
-before this step's projection, so it reads what ``observe`` recorded at the previous step (a one-step lag):
+``||Gt|| <= varsigma * ||Gt at the last refresh||``, or when the subspace has gone stale under the same
+``criterion``: captured energy ``e = ||Gt||^2 / ||G||^2`` below ``1 - eta_th`` (squared), or residual ratio
+``sqrt(1 - e) > eta_th`` (unsquared); always within ``min_gap <= steps since refresh <= max_gap``. ``due``
+runs before this step's projection, so it reads what ``observe`` recorded at the previous step (a one-step lag):
 judging the current gradient instead would cost a second projection every step. The recorded values stay
-tensors, so nothing syncs with the device before ``min_gap``.
+tensors, so nothing syncs with the device before ``min_gap``. The diagnostic ``trk_diag_error`` is always the
+squared error fraction of the chosen basis, whatever the criterion.
 
 Random draws come from a generator seeded by (seed, parameter index, basis number): resumed runs and
 data-parallel ranks draw the same ``Omega``. The rank changes, so use a moment policy that can follow it
@@ -50,6 +68,10 @@ def _left_singular(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return vecs.flip(-1).float(), evals.flip(-1).clamp_min(0.0)
 
 
+CRITERIA = ("squared", "unsquared")
+BASES = ("ordered", "prefix")
+
+
 def _is_int(x, low: int) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= low
 
@@ -58,9 +80,11 @@ class AdaRankTracker(Tracker):
     name = "adarank"
     update_diagnostics = ("trk_diag_error",)
     defaults = {
-        "r_min": 1,  # Lemma 1: gradients tend to rank one, so allow it
+        "r_min": 1,  # rank floor; Lemma 1: gradients tend to rank one, so allow it
         "r_max": None,  # None: the group's rank
-        "eta_th": 0.48,  # the paper's pretraining value, read as a squared-error fraction (module docstring)
+        "eta_th": 0.48,  # the paper's pretraining value
+        "criterion": "squared",  # eq. 2: squared error fraction <= eta_th; "unsquared": Algorithm 2's box
+        "basis": "ordered",  # Q Ub; "prefix": Q[:, :r], Algorithm 2 literally
         "varsigma": 0.5,  # refresh once the projected gradient has halved since the refresh
         "min_gap": None,  # None: max(1, max_gap // 4)
         "max_gap": None,  # None: update_proj_gap (never staler than GaLore)
@@ -79,6 +103,9 @@ class AdaRankTracker(Tracker):
         eta_th = float(_opt(group, "eta_th"))
         if not 0.0 < eta_th < 1.0:
             raise ValueError(f"eta_th must be in (0, 1), got {eta_th}")
+        for key, allowed in (("criterion", CRITERIA), ("basis", BASES)):
+            if (value := _opt(group, key)) not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
         varsigma = float(_opt(group, "varsigma"))
         if not 0.0 <= varsigma <= 1.0:
             raise ValueError(f"varsigma must be in [0, 1], got {varsigma}")
@@ -119,7 +146,11 @@ class AdaRankTracker(Tracker):
         if since >= hi:
             return True
         converged = state["trk_norm"] <= float(_opt(group, "varsigma")) * state["trk_ref"]
-        stale = state["trk_energy"] < 1.0 - float(_opt(group, "eta_th"))
+        eta_th = float(_opt(group, "eta_th"))
+        if _opt(group, "criterion") == "squared":
+            stale = state["trk_energy"] < 1.0 - eta_th
+        else:
+            stale = (1.0 - state["trk_energy"]).clamp_min(0.0).sqrt() > eta_th
         return bool(converged | stale)
 
     def observe(self, gn, gt, state, group) -> None:
@@ -130,10 +161,10 @@ class AdaRankTracker(Tracker):
             return  # due() does not look before min_gap: skip the extra read of G
         gt_sq = gt.square().sum()
         state["trk_norm"] = gt_sq.sqrt()
-        state["trk_energy"] = gt_sq / torch.linalg.vector_norm(gn, dtype=torch.float32).square()
+        state["trk_energy"] = gt_sq / torch.linalg.vector_norm(gn, dtype=torch.promote_types(gn.dtype, torch.float32)).square()
 
     def _select(self, gn, rank: int, state: dict, group: dict, ctx: Context, draw: int) -> torch.Tensor:
-        """Range finder + ordered basis + one-pass rank choice (Algorithms 1-2)."""
+        """Range finder + ordered or prefix basis + one-pass rank choice (Algorithms 1-2)."""
         g = gn.detach().float()
         r_max = min(group.get("r_max") or rank, *g.shape)
         r_min = min(int(_opt(group, "r_min")), r_max)
@@ -142,11 +173,18 @@ class AdaRankTracker(Tracker):
         q = torch.linalg.qr(g @ omega).Q
         for _ in range(int(_opt(group, "power_iters"))):
             q = torch.linalg.qr(g @ (g.mT @ q)).Q
-        ub, sb2 = _left_singular(q.mT @ g)
+        b = q.mT @ g
+        if _opt(group, "basis") == "prefix":
+            captured = b.double().square().sum(1)  # row energies: exact for prefixes of an orthonormal Q
+        else:
+            ub, captured = _left_singular(b)
         total = torch.linalg.vector_norm(g).double().square().clamp_min(torch.finfo(torch.float32).tiny)
-        err = (1.0 - sb2.cumsum(0) / total).float()  # error of each prefix rank 1..r_max
-        ok = err <= float(_opt(group, "eta_th"))
+        err = (1.0 - captured.cumsum(0) / total).float().clamp_min(0.0)  # squared error of each prefix 1..r_max
+        meets = err if _opt(group, "criterion") == "squared" else err.sqrt()
+        ok = meets <= float(_opt(group, "eta_th"))
         ok[: r_min - 1] = False
         r = int(torch.where(ok.any(), ok.int().argmax() + 1, r_max))  # the one host sync: shapes depend on it
-        state["trk_diag_error"] = err[r - 1].clamp_min(0.0)
+        state["trk_diag_error"] = err[r - 1].clone()  # not a view: it would hold all of err
+        if _opt(group, "basis") == "prefix":
+            return q[:, :r].contiguous()
         return (q @ ub[:, :r]).contiguous()
