@@ -136,7 +136,7 @@ class AdaRankTracker(Tracker):
             return  # due() does not look before min_gap: skip the extra read of G
         gt_sq = gt.square().sum()
         state["trk_norm"] = gt_sq.sqrt()
-        state["trk_energy"] = gt_sq / torch.linalg.vector_norm(gn, dtype=torch.float32).square()
+        state["trk_energy"] = gt_sq / torch.linalg.vector_norm(gn, dtype=torch.promote_types(gn.dtype, torch.float32)).square()
 
     def _select(self, gn, rank: int, state: dict, group: dict, ctx: Context, draw: int) -> torch.Tensor:
         """Range finder + ordered basis + one-pass rank choice (Algorithms 1-2)."""
