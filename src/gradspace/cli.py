@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seq-len", type=int, default=S, help="tokens per sequence (64)")
         sp.add_argument("--full-vocab", action="store_true", default=S,
                         help="keep GPT-2's 50,257 tokens (default: only those in the corpus)")
+        sp.add_argument("--tokenizer", default=S, choices=("gpt2", "chars"),
+                        help="gpt2 (BPE, default) or chars (the corpus's characters: a ~65-symbol vocabulary, so "
+                        "the projected weights hold most of the model)")
 
     def finetuning(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--task", default=S, help="rotten-tomatoes, review-ratings, trec, sms-spam, a CSV/TSV/JSONL "

@@ -11,8 +11,11 @@ from typing import Any
 from ..methods import METHODS
 
 PRESET_NAMES = ("tiny", "mini", "60m", "130m", "350m", "1b", "7b")
-DEFAULT_COMPARE = "adamw,galore,subtrack,osd,adarank,grasswalk,grassjump"
+DEFAULT_COMPARE = "adamw,galore,fira,subtrack++,osd,grassjump"
 EVAL_BATCH = 64  # validation examples per forward pass in fine-tuning
+#: pretraining vocabularies: GPT-2's BPE (compacted to the tokens the corpus uses, unless --full-vocab), or the
+#: corpus's characters
+TOKENIZERS = ("gpt2", "chars")
 
 class UsageError(Exception):
     """Bad input: reported as one line, exit code 2."""
@@ -97,6 +100,10 @@ def _validate_pretrain(cfg: dict[str, Any]) -> None:
         if cfg["rank"] > top:
             raise UsageError(f"rank {cfg['rank']} does not fit preset {cfg['preset']}: the maximum allowed is {top} "
                              "(its smallest projected weight dimension)")
+    if cfg.get("tokenizer", "gpt2") not in TOKENIZERS:
+        raise UsageError(f"unknown tokenizer {cfg['tokenizer']!r}; choose one of {', '.join(TOKENIZERS)}")
+    if cfg.get("tokenizer") == "chars" and (cfg.get("streaming") or cfg.get("full_vocab")):
+        raise UsageError("--tokenizer chars reads a local corpus as characters: drop --streaming and --full-vocab")
     if cfg["seq_len"] > 1024:
         raise UsageError(f"seq-len {cfg['seq_len']} exceeds the models' 1024 positions")
 
@@ -145,10 +152,10 @@ PRETRAIN = Command(
         "preset": "tiny", "dataset": "shakespeare", "streaming": False, "method": "galore", "base": "adamw",
         "rank": None, "update_gap": None, "scale": 0.25, "lr": None, "steps": 200, "batch_size": 8, "seq_len": 64,
         "grad_accum": 1, "seed": 0, "device": "cpu", "dtype": "float32", "eval_every": 50, "eval_batches": 10,
-        "save_every": 0, "log_every": 10, "threads": 0, "full_vocab": False, "grad_clip": 1.0,
+        "save_every": 0, "log_every": 10, "threads": 0, "full_vocab": False, "grad_clip": 1.0, "tokenizer": "gpt2",
     },
     identity=("preset", "dataset", "method", "base", "rank", "update_gap", "scale", "batch_size", "seq_len",
-              "grad_accum", "seed", "dtype", "full_vocab", "streaming"),
+              "grad_accum", "seed", "dtype", "full_vocab", "streaming", "tokenizer"),
     positive=("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"),
     non_negative=("eval_every", "save_every", "threads"),
     lr=_pretrain_lr,

@@ -95,7 +95,10 @@ class Data:
             self.info = f"streaming {name} (GPT-2 vocabulary)"
             return
         try:
-            self.dataset = TokenDataset.from_corpus(name, compact=not cfg["full_vocab"])
+            if cfg.get("tokenizer", "gpt2") == "chars":
+                self.dataset = TokenDataset.from_chars(name)
+            else:
+                self.dataset = TokenDataset.from_corpus(name, compact=not cfg["full_vocab"])
         except ValueError as err:
             raise UsageError(str(err)) from None
         self._BatchStream = BatchStream
