@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[train,test,lint]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -19,8 +19,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2
 
 lint: $(STAMP)
-	$(PY) -m pip install --quiet ruff
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests tools
+	$(PY) -m ruff format --check src tests tools
 
 clean:
 	rm -rf $(VENV)
