@@ -9,18 +9,18 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[train,test,lint]"
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m gradspace compare --steps 150 --threads 2 --out runs/demo
+	$(PY) -m gradspace compare --preset mini --tokenizer chars --steps 300 --eval-every 100 --threads 2 --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
 
 lint: $(STAMP)
-	$(PY) -m pip install --quiet ruff
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests tools
+	$(PY) -m ruff format --check src tests tools
 
 clean:
 	rm -rf $(VENV)

@@ -139,3 +139,12 @@ def test_bible_and_wiki_corpora():
     assert bible.startswith("Genesis\n\n1:1 In the beginning God created the heaven and the earth.")
     assert len(bible) > 4_000_000 and "\n\nRevelation\n\n" in bible
     assert len(wiki) > 4_000_000 and "\n\nCarmen\n\nCarmen is an opera" in wiki
+
+
+def test_character_dataset_round_trips_and_has_a_small_vocabulary():
+    data = TokenDataset.from_chars("shakespeare")
+    assert 50 <= data.vocab_size <= 100 and len(data.chars) == data.vocab_size
+    text = data.decode(data.train[:200])
+    assert data.decode([data.chars.index(c) for c in text]) == text and "\n" in text
+    with pytest.raises(ValueError, match="character dataset"):
+        TokenDataset(torch.arange(10)).decode([1])

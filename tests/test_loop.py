@@ -48,20 +48,17 @@ def test_train_learns_and_reports():
     batches = data.fixed_batches("val", 2, 4, 32)
     before = evaluate(model, batches)["val_loss"]
     seen = []
-    out = train(
-        model,
-        opt,
-        stream,
-        30,
-        scheduler=sched,
-        eval_fn=lambda m: evaluate(m, batches),
-        eval_every=10,
-        callback=seen.append,
-        log_every=10,
-    )
+    evals = []
+
+    def every_10(step):
+        if step % 10 == 0:
+            evals.append({"step": step, **evaluate(model, batches)})
+
+    out = train(model, opt, stream, 30, scheduler=sched, callback=seen.append, log_every=10, step_hook=every_10)
     assert [r["step"] for r in seen] == [10, 20, 30] and len(out["history"]) == 30
-    assert [e["step"] for e in out["evals"]] == [10, 20, 30]
-    assert out["val_loss"] < before - 1.0 and out["val_ppl"] == pytest.approx(math.exp(out["val_loss"]))
+    assert [e["step"] for e in evals] == [10, 20, 30] and out["stopped_at"] is None
+    last = evals[-1]
+    assert last["val_loss"] < before - 1.0 and last["val_ppl"] == pytest.approx(math.exp(last["val_loss"]))
     assert out["tokens"] == 30 * 4 * 32 and model.training
     with pytest.raises(ValueError, match="steps"):
         train(model, opt, stream, 0)

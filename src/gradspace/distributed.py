@@ -46,11 +46,10 @@ import torch.distributed as dist
 from torch import nn
 
 from .projection import oriented
+from .rules import RULES, get_rule
 from .trackers import get_tracker
 
 MODES = ("replicate", "shard_updates")
-#: inner rules whose state is elementwise in the gradient, so they can run on an FSDP2 shard
-ELEMENTWISE_RULES = ("adamw", "lion", "sgd")
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -96,10 +95,11 @@ def check_param(p: torch.Tensor, label: str, rule: str) -> None:
             f"{label} is a DTensor with placements {p.placements} on a {p.device_mesh.ndim}-D mesh; "
             "SubspaceOptimizer supports FSDP2's row sharding (Shard(0) on a 1-D mesh) only"
         )
-    if rule not in ELEMENTWISE_RULES:
+    if not get_rule(rule).elementwise:
+        usable = ", ".join(name for name, r in RULES.items() if r.elementwise)
         raise ValueError(
             f"inner rule {rule!r} does not run on an FSDP2 shard ({label}): its state is not elementwise; "
-            f"use one of {', '.join(ELEMENTWISE_RULES)}, or DDP"
+            f"use one of {usable}, or DDP"
         )
 
 

@@ -23,10 +23,12 @@ import torch
 from torch.optim import Optimizer
 
 from . import distributed as dist_support
+from . import validation
 from . import moments as moment_policies
-from .projection import PROJ_TYPES, add_back, basis_on_right, largest_principal_angle, oriented, project
+from .projection import PROJ_TYPES, basis_on_right, largest_principal_angle, oriented, project
 from . import recovery
-from .recovery import RECOVERY_DEFAULTS, add_scaled_gradient, recovery_scales, residual_alpha
+from .recovery import RECOVERY_DEFAULTS
+from .update import apply_update
 from .rules import RULES, get_rule
 from .trackers import TRACKERS, Context, get_tracker
 
@@ -44,48 +46,6 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
     "recovery": False,
     **RECOVERY_DEFAULTS,
 }
-
-
-#: param-group keys that torch, its LR schedulers, the Hugging Face Trainer and common training code add; accepted
-#: as they are (any other key that is not a near-miss of a known one is accepted too, as torch does)
-FOREIGN_GROUP_KEYS = {
-    "initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum", "max_momentum", "momentum_decay", "name",
-    "foreach", "fused", "capturable", "differentiable", "maximize", "amsgrad", "decoupled_weight_decay",
-}
-#: misspellings that difflib's similarity does not catch
-GROUP_KEY_ALIASES = {"projection_type": "proj_type", "proj_gap": "update_proj_gap", "update_gap": "update_proj_gap",
-                     "galore_scale": "scale", "alpha_scale": "scale", "rule": "base", "inner_rule": "base"}
-#: group keys that fix the structure of the saved state: a checkpoint saved with other values cannot be loaded
-STRUCTURAL_KEYS = ("tracker", "moments", "recovery", "p_lr_mode", "p_optimizer", "accumulate", "base", "rank",
-                   "proj_type", "state_dtype")
-
-
-def _number(value: Any) -> float:
-    return float(value) if isinstance(value, torch.Tensor) else value
-
-
-def _check_lr_and_decay(lr: Any, weight_decay: Any) -> None:
-    """torch.optim's checks, before anything else is looked at."""
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    lr, weight_decay = _number(lr), _number(weight_decay)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0.0:
-        raise ValueError(f"Invalid learning rate: lr must be a number >= 0, got {lr!r}")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0.0:
-        raise ValueError(f"Invalid weight_decay value: weight_decay must be a number >= 0, got {weight_decay!r}")
-
-
-def _split_named(params: list) -> tuple[list, list[str] | None]:
-    """``[(name, tensor), ...]`` (``model.named_parameters()``, as torch >= 2.6 accepts) into tensors and names."""
-    named = [isinstance(x, tuple) for x in params]
-    if not any(named):
-        return params, None
-    if not all(named) or not all(len(x) == 2 and isinstance(x[0], str) for x in params):
-        raise ValueError(
-            "all optimizer params should be with/without names. Some param names are missing: pass all tensors or "
-            "all (name, tensor) pairs, as model.named_parameters() gives"
-        )
-    return [p for _, p in params], [n for n, _ in params]
 
 
 def _known(kind: str) -> dict[str, set[str]]:
@@ -142,7 +102,7 @@ class SubspaceOptimizer(Optimizer):
         process_group: Any = None,
         **options: Any,
     ):
-        _check_lr_and_decay(lr, weight_decay)
+        validation.check_lr_and_decay(lr, weight_decay)
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_MODES)}, got {nonfinite!r}")
         rule_keys = set().union(*_known("rule").values()) | {"state_dtype"}
@@ -175,7 +135,7 @@ class SubspaceOptimizer(Optimizer):
         self._index: dict[torch.Tensor, int] | None = None
         self._shapes: dict[torch.Tensor, tuple[int, ...]] = {}
         super().__init__(params, defaults)
-        self.register_state_dict_post_hook(_add_gradspace_state, prepend=True)
+        self.register_state_dict_post_hook(validation.add_gradspace_state, prepend=True)
         if self._clipped:
             log.warning(
                 "rank >= min(m, n) for %d weight(s) (%s): they are trained in full rank, without projection",
@@ -190,7 +150,7 @@ class SubspaceOptimizer(Optimizer):
         group = dict(param_group)
         params = group["params"]
         if not isinstance(params, set):  # a generator would be consumed by validation (torch rejects sets itself)
-            params, names = _split_named([params] if isinstance(params, torch.Tensor) else list(params))
+            params, names = validation.split_named([params] if isinstance(params, torch.Tensor) else list(params))
             group["params"] = params
             if names is not None:
                 group["param_names"] = names
@@ -213,14 +173,14 @@ class SubspaceOptimizer(Optimizer):
         known = {"params", "param_names", *self.defaults, *PROJECTION_DEFAULTS, "rank"}
         known |= set().union(*_known("rule").values(), *_known("tracker").values())
         for key in group:
-            if key in known or key in FOREIGN_GROUP_KEYS or not isinstance(key, str):
+            if key in known or key in validation.FOREIGN_GROUP_KEYS or not isinstance(key, str):
                 continue
-            close = GROUP_KEY_ALIASES.get(key) or next(iter(difflib.get_close_matches(key, known, 1, 0.8)), None)
+            close = validation.GROUP_KEY_ALIASES.get(key) or next(iter(difflib.get_close_matches(key, known, 1, 0.8)), None)
             if close is not None:
                 raise ValueError(f"unknown param-group key {key!r}: did you mean {close!r}?")
 
     def _validate_group(self, group: dict, rule) -> None:
-        _check_lr_and_decay(group.get("lr", self.defaults["lr"]), group.get("weight_decay", self.defaults["weight_decay"]))
+        validation.check_lr_and_decay(group.get("lr", self.defaults["lr"]), group.get("weight_decay", self.defaults["weight_decay"]))
         dtype = group.get("state_dtype", self.defaults.get("state_dtype"))
         if dtype is not None:
             resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
@@ -402,18 +362,9 @@ class SubspaceOptimizer(Optimizer):
     def _context(self, p: torch.Tensor, right: bool) -> Context:
         return Context(index=self._param_index(p), right=right, seed=self.seed)
 
-    def _step_projected(self, group, p, state, rule, right: bool, rank: int, extra=None) -> None:
-        tracker = get_tracker(group["tracker"])
-        ctx = self._context(p, right)
-        # gn is what is projected: the gradient, or under FSDP2 this rank's rows or the gathered full gradient;
-        # full() is the full gradient the tracker reads (the same tensor unless gn is a shard)
-        view = dist_support.param_view(p, right, gather=group["recovery"])
-        gn = oriented(view.grad, right)
-
-        def full() -> torch.Tensor:
-            return oriented(view.full_grad(), right)
-
-        diag = self._diag.setdefault(p, {"update_seconds": 0.0, "angle": None})
+    def _refresh_basis(self, group, p, state, rule, tracker, ctx, gn, full, rank: int, diag: dict) -> None:
+        """The first basis on a weight's first step; later, the tracker's move when it is due (or the basis that
+        another rank computed, under distributed="shard_updates"), with the moment policy applied. Timed."""
         new = None if self._new_bases is None else self._new_bases.pop(p, None)  # distributed="shard_updates"
         if "basis" not in state:
             state["step"] = 0
@@ -438,6 +389,20 @@ class SubspaceOptimizer(Optimizer):
             diag["update_seconds"] += time.perf_counter() - t0
             if self.collect_diagnostics:
                 diag["angle"] = largest_principal_angle(old, new)
+
+    def _step_projected(self, group, p, state, rule, right: bool, rank: int, extra=None) -> None:
+        tracker = get_tracker(group["tracker"])
+        ctx = self._context(p, right)
+        # gn is what is projected: the gradient, or under FSDP2 this rank's rows or the gathered full gradient;
+        # full() is the full gradient the tracker reads (the same tensor unless gn is a shard)
+        view = dist_support.param_view(p, right, gather=group["recovery"])
+        gn = oriented(view.grad, right)
+
+        def full() -> torch.Tensor:
+            return oriented(view.full_grad(), right)
+
+        diag = self._diag.setdefault(p, {"update_seconds": 0.0, "angle": None})
+        self._refresh_basis(group, p, state, rule, tracker, ctx, gn, full, rank, diag)
         basis = state["basis"]
         gt = project(basis, gn)
         if extra is not None:  # layer-wise accumulation: earlier micro-batches, already projected
@@ -451,20 +416,8 @@ class SubspaceOptimizer(Optimizer):
             norm = torch.linalg.vector_norm(gn, dtype=torch.promote_types(gn.dtype, torch.float32))
             diag["energy"] = gt.square().sum() / norm.square()
         direction, factor = rule.update(gt, state, group)
-        step = -float(group["lr"]) * factor
-        scale = float(group["scale"])
-        if group["recovery"]:  # scale S Ot + c (Gn - a S Gt) = c Gn + S (scale Ot - a c Gt): no residual formed
-            gram = None if tracker.orthonormal else basis.mT @ basis
-            a = residual_alpha(group)
-            c = recovery_scales(gn, gt, direction, state, group, gram, a)
-            if view.rows is None:
-                add_scaled_gradient(view.weight, gn, c, right, step)
-            else:  # FSDP2 (gn is the gathered gradient): this rank's rows only
-                rows = (gn[:, view.rows], c[view.rows]) if right else (gn[view.rows], c)
-                add_scaled_gradient(view.weight, *rows, right, step)
-            direction = direction.to(gt.dtype) * scale - (a * c) * gt
-            scale = 1.0
-        add_back(view.weight, basis, direction, right, step * scale, view.rows)
+        apply_update(view.weight, basis, gn, gt, direction, state, group, right=right,
+                     step_size=-float(group["lr"]) * factor, orthonormal=tracker.orthonormal, rows=view.rows)
         t0 = time.perf_counter()
         tracker.after_step(tgn, state, group, ctx)
         if tracker.moves_every_step:  # its per-step basis move is its subspace update
@@ -482,8 +435,8 @@ class SubspaceOptimizer(Optimizer):
         if not hasattr(self, "process_group"):  # unpickled or deep-copied: a process group does not travel
             self.process_group = None
             self.distributed = state.get("distributed")
-        if _add_gradspace_state not in self._optimizer_state_dict_post_hooks.values():
-            self.register_state_dict_post_hook(_add_gradspace_state, prepend=True)
+        if validation.add_gradspace_state not in self._optimizer_state_dict_post_hooks.values():
+            self.register_state_dict_post_hook(validation.add_gradspace_state, prepend=True)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's contract (pre-hooks may change the dict before it is checked, non-parameter state keys are kept,
@@ -509,7 +462,7 @@ class SubspaceOptimizer(Optimizer):
                     f"loaded state dict has {len(saved['params'])} parameters in group {i} but this optimizer has "
                     f"{len(group['params'])}; it was saved for a different model or parameter selection"
                 )
-            _check_same_configuration(i, group, saved)
+            validation.check_same_configuration(i, group, saved)
         id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
                           chain.from_iterable(g["params"] for g in groups)))
         rule_of = {p: get_rule(g["base"]) for g in groups for p in g["params"]}
@@ -585,27 +538,6 @@ class SubspaceOptimizer(Optimizer):
             "state_bytes": optimizer_state_bytes(self),
             "update_seconds": sum(w["update_seconds"] for w in per_weight.values()),
         }
-
-
-def _add_gradspace_state(opt: SubspaceOptimizer, state_dict: dict[str, Any]) -> None:
-    """The first state_dict post-hook: user hooks registered later see the whole dict, gradspace's part included."""
-    state_dict["gradspace"] = {"skipped_steps": opt.skipped_steps, "seed": opt.seed}
-
-
-def _check_same_configuration(index: int, group: dict, saved: dict) -> None:
-    if ("rank" in group) != ("rank" in saved):
-        kinds = ("projected", "full-rank") if "rank" in saved else ("full-rank", "projected")
-        raise ValueError(
-            f"optimizer checkpoint: param group {index} was saved {kinds[0]} but is {kinds[1]} here; build the "
-            "optimizer with the same method and parameter selection as the run that saved it"
-        )
-    for key in STRUCTURAL_KEYS:
-        if key in saved and key in group and saved[key] != group[key]:
-            raise ValueError(
-                f"optimizer checkpoint was saved with {key}={saved[key]!r} in param group {index}, but this "
-                f"optimizer has {key}={group[key]!r}; build it with the same method, inner rule and rank as the "
-                "run that saved it (or start a new run)"
-            )
 
 
 def _empty(rank: int, cols: int, p: torch.Tensor, rule, state: dict | None = None) -> torch.Tensor:

@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 
 RESIDUALS = ("scaled", "true")
+#: the limiter's last norm, one float32 scalar per weight
+STATE_BYTES = 4
 RECOVERY_DEFAULTS = {"recovery_limit": 1.01, "recovery_residual": "scaled"}
 
 

@@ -23,9 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -33,7 +31,10 @@ from ..layerwise import Layerwise
 from ..methods import METHODS, create_optimizer
 from ..optimizer import optimizer_state_bytes
 from ..params import select_params
-from ..trackers.adarank import AdaRankTracker
+from .. import recovery
+from ..optimizer import PROJECTION_DEFAULTS
+from ..rules import get_rule
+from ..trackers import get_tracker
 from ..train.models import PRESETS, build_llama
 from .step import PAPER_RANKS
 from .timing import markdown_table
@@ -60,46 +61,23 @@ def variants() -> list[tuple[str, str, dict]]:
 
 
 # ---------------------------------------------------------------------------------------------- the formula
-def _moment_bytes(numel: int, elem: int, base: str) -> int:
-    """Two Adam moments of ``numel`` elements: ``elem`` bytes each, or 8-bit codes plus a float32 absmax per
-    block of 256."""
-    if base == "adamw":
-        return 2 * numel * elem
-    if base == "adamw8bit":
-        return 2 * (numel + 4 * math.ceil(numel / 256))
-    raise ValueError(f"the formula covers bases adamw and adamw8bit, not {base!r}")
-
-
 def weight_bytes(shape, elem: int, method: str, rank: int, options: dict, clock=(1, 0)) -> int:
-    """State bytes of one weight after its first step (``clock`` = (steps since the last refresh, refreshes),
-    which only adarank's bookkeeping depends on).
-
-    Projected m x n weight, k = min(m, n) (the projected side), l = max(m, n), rank r: a float32 basis k x r,
-    two moments r x l, and per tracker: subtrack with ``accumulate`` a float32 m x n gradient sum; online_pca
-    Adam moments of P (2 k r float32) and one float32 scalar (||P^T P - I||); recovery one scalar (the limiter's
-    norm); adarank two scalars (error, reference norm), two more once ``min_gap`` steps have passed since a refresh
-    (norm, energy) and one after the first refresh (gap). Anything else, or r >= min(m, n): two moments of the
-    parameter's size. Step counters are Python ints, not tensors.
-    """
-    base = options.get("base", "adamw")
-    numel = math.prod(shape)
+    """State bytes of one weight after its first step, from what each component declares: the inner rule's
+    ``state_bytes`` for the (projected or full) gradient shape, the tracker's (basis included) for a projected
+    m x n weight (k = the projected side, l = the other, rank r), and recovery's scalar. ``elem`` is the bytes
+    of one state element; ``clock`` = (steps since the last refresh, refreshes), which adarank's bookkeeping
+    reads. A full-rank preset, a non-2-D parameter or r >= min(m, n): the rule on the parameter's shape."""
     preset = METHODS[method]
+    group = {**PROJECTION_DEFAULTS, **(preset or {}), **options}
+    rule = get_rule(group.get("base", "adamw"))
+    group = {**rule.defaults, **group}
     if preset is None or len(shape) != 2 or rank >= min(shape):
-        return _moment_bytes(numel, elem, base)
+        return rule.state_bytes(tuple(shape), elem, group)
+    tracker = get_tracker(group["tracker"])
+    group = {**tracker.defaults, **group}
     k, l = min(shape), max(shape)
-    total = 4 * k * rank + _moment_bytes(rank * l, elem, base)
-    tracker = preset["tracker"]
-    if tracker == "subtrack" and options.get("accumulate", True):
-        total += 4 * numel
-    if tracker == "online_pca":
-        total += 2 * 4 * k * rank + 4
-    if preset.get("recovery"):
-        total += 4
-    if tracker == "adarank":
-        since, refreshes = clock
-        min_gap = max(1, options.get("update_proj_gap", 200) // 4)
-        total += 8 + (8 if since >= min_gap or refreshes else 0) + (4 if refreshes else 0)
-    return total
+    total = tracker.state_bytes(k, l, rank, group, clock) + rule.state_bytes((rank, l), elem, group)
+    return total + (recovery.STATE_BYTES if group["recovery"] else 0)
 
 
 def formula_bytes(model: torch.nn.Module, method: str, rank: int, options: dict, ranks=None, clocks=None) -> int:
@@ -136,22 +114,6 @@ def held_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(seen.values())
 
 
-def _adarank_at_rmax(self, gn, rank, state, group, ctx, draw):
-    """AdaRankTracker._select on the meta device: no data to choose a rank from, so the initial rank r_max."""
-    r = min(group.get("r_max") or rank, *gn.shape)
-    state["trk_diag_error"] = gn.new_empty((), dtype=torch.float32)
-    return gn.new_empty((gn.shape[0], r), dtype=torch.float32)
-
-
-@contextmanager
-def _meta_safe(device: str):
-    if device != "meta":
-        yield
-        return
-    with mock.patch.object(AdaRankTracker, "_select", _adarank_at_rmax):
-        yield
-
-
 def count_state(preset: str, method: str, rank: int, options: dict, device: str = "meta", vocab: int = 32000,
                 seed: int = 0) -> tuple[int, int, torch.nn.Module, torch.optim.Optimizer]:
     """(bytes held, ``optimizer_state_bytes``, model, optimizer) after one step with random gradients.
@@ -165,8 +127,7 @@ def count_state(preset: str, method: str, rank: int, options: dict, device: str 
     kw = {} if METHODS[method] is None else {"rank": rank}
     extra = {"nonfinite": "off"} if device == "meta" else {}
     opt = create_optimizer(method, model, lr=1e-6, **kw, **options, **extra)
-    with _meta_safe(device):
-        opt.step()
+    opt.step()
     return held_bytes(opt), optimizer_state_bytes(opt), model, opt
 
 

@@ -34,6 +34,12 @@ class Adafactor(InnerRule):
     has_second_moment = True
     state_prefix = "fac_"
 
+    def state_bytes(self, shape, elem, group) -> int:
+        """Row and column means of a matrix (a full V for 1-D), plus the optional first moment."""
+        numel = math.prod(shape)
+        v = math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1] if len(shape) >= 2 else numel
+        return (v + (numel if group["beta1"] is not None else 0)) * elem
+
     def validate(self, group: dict) -> None:
         if not float(group["beta2_decay"]) <= 0.0:
             raise ValueError(f"beta2_decay must be <= 0, got {group['beta2_decay']}")

@@ -66,6 +66,11 @@ class AdamW8bit(InnerRule):
     has_second_moment = True
     state_prefix = "q8_"
 
+    def state_bytes(self, shape, elem, group) -> int:
+        """8-bit codes of m and v plus one float32 absmax per block of 256, whatever the parameter dtype."""
+        numel = math.prod(shape)
+        return 2 * (numel + 4 * math.ceil(numel / 256))
+
     def validate(self, group: dict) -> None:
         check_betas(group)
         check_nonneg(group, "eps")

@@ -18,6 +18,10 @@ class AdamW(InnerRule):
     name = "adamw"
     defaults = {"betas": (0.9, 0.999), "eps": 1e-6, "correct_bias": True}
     has_second_moment = True
+    elementwise = True
+
+    def state_bytes(self, shape, elem, group) -> int:
+        return 2 * math.prod(shape) * elem
 
     def validate(self, group: dict) -> None:
         check_betas(group)

@@ -24,6 +24,9 @@ class InnerRule:
     defaults: dict[str, Any] = {}
     #: whether the rule keeps a second moment that a moment policy may transform
     has_second_moment: bool = False
+    #: every state entry depends on the same entry of the gradient alone, so the rule can run on the rows of a
+    #: weight that one FSDP2 rank holds
+    elementwise: bool = False
 
     def validate(self, group: dict) -> None:
         """Raise ValueError naming the bad hyperparameter."""
@@ -34,6 +37,11 @@ class InnerRule:
         raise NotImplementedError
 
     def update(self, grad: torch.Tensor, state: dict, group: dict) -> tuple[torch.Tensor, float]:
+        raise NotImplementedError
+
+    def state_bytes(self, shape: tuple[int, ...], elem: int, group: dict) -> int:
+        """Bytes of the state ``init_state`` makes for a gradient of ``shape``, with state elements of ``elem``
+        bytes: the memory formula, which ``gradspace.bench memory`` checks against the state it counts."""
         raise NotImplementedError
 
     def step_full_rank(self, params: list[torch.Tensor], states: list[dict], group: dict) -> None:

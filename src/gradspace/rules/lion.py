@@ -6,6 +6,8 @@ update is +-1 (so Lion wants a 3-10x smaller lr and larger weight decay than Ada
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import InnerRule, check_betas
@@ -18,6 +20,11 @@ class Lion(InnerRule):
 
     def validate(self, group: dict) -> None:
         check_betas(group)
+
+    elementwise = True
+
+    def state_bytes(self, shape, elem, group) -> int:
+        return math.prod(shape) * elem
 
     def init_state(self, state: dict, like: torch.Tensor, group: dict) -> None:
         dtype = self.state_dtype(group, like.dtype)

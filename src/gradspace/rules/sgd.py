@@ -6,6 +6,8 @@ or ``g + momentum b`` with Nesterov. With ``momentum = 0`` there is no state at 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import InnerRule, check_nonneg
@@ -15,6 +17,10 @@ class SGD(InnerRule):
     name = "sgd"
     defaults = {"momentum": 0.9, "dampening": 0.0, "nesterov": False}
     state_prefix = "sgd_"
+    elementwise = True
+
+    def state_bytes(self, shape, elem, group) -> int:
+        return math.prod(shape) * elem if group["momentum"] != 0 else 0
 
     def validate(self, group: dict) -> None:
         check_nonneg(group, "momentum")

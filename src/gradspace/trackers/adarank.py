@@ -124,6 +124,12 @@ class AdaRankTracker(Tracker):
                 "(AdaRankGrad's), 'project' or 'reset', or set r_min == r_max"
             )
 
+    def state_bytes(self, k, l, rank, group, clock=(1, 0)) -> int:
+        """The basis, two scalars (error, reference norm), two more once ``min_gap`` steps have passed since a
+        refresh (norm, energy) and one after the first refresh (gap)."""
+        since, refreshes = clock
+        return 4 * k * rank + 8 + (8 if since >= _gaps(group)[0] or refreshes else 0) + (4 if refreshes else 0)
+
     def init(self, gn, rank, state, group, ctx: Context):
         state["trk_last"] = state["step"]
         return self._select(gn, rank, state, group, ctx, draw=0)
@@ -167,6 +173,9 @@ class AdaRankTracker(Tracker):
         """Range finder + ordered or prefix basis + one-pass rank choice (Algorithms 1-2)."""
         g = gn.detach().float()
         r_max = min(group.get("r_max") or rank, *g.shape)
+        if g.is_meta:  # shapes only (bench memory): no data to choose a rank from, so the initial rank r_max
+            state["trk_diag_error"] = g.new_empty(())
+            return g.new_empty((g.shape[0], r_max))
         r_min = min(int(_opt(group, "r_min")), r_max)
         gen = seeded_generator(ctx, draw, g.device)
         omega = torch.randn(g.shape[1], r_max, generator=gen, device=g.device)

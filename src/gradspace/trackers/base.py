@@ -41,6 +41,12 @@ class Tracker:
     def validate(self, group: dict) -> None:
         """Raise ValueError naming the bad hyperparameter."""
 
+    def state_bytes(self, k: int, l: int, rank: int, group: dict, clock: tuple[int, int] = (1, 0)) -> int:
+        """Bytes of this tracker's state for a k x l oriented gradient at ``rank``, the float32 k x rank basis
+        included, after the first step: the memory formula, which ``gradspace.bench memory`` checks against the
+        state it counts. ``clock`` = (steps since the last refresh, refreshes), for bookkeeping that depends on it."""
+        return 4 * k * rank
+
     def init(self, gn: torch.Tensor, rank: int, state: dict, group: dict, ctx: Context) -> torch.Tensor:
         """The first basis (k x rank, float32), from the first gradient."""
         raise NotImplementedError

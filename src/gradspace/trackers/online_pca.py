@@ -72,6 +72,11 @@ class OnlinePCATracker(Tracker):
     def _get(self, group: dict, key: str):
         return group.get(key, self.defaults[key])
 
+    def state_bytes(self, k, l, rank, group, clock=(1, 0)) -> int:
+        """P (the basis), Adam's two moments of P, and the scalar ||P^T P - I|| of the diagnostics."""
+        adam = self._get(group, "p_optimizer") == "adam"
+        return 4 * k * rank * (3 if adam else 1) + 4
+
     def validate(self, group: dict) -> None:
         def number(key, ok, what):
             value = self._get(group, key)

@@ -99,6 +99,10 @@ class SubTrackTracker(Tracker):
     def _get(self, group: dict, key: str):
         return group.get(key, self.defaults[key])
 
+    def state_bytes(self, k, l, rank, group, clock=(1, 0)) -> int:
+        """The basis, and the float32 k x l gradient sum with ``accumulate``."""
+        return 4 * k * rank + (4 * k * l if self._get(group, "accumulate") else 0)
+
     def validate(self, group: dict) -> None:
         eta = self._get(group, "eta")
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 < eta < math.inf:

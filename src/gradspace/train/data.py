@@ -120,6 +120,21 @@ class TokenDataset:
         self.val_fraction = val_fraction
         self.vocab_size = int(vocab_size) if vocab_size is not None else int(data.max()) + 1
         self.vocab_map = vocab_map
+        self.chars: str | None = None  # set by from_chars: id i is the character chars[i]
+
+    @classmethod
+    def from_chars(cls, name: str | Path = "shakespeare", *, val_fraction: float = 0.05) -> TokenDataset:
+        """The corpus as characters, the vocabulary being the characters it uses (about 65 for Shakespeare).
+
+        With so small a vocabulary the embedding and head are a few percent of a model, and the projected weights
+        hold most of its parameters and optimizer state: the setting where these optimizers show what they save.
+        """
+        text = load_corpus(name)
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        used, ids = np.unique(codes, return_inverse=True)
+        data = cls(ids.astype(np.int32), val_fraction, vocab_size=len(used))
+        data.chars = "".join(map(chr, used))
+        return data
 
     @classmethod
     def from_corpus(
@@ -134,6 +149,12 @@ class TokenDataset:
         tok = tokenizer if tokenizer is not None else assets.tokenizer()
         data = cls(tokenize_corpus(name, tok), val_fraction, vocab_size=len(tok))
         return data.compact() if compact else data
+
+    def decode(self, ids) -> str:
+        """Text of character ids (``from_chars`` datasets only)."""
+        if self.chars is None:
+            raise ValueError("decode needs a character dataset (TokenDataset.from_chars)")
+        return "".join(self.chars[int(i)] for i in ids)
 
     def compact(self) -> TokenDataset:
         """The same text with ids renumbered densely over the tokens that occur in it (train and validation).

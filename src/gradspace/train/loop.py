@@ -70,8 +70,6 @@ def train(
     steps: int,
     *,
     scheduler: Any = None,
-    eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
-    eval_every: int = 0,
     grad_clip: float | None = 1.0,
     callback: Callable[[dict[str, Any]], None] | None = None,
     log_every: int = 1,
@@ -83,17 +81,16 @@ def train(
     of ``(input_ids, labels)``, or a :class:`~gradspace.train.tasks.ExampleStream` of input dicts).
 
     Each step: forward with ``labels``, backward, optional gradient clipping, ``optimizer.step()``,
-    ``scheduler.step()``. ``eval_fn(model)`` runs every ``eval_every`` steps (0: only at the end) and at the end.
-    ``callback(record)`` gets the step record every ``log_every`` steps and at the last one.
+    ``scheduler.step()``. ``callback(record)`` gets the step record every ``log_every`` steps and at the last one.
 
-    Returns ``{"history": [per-step dicts], "evals": [...], "train_loss": mean of the last 10% of steps (at most
-    10), "wall_time": seconds, "tokens": count (not padding), **final eval}``. A non-finite loss raises
-    ``FloatingPointError``.
+    Returns ``{"history": [per-step dicts], "train_loss": mean of the last 10% of steps (at most 10), "wall_time":
+    seconds, "tokens": count (not padding), "stopped_at": step or None}``. Evaluation is the caller's, from
+    ``step_hook``. A non-finite loss raises ``FloatingPointError``.
 
     Resuming: ``start_step`` is the number of steps already done (the model, optimizer, scheduler and batches
     restored by the caller); steps ``start_step + 1 .. steps`` run. ``grad_accum`` micro-batches are averaged per
     step. ``step_hook(step)`` runs after every completed step; returning True stops the run at that step
-    boundary (``result["stopped_at"]`` is set and the final evaluation is skipped).
+    boundary (``result["stopped_at"]`` is set).
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -104,7 +101,6 @@ def train(
     device = _device(model)
     model.train()
     history: list[dict[str, Any]] = []
-    evals: list[dict[str, Any]] = []
     tokens = 0
     start = time.perf_counter()
     stopped_at = None
@@ -140,8 +136,6 @@ def train(
             "tokens_per_s": step_tokens / step_time,
         }
         history.append(record)
-        if eval_fn is not None and eval_every and step % eval_every == 0 and step != steps:
-            evals.append({"step": step, **eval_fn(model)})
         if callback is not None and (step % max(1, log_every) == 0 or step == steps):
             callback(record)
         if step_hook is not None and step_hook(step) and step != steps:
@@ -151,15 +145,10 @@ def train(
     tail = history[-max(1, min(10, len(history) // 10)) :]
     result: dict[str, Any] = {
         "history": history,
-        "evals": evals,
         "train_loss": sum(r["loss"] for r in tail) / len(tail),
         "wall_time": wall_time,
         "tokens": tokens,
         "tokens_per_s": tokens / wall_time,
         "stopped_at": stopped_at,
     }
-    if eval_fn is not None and stopped_at is None:
-        final = {"step": steps, **eval_fn(model)}
-        evals.append(final)
-        result.update({k: v for k, v in final.items() if k != "step"})
     return result

@@ -7,27 +7,51 @@ import re
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("method", "final val loss", "val ppl", "wall time s", "subspace update s", "optimizer state B",
-           "peak memory B")
+COLUMNS = ("method", "val loss", "vs adamw", "val ppl", "wall time s", "subspace update s", "x galore",
+           "optimizer state B", "x adamw", "peak memory B")
+#: one colour per method in every plot (tab10, in the order of the presets); other names cycle through the rest
+COLORS = {"adamw": "tab:gray", "galore": "tab:blue", "fira": "tab:cyan", "subtrack": "tab:orange",
+          "subtrack++": "tab:red", "osd": "tab:green", "osd-code": "tab:olive", "adarank": "tab:purple",
+          "grasswalk": "tab:brown", "grassjump": "tab:pink"}
+_SPARE = ("#1f3b73", "#7f6000", "#006d5b", "#8b0000", "#4b0082")
+
+
+def color(method: str, results: dict[str, Any]) -> str:
+    if method in COLORS:
+        return COLORS[method]
+    others = [m for m in results if m not in COLORS]
+    return _SPARE[others.index(method) % len(_SPARE)] if method in others else _SPARE[0]
 
 
 def columns(results: dict[str, dict[str, Any]]) -> tuple[str, ...]:
     """Pretraining shows validation loss and perplexity; fine-tuning its task's metric (a summary's ``metric``)."""
     metric = next((r["metric"] for r in results.values() if r.get("metric")), None)
-    return COLUMNS if metric is None else ("method", f"val {metric}", "val loss", *COLUMNS[3:])
+    return COLUMNS if metric is None else ("method", f"val {metric}", "vs adamw", "val loss", *COLUMNS[4:])
+
+
+def _ratio(value: float, reference: float | None) -> str:
+    return f"{value / reference:.2f}" if reference else "-"
 
 
 def table_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """One row per method; "vs adamw" is the difference of the headline metric (loss: negative is better),
+    "x galore" the time in subspace updates over GaLore's (its SVDs), "x adamw" the state over AdamW's."""
+    ref = results.get("adamw")
+    svd = (results.get("galore") or {}).get("update_seconds")
     rows = []
     for method, r in results.items():
-        quality = ([f"{r[r['metric']]:.4f}", f"{r['val_loss']:.4f}"] if r.get("metric")
-                   else [f"{r['val_loss']:.4f}", f"{r['val_ppl']:.2f}"])
+        key = r["metric"] if r.get("metric") else "val_loss"
+        diff = f"{r[key] - ref[key]:+.4f}" if ref and method != "adamw" else "-"
+        quality = ([f"{r[key]:.4f}", diff, f"{r['val_loss']:.4f}"] if r.get("metric")
+                   else [f"{r[key]:.4f}", diff, f"{r['val_ppl']:.2f}"])
         rows.append([
             method,
             *quality,
             f"{r['wall_time']:.1f}",
             f"{r['update_seconds']:.2f}",
+            _ratio(r["update_seconds"], svd) if method != "adamw" else "-",
             f"{r['state_bytes']:,}",
+            _ratio(r["state_bytes"], ref and ref["state_bytes"]),
             f"{r['peak_memory']:,}",
         ])
     return rows
@@ -62,6 +86,8 @@ def _short(name: str) -> str:
 
 
 def write_plots(folder: Path, results: dict[str, dict[str, Any]]) -> list[str]:
+    """loss.png, state_bytes.png, energy.png, and rank.png only when some rank differs from the others (a fixed
+    rank is a flat line that says nothing)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -70,43 +96,51 @@ def write_plots(folder: Path, results: dict[str, dict[str, Any]]) -> list[str]:
     written = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, r in results.items():
-        steps = [h["step"] for h in r["history"]]
-        ax.plot(steps, [h["loss"] for h in r["history"]], label=method, linewidth=1)
+        c = color(method, results)
+        ax.plot([h["step"] for h in r["history"]], [h["loss"] for h in r["history"]], label=method, linewidth=1,
+                color=c, alpha=0.8)
         if r.get("evals"):
-            ax.plot([e["step"] for e in r["evals"]], [e["val_loss"] for e in r["evals"]], "o", markersize=3,
-                    color=ax.lines[-1].get_color())
-    ax.set(xlabel="step", ylabel="loss (lines: train, dots: validation)", title="Loss")
+            ax.plot([e["step"] for e in r["evals"]], [e["val_loss"] for e in r["evals"]], "o-", markersize=3,
+                    linewidth=0.8, color=c)
+    ax.set(xlabel="step", ylabel="loss (thin: train, dots: validation)", title="Loss")
     ax.legend()
     fig.tight_layout()
     fig.savefig(folder / "loss.png", dpi=110)
     plt.close(fig)
     written.append("loss.png")
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    methods = list(results)
-    ax.bar(methods, [results[m]["state_bytes"] / 2**20 for m in methods], color="tab:blue")
-    ax.set(ylabel="optimizer state (MiB)", title="Optimizer-state memory")
-    ax.tick_params(axis="x", rotation=30)
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(results) + 1.5))
+    methods = list(results)[::-1]
+    ref = (results.get("adamw") or {}).get("state_bytes")
+    values = [results[m]["state_bytes"] / 2**20 for m in methods]
+    ax.barh(methods, values, color=[color(m, results) for m in methods])
+    for i, m in enumerate(methods):
+        label = f" {values[i]:.2f} MiB" + (f" ({results[m]['state_bytes'] / ref:.0%} of AdamW)" if ref else "")
+        ax.text(values[i], i, label, va="center", fontsize=8)
+    if ref:
+        ax.axvline(ref / 2**20, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xlim(0, max(values) * 1.6)
+    ax.set(xlabel="optimizer state (MiB)", title="Optimizer-state memory")
     fig.tight_layout()
     fig.savefig(folder / "state_bytes.png", dpi=110)
     plt.close(fig)
     written.append("state_bytes.png")
 
-    for key, label, fname in (("rank", "rank", "rank.png"), ("energy", "captured energy", "energy.png")):
-        projected = {m: r["weights"] for m, r in results.items() if r.get("weights")}
+    projected = {m: r["weights"] for m, r in results.items() if r.get("weights")}
+    ranks = {w.get("rank") for ws in projected.values() for w in ws.values()}
+    for key, label, fname in (("energy", "captured energy", "energy.png"), ("rank", "rank", "rank.png")):
+        if not projected or (key == "rank" and len(ranks) <= 1):
+            continue
         fig, ax = plt.subplots(figsize=(10, 4.5))
-        if projected:
-            layers = sorted({w for ws in projected.values() for w in ws})
-            width = 0.8 / len(projected)
-            for i, (method, ws) in enumerate(projected.items()):
-                values = [(ws.get(w) or {}).get(key) for w in layers]
-                ax.bar([j + i * width for j in range(len(layers))], [v if v is not None else 0 for v in values],
-                       width, label=method)
-            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], [_short(w) for w in layers],
-                          rotation=60, ha="right", fontsize=7)
-            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-        else:
-            ax.text(0.5, 0.5, "no projected method", ha="center", va="center", transform=ax.transAxes)
+        layers = sorted({w for ws in projected.values() for w in ws})
+        width = 0.8 / len(projected)
+        for i, (method, ws) in enumerate(projected.items()):
+            values = [(ws.get(w) or {}).get(key) for w in layers]
+            ax.bar([j + i * width for j in range(len(layers))], [v if v is not None else 0 for v in values],
+                   width, label=method, color=color(method, results))
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], [_short(w) for w in layers],
+                      rotation=60, ha="right", fontsize=7)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.set(ylabel=label, title=f"Per-layer {label} at the end of training")
         fig.tight_layout()
         fig.savefig(folder / fname, dpi=110)
@@ -137,8 +171,11 @@ def write_report(folder: str | Path, results: dict[str, dict[str, Any]], config:
         markdown_table(results),
         "",
         ("Each method runs in its own process: peak memory is that process's maximum resident set size on CPU, "
-         "`torch.cuda.max_memory_allocated` on GPU. Subspace-update time is "
-         "`optimizer.diagnostics()['update_seconds']`."),
+         "`torch.cuda.max_memory_allocated` on GPU. `vs adamw`: the headline metric minus AdamW's (for a loss, "
+         "negative is better); one seed, so a difference smaller than the run-to-run spread is noise. "
+         "Subspace-update time is `optimizer.diagnostics()['update_seconds']` (basis computations and moves, with "
+         "the moment transport); `x galore` divides it by GaLore's, whose updates are its SVDs. `x adamw`: "
+         "optimizer state over AdamW's."),
         "",
         *[f"![{p[:-4]}]({p})" for p in plots],
         "",

@@ -1,0 +1,185 @@
+"""Run configuration: each command's defaults, config files, validation, and a method's optimizer settings."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..methods import METHODS
+
+PRESET_NAMES = ("tiny", "mini", "60m", "130m", "350m", "1b", "7b")
+DEFAULT_COMPARE = "adamw,galore,fira,subtrack++,osd,grassjump"
+EVAL_BATCH = 64  # validation examples per forward pass in fine-tuning
+#: pretraining vocabularies: GPT-2's BPE (compacted to the tokens the corpus uses, unless --full-vocab), or the
+#: corpus's characters
+TOKENIZERS = ("gpt2", "chars")
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit code 2."""
+
+
+def read_config_file(path: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The options of a YAML or TOML file (keys as the flags, ``-`` or ``_``); unknown keys are an error."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UsageError(f"config file {file} does not exist")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix.lower() == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as err:  # noqa: BLE001 - any parser error is bad input
+        raise UsageError(f"config file {file} does not parse: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {file} must hold a mapping of option names to values")
+    out = {str(k).replace("-", "_"): v for k, v in data.items()}
+    allowed = set(defaults) | {"methods"}
+    unknown = sorted(set(out) - allowed)
+    if unknown:
+        raise UsageError(f"config file {file}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+    return out
+
+
+def explicit_options(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Config-file values overridden by the flags actually given."""
+    given = read_config_file(args.config, defaults) if args.config else {}
+    given.pop("methods", None)
+    flags = {k: v for k, v in vars(args).items() if k in defaults}
+    return {**given, **flags}
+
+
+def max_rank(preset: str) -> int:
+    from .models import PRESETS
+
+    hidden, intermediate, _, _ = PRESETS[preset]
+    return min(hidden, intermediate)
+
+
+def _validate_shared(cfg: dict[str, Any], positive: tuple[str, ...], non_negative: tuple[str, ...]) -> None:
+    """Checks common to pretraining and fine-tuning configs."""
+    if cfg["method"] not in METHODS:
+        raise UsageError(f"unknown method {cfg['method']!r}; choose one of {', '.join(METHODS)}")
+    if cfg["dtype"] not in ("float32", "bfloat16"):
+        raise UsageError(f"unknown dtype {cfg['dtype']!r}; choose float32 or bfloat16")
+    for key in positive:
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise UsageError(f"{key.replace('_', '-')} must be a positive integer, got {cfg[key]!r}")
+    for key in non_negative:
+        if not isinstance(cfg[key], int) or cfg[key] < 0:
+            raise UsageError(f"{key.replace('_', '-')} must be a non-negative integer, got {cfg[key]!r}")
+    if METHODS[cfg["method"]] is None:
+        for key in ("rank", "update_gap"):
+            if cfg.get(key) is not None:
+                raise UsageError(f"--{key.replace('_', '-')} does not apply to method adamw (full rank)")
+    for key in ("rank", "update_gap"):
+        if cfg.get(key) is not None and (not isinstance(cfg[key], int) or cfg[key] < 1):
+            raise UsageError(f"{key.replace('_', '-')} must be a positive integer, got {cfg[key]!r}")
+    device = str(cfg["device"])
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {device!r} requested but CUDA is not available")
+    elif device != "cpu" and not device.startswith("mps"):
+        raise UsageError(f"unknown device {device!r}; use cpu or cuda[:N]")
+
+
+def _validate_pretrain(cfg: dict[str, Any]) -> None:
+    if cfg["preset"] not in PRESET_NAMES:
+        raise UsageError(f"unknown preset {cfg['preset']!r}; choose one of {', '.join(PRESET_NAMES)}")
+    if cfg.get("rank") is not None:
+        top = max_rank(cfg["preset"])
+        if cfg["rank"] > top:
+            raise UsageError(f"rank {cfg['rank']} does not fit preset {cfg['preset']}: the maximum allowed is {top} "
+                             "(its smallest projected weight dimension)")
+    if cfg.get("tokenizer", "gpt2") not in TOKENIZERS:
+        raise UsageError(f"unknown tokenizer {cfg['tokenizer']!r}; choose one of {', '.join(TOKENIZERS)}")
+    if cfg.get("tokenizer") == "chars" and (cfg.get("streaming") or cfg.get("full_vocab")):
+        raise UsageError("--tokenizer chars reads a local corpus as characters: drop --streaming and --full-vocab")
+    if cfg["seq_len"] > 1024:
+        raise UsageError(f"seq-len {cfg['seq_len']} exceeds the models' 1024 positions")
+
+
+#: preset -> (rank, update gap) of projected methods (GaLore's paper settings for the big ones)
+PRESET_PROJECTION = {"tiny": (16, 50), "mini": (32, 50), "60m": (128, 200), "130m": (256, 200),
+                     "350m": (256, 200), "1b": (512, 200), "7b": (1024, 200)}
+
+
+def _pretrain_lr(cfg: dict[str, Any]) -> float:
+    if cfg["preset"] in ("tiny", "mini"):
+        return 3e-3
+    return 1e-2 if METHODS[cfg["method"]] is not None else 1e-3
+
+
+@dataclass(frozen=True)
+class Command:
+    """Everything a command's runs default to, in one place: flag defaults, the keys a resumed run must share with
+    its checkpoint, the learning rate and projection of each method, and the command's own checks."""
+
+    name: str
+    defaults: dict[str, Any]
+    identity: tuple[str, ...]  # the others may change on resume (e.g. more --steps)
+    positive: tuple[str, ...]
+    non_negative: tuple[str, ...]
+    lr: Callable[[dict[str, Any]], float]
+    projection: Callable[[dict[str, Any]], tuple[int, int]]  # (rank, update gap) of a projected method
+    extra_checks: Callable[[dict[str, Any]], None] = lambda cfg: None
+
+    def validate(self, cfg: dict[str, Any]) -> None:
+        _validate_shared(cfg, self.positive, self.non_negative)
+        self.extra_checks(cfg)
+
+    def settings(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """The optimizer's lr and projection: the command's defaults, overridden by the config."""
+        out: dict[str, Any] = {"lr": cfg["lr"] if cfg.get("lr") is not None else self.lr(cfg)}
+        if METHODS[cfg["method"]] is not None:
+            rank, gap = self.projection(cfg)
+            out.update(rank=cfg.get("rank") or rank, update_proj_gap=cfg.get("update_gap") or gap, scale=cfg["scale"])
+        return out
+
+
+PRETRAIN = Command(
+    name="pretrain",
+    defaults={
+        "preset": "tiny", "dataset": "shakespeare", "streaming": False, "method": "galore", "base": "adamw",
+        "rank": None, "update_gap": None, "scale": 0.25, "lr": None, "steps": 200, "batch_size": 8, "seq_len": 64,
+        "grad_accum": 1, "seed": 0, "device": "cpu", "dtype": "float32", "eval_every": 50, "eval_batches": 10,
+        "save_every": 0, "log_every": 10, "threads": 0, "full_vocab": False, "grad_clip": 1.0, "tokenizer": "gpt2",
+    },
+    identity=("preset", "dataset", "method", "base", "rank", "update_gap", "scale", "batch_size", "seq_len",
+              "grad_accum", "seed", "dtype", "full_vocab", "streaming", "tokenizer"),
+    positive=("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"),
+    non_negative=("eval_every", "save_every", "threads"),
+    lr=_pretrain_lr,
+    projection=lambda cfg: PRESET_PROJECTION[cfg["preset"]],
+    extra_checks=_validate_pretrain,
+)
+
+#: fine-tuning: rank 8 and scale 2 are GaLore's GLUE settings for rank 8 (RoBERTa-base, lr 1e-5..3e-5); its gap of
+#: 500 steps is for 30-epoch runs, 100 gives a few subspace updates in runs of a few hundred steps. lr 5e-5 (the
+#: top of BERT's 2e-5..5e-5 range, the same for every method) because MiniLM is small and the default runs are a
+#: fraction of an epoch.
+FINETUNE = Command(
+    name="finetune",
+    defaults={
+        "task": "rotten-tomatoes", "model": "minilm", "method": "galore", "base": "adamw", "rank": None,
+        "update_gap": None, "scale": 2.0, "lr": None, "steps": 300, "batch_size": 16, "max_length": 128,
+        "grad_accum": 1, "seed": 0, "device": "cpu", "dtype": "float32", "eval_every": 100, "eval_batches": 0,
+        "save_every": 0, "log_every": 10, "threads": 0, "grad_clip": 1.0,
+    },
+    identity=("task", "model", "method", "base", "rank", "update_gap", "scale", "batch_size", "max_length",
+              "grad_accum", "seed", "dtype"),
+    positive=("steps", "batch_size", "max_length", "grad_accum", "log_every"),
+    non_negative=("eval_every", "eval_batches", "save_every", "threads"),
+    lr=lambda cfg: 5e-5,
+    projection=lambda cfg: (8, 100),
+)
+COMMANDS = {c.name: c for c in (PRETRAIN, FINETUNE)}

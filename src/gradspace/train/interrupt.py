@@ -1,0 +1,61 @@
+"""Ctrl-C handling: a training run finishes its step and saves (``StopFlag``); a compare parent leaves the
+interrupt to the child that is training (``ChildHandlesInterrupt``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+class StopFlag:
+    """First Ctrl-C: finish the current step, save, exit 130. Second Ctrl-C: abort at once."""
+
+    def __init__(self, grace: float = 0.0):
+        self.requested = False
+        self.installed = False
+        self._previous = None
+        self.grace = grace  # torchrun forwards the terminal's Ctrl-C: a second SIGINT this soon is the same one
+        self._when = 0.0
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self.installed = True
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            if time.monotonic() - self._when < self.grace:
+                return
+            raise KeyboardInterrupt
+        self.requested = True
+        self._when = time.monotonic()
+        print("\ngradspace: interrupt received; stopping after this step and saving a checkpoint "
+              "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    def request(self) -> None:
+        if self.installed:
+            os.kill(os.getpid(), signal.SIGINT)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.installed:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+class ChildHandlesInterrupt:
+    """While a compare child runs, Ctrl-C is the child's to handle (it saves and exits 130); the parent waits."""
+
+    def __enter__(self):
+        self.installed = threading.current_thread() is threading.main_thread()
+        if self.installed:
+            self._previous = signal.signal(signal.SIGINT, lambda *_: None)
+        return self
+
+    def __exit__(self, *exc):
+        if self.installed:
+            signal.signal(signal.SIGINT, self._previous)
+        return False

@@ -1,0 +1,305 @@
+"""The training driver shared by ``pretrain`` and ``finetune``: restore, train, evaluate, checkpoint, summarise."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..methods import METHODS
+from .config import EVAL_BATCH, FINETUNE, PRETRAIN, UsageError
+from .interrupt import StopFlag
+from .parallel import Parallel, load_parallel, save_parallel
+from .streams import Data
+
+def _peak_memory(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # noqa: BLE001 - optional: tensorboard missing or broken
+        return None
+    try:
+        return SummaryWriter(str(folder / "tensorboard"))
+    except Exception:  # noqa: BLE001 - optional
+        return None
+
+
+def run_training(cfg: dict[str, Any], out: Path, *, command: str, model, optimizer, scheduler, stream,
+                 evaluate_fn, settings: dict[str, Any], resume: dict | None = None, stop_after: int | None = None,
+                 label: str | None = None, no_eval: dict[str, float] | None = None,
+                 extra: dict[str, Any] | None = None, parallel: Parallel | None = None,
+                 inner=None) -> dict[str, Any]:
+    """The run machinery shared by ``pretrain`` and ``finetune``; returns the run's summary.
+
+    Restores a checkpoint (model, optimizer, scheduler, data position, RNG), then creates the run folder (only now,
+    so bad input leaves nothing behind), trains with metrics.jsonl lines, periodic ``evaluate_fn()`` and
+    checkpoints, handles Ctrl-C (save, exit 130), and ends with a final evaluation, checkpoint and summary.json.
+
+    Under torchrun (``parallel``; ``model`` wrapped, ``inner`` the unwrapped module) only rank 0 writes files and
+    shows progress; see :meth:`save_parallel` for checkpoints.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from . import checkpoint as ck
+    from .loop import train
+
+    parallel = parallel or Parallel()
+    inner = model if inner is None else inner
+    main = parallel.main
+    device = next(model.parameters()).device
+    start = 0
+    if resume is not None:
+        start = int(resume["step"])
+        if start >= cfg["steps"]:
+            raise UsageError(f"the checkpoint is at step {start}, the run has {cfg['steps']} steps: nothing to do "
+                             "(give a larger --steps to continue)")
+        error = None
+        try:
+            load_parallel(resume, parallel, model, inner, optimizer)
+            if resume.get("scheduler") is not None:
+                scheduler.load_state_dict(resume["scheduler"])
+            if resume.get("stream") is not None:
+                stream.load_state_dict(resume["stream"])
+        except ck.CheckpointError as err:
+            error = err
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0][:200]
+            error = ck.CheckpointError(f"checkpoint does not fit this run ({first})")
+        parallel.agree(error)
+        ck.set_rng_state(resume["rng"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    ckpt_dir = out / "checkpoints"
+    metrics_path = out / "metrics.jsonl"
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg, indent=1))
+        if start and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
+            kept = [ln for ln in metrics_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["step"] <= start]
+            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        elif not start:
+            metrics_path.write_text("")
+    metrics = metrics_path.open("a") if main else open(os.devnull, "w")  # noqa: SIM115 - closed below
+    writer = _tensorboard(out) if main else None
+    evals: list[dict] = []
+
+    def log(line: dict[str, Any]) -> None:
+        metrics.write(json.dumps(line) + "\n")
+        metrics.flush()
+        if writer is not None:
+            for k, v in line.items():
+                if k not in ("step", "type") and isinstance(v, (int, float)):
+                    writer.add_scalar(f"{line['type']}/{k}", v, line["step"])
+
+    def do_eval(step: int) -> None:
+        if evaluate_fn is None:
+            return
+        e = {"step": step, **evaluate_fn()}
+        evals.append(e)
+        log({"type": "eval", **e})
+
+    def save(step: int) -> Path:
+        return save_parallel(ckpt_dir, step, parallel, model=model, inner=inner, optimizer=optimizer,
+                              scheduler=scheduler, stream=stream, config=cfg)
+
+    bar = tqdm(total=cfg["steps"], initial=start, desc=label or cfg["method"], unit="step", dynamic_ncols=True,
+               file=sys.stderr, disable=not main)
+
+    last: list[dict] = []
+
+    def on_step_record(r: dict[str, Any]) -> None:
+        if parallel.world > 1:  # the loss of the global batch, the tokens of all ranks
+            r["loss"] = parallel.mean(r["loss"])
+            r["tokens_per_s"] *= parallel.world
+        last[:] = [r]
+        if r["step"] % cfg["log_every"] == 0 or r["step"] == cfg["steps"]:
+            log({"type": "train", "step": r["step"], "loss": r["loss"], "lr": r["lr"],
+                 "tokens_per_s": r["tokens_per_s"], "step_time": r["step_time"], "grad_norm": r["grad_norm"]})
+
+    with StopFlag(grace=2.0 if parallel.world > 1 else 0.0) as flag:
+        def hook(step: int) -> bool:
+            bar.update(step - bar.n)
+            if last:
+                bar.set_postfix(loss=f"{last[0]['loss']:.3f}", tok_s=f"{last[0]['tokens_per_s']:.0f}")
+            if cfg["eval_every"] and step % cfg["eval_every"] == 0 and step != cfg["steps"]:
+                do_eval(step)
+            if cfg["save_every"] and step % cfg["save_every"] == 0 and step != cfg["steps"]:
+                save(step)
+            if stop_after is not None and step == stop_after:
+                flag.request()
+            return parallel.any(flag.requested)  # every rank stops at the same step
+
+        try:
+            result = train(model, optimizer, stream, cfg["steps"], scheduler=scheduler, start_step=start,
+                           grad_accum=cfg["grad_accum"], grad_clip=cfg["grad_clip"], callback=on_step_record,
+                           log_every=1, step_hook=hook)
+        except KeyboardInterrupt:
+            bar.close()
+            metrics.close()
+            raise UsageError("aborted by a second Ctrl-C without saving; resume from the last checkpoint with "
+                             f"`gradspace {command} --resume {out}`") from None
+        except FloatingPointError as err:
+            bar.close()
+            metrics.close()
+            raise UsageError(str(err)) from None
+    bar.close()
+    if result["stopped_at"] is not None:
+        path = save(result["stopped_at"])
+        metrics.close()
+        if main:
+            print(f"gradspace: interrupted at step {result['stopped_at']} of {cfg['steps']}; checkpoint saved to "
+                  f"{path}\nresume with: gradspace {command} --resume {out}", file=sys.stderr, flush=True)
+        parallel.barrier()  # torchrun stops the other ranks when one exits: rank 0 has said everything by now
+        raise SystemExit(130)
+    do_eval(cfg["steps"])
+    save(cfg["steps"])
+    metrics.close()
+    if writer is not None:
+        writer.close()
+    diag = optimizer.diagnostics()
+    final = {k: v for k, v in evals[-1].items() if k != "step"} if evals else dict(no_eval or {})
+    summary = {
+        "method": cfg["method"],
+        "steps": cfg["steps"],
+        "start_step": start,
+        "train_loss": result["train_loss"],
+        "final_loss": result["history"][-1]["loss"],
+        **final,
+        "wall_time": result["wall_time"],
+        "tokens_per_s": result["tokens_per_s"],
+        "update_seconds": diag["update_seconds"],
+        "state_bytes": diag["state_bytes"],
+        "peak_memory": _peak_memory(device),
+        "history": [{"step": r["step"], "loss": r["loss"]} for r in result["history"]],
+        "evals": evals,
+        "weights": {name: {"rank": w["rank"], "energy": w["energy"], "updates": w["updates"],
+                           "state_bytes": w["state_bytes"]} for name, w in diag["weights"].items()},
+        **settings,
+        **(extra or {}),
+    }
+    if main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def _make_optimizer(cfg: dict[str, Any], model, settings: dict[str, Any], **extra):
+    from .. import create_optimizer
+
+    try:
+        return create_optimizer(cfg["method"], model, base=cfg["base"], weight_decay=0.0, **settings, **extra)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def run_pretrain(cfg: dict[str, Any], out: Path, *, data: Data | None = None, resume: dict | None = None,
+                 stop_after: int | None = None, label: str | None = None,
+                 parallel: Parallel | None = None) -> dict[str, Any]:
+    """Train one run into ``out`` (created only once everything is set up); returns its summary."""
+    import torch
+
+    from .loop import evaluate, warmup_cosine
+    from .models import build_llama
+
+    PRETRAIN.validate(cfg)
+    parallel, device, dtype = _placement(cfg, parallel)
+    data = data or Data(cfg)
+    stream = parallel.shard(data.stream())
+    torch.manual_seed(cfg["seed"])
+    model = build_llama(cfg["preset"], vocab_size=data.vocab_size).to(device=device, dtype=dtype)
+    model, inner = parallel.wrap(model, blocks=model.model.layers)
+    settings = PRETRAIN.settings(cfg)
+    optimizer = _make_optimizer(cfg, inner, settings, **_distributed_option(parallel))
+    evaluate_fn = (lambda: evaluate(model, data.eval_batches)) if data.eval_batches else None
+    return run_training(cfg, out, command="pretrain", model=model, optimizer=optimizer,
+                        scheduler=warmup_cosine(optimizer, cfg["steps"]), stream=stream, evaluate_fn=evaluate_fn,
+                        settings=settings, resume=resume, stop_after=stop_after, label=label,
+                        no_eval={"val_loss": float("nan"), "val_ppl": float("nan")}, parallel=parallel, inner=inner)
+
+
+def _placement(cfg: dict[str, Any], parallel: Parallel | None):
+    """Threads, process layout, device and dtype of a run (torchrun ranks use their own device)."""
+    import torch
+
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    parallel = parallel or Parallel()
+    device = torch.device(cfg["device"]) if parallel.world == 1 else parallel.device
+    return parallel, device, {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
+
+
+def _distributed_option(parallel: Parallel) -> dict[str, Any]:
+    return {"distributed": parallel.distributed} if parallel.distributed else {}
+
+
+class FinetuneSetup:
+    """Task, tokenizer and model of a fine-tuning config, checked against each other (rank, max length)."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        import torch
+
+        from .encoder import load_encoder, max_rank, projection_targets
+        from .tasks import load_task
+
+        FINETUNE.validate(cfg)
+        try:
+            self.task = load_task(cfg["task"])
+            torch.manual_seed(cfg["seed"])  # the new classification head
+            self.model, self.tokenizer = load_encoder(str(cfg["model"]), self.task.num_labels, self.task.regression)
+            self.targets = projection_targets(self.model)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        top = max_rank(self.model, self.targets)
+        if METHODS[cfg["method"]] is not None and cfg.get("rank") is not None and cfg["rank"] > top:
+            raise UsageError(f"rank {cfg['rank']} does not fit model {cfg['model']}: the maximum allowed is {top} "
+                             "(its smallest projected weight dimension)")
+        positions = getattr(self.model.config, "max_position_embeddings", None) or 512
+        limit = min(positions, getattr(self.tokenizer, "model_max_length", positions) or positions)
+        if cfg["max_length"] > limit:
+            raise UsageError(f"max-length {cfg['max_length']} exceeds model {cfg['model']}'s {limit} positions")
+        t = self.task
+        kind = "regression" if t.regression else f"{t.num_labels} classes"
+        self.info = (f"{t.name}: {len(t.train):,} train / {len(t.validation):,} validation examples, {kind}, "
+                     f"metric {t.metric}")
+
+
+def run_finetune(cfg: dict[str, Any], out: Path, *, setup: FinetuneSetup | None = None, resume: dict | None = None,
+                 stop_after: int | None = None, label: str | None = None,
+                 parallel: Parallel | None = None) -> dict[str, Any]:
+    """Fine-tune ``cfg["model"]`` on ``cfg["task"]`` into ``out``; returns the summary (with the final metrics)."""
+    import torch
+
+    from .encoder import evaluate_task
+    from .loop import warmup_cosine
+    from .tasks import ExampleStream, collate_fn, eval_batches
+
+    FINETUNE.validate(cfg)
+    parallel, device, dtype = _placement(cfg, parallel)
+    setup = setup or FinetuneSetup(cfg)
+    task = setup.task
+    model = setup.model.to(device=device, dtype=dtype)
+    model, inner = parallel.wrap(model, blocks=model.bert.encoder.layer if hasattr(model, "bert") else ())
+    settings = FINETUNE.settings(cfg)
+    optimizer = _make_optimizer(cfg, inner, settings, target_modules=setup.targets, **_distributed_option(parallel))
+    collate = collate_fn(setup.tokenizer, cfg["max_length"], dtype if task.regression else torch.long)
+    stream = parallel.shard(ExampleStream(task.train, collate, cfg["batch_size"], seed=cfg["seed"]))
+    batches = eval_batches(task.validation, collate, EVAL_BATCH, cfg["eval_batches"] * EVAL_BATCH)
+    return run_training(cfg, out, command="finetune", model=model, optimizer=optimizer,
+                        scheduler=warmup_cosine(optimizer, cfg["steps"]), stream=stream,
+                        evaluate_fn=lambda: evaluate_task(model, batches, task.num_labels, task.regression),
+                        settings=settings, resume=resume, stop_after=stop_after, label=label,
+                        extra={"task": task.name, "model": cfg["model"], "metric": task.metric}, parallel=parallel,
+                        inner=inner)

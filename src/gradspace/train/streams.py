@@ -1,0 +1,119 @@
+"""The training streams of a run config: built-in corpora and local files (``TokenDataset``), or a streamed
+Hugging Face dataset (``HFStream``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import UsageError
+
+class HFStream:
+    """Batches packed from a streamed Hugging Face dataset's ``text`` field (GPT-2 BPE); resumes by skipping.
+
+    With a ``seed`` the rows come through ``IterableDataset.shuffle`` (a buffer of ``SHUFFLE_BUFFER`` rows, seed
+    ``seed + epoch`` for each pass), so runs with different seeds see different orders; ``seed=None`` (the
+    validation batches) keeps the dataset's order."""
+
+    SHUFFLE_BUFFER = 10_000
+
+    def __init__(self, name: str, split: str, batch_size: int, seq_len: int, tokenizer, seed: int | None = 0):
+        try:
+            import datasets
+        except ImportError:
+            raise UsageError(f"dataset {name!r} is a Hugging Face dataset: run `pip install datasets` (and it needs "
+                             "network access to the Hugging Face hub)") from None
+        self.name, self.split, self.batch_size, self.seq_len, self.tok = name, split, batch_size, seq_len, tokenizer
+        self.step, self.epoch = 0, 0
+
+        def rows():
+            ds = datasets.load_dataset(name, split=split, streaming=True)
+            if seed is not None:
+                ds = ds.shuffle(seed=seed + self.epoch, buffer_size=self.SHUFFLE_BUFFER)
+            return iter(ds)
+
+        self._make = rows
+        self._rows = self._make()
+        self._buffer: list[int] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        import torch
+
+        need = self.batch_size * self.seq_len
+        while len(self._buffer) < need:
+            try:
+                row = next(self._rows)
+            except StopIteration:
+                self.epoch += 1
+                self._rows = self._make()
+                continue
+            self._buffer.extend(self.tok(row.get("text", ""), add_special_tokens=False)["input_ids"] + [50256])
+        ids = torch.tensor(self._buffer[:need], dtype=torch.long).view(self.batch_size, self.seq_len)
+        del self._buffer[:need]
+        self.step += 1
+        return ids, ids.clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "batch_size": self.batch_size, "seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for _ in range(int(state["step"])):
+            next(self)
+
+
+class Data:
+    """The training stream factory and fixed validation batches of one config."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        from .data import CORPORA, BatchStream, TokenDataset
+
+        name = str(cfg["dataset"])
+        self.cfg = cfg
+        local = name in CORPORA or Path(name).expanduser().exists()
+        if not local and not cfg.get("streaming"):
+            raise UsageError(f"unknown dataset {name!r}: not one of {', '.join(CORPORA)} and no such file or folder "
+                             "(for a Hugging Face dataset add --streaming)")
+        self.hf = not local
+        if self.hf:
+            from . import assets
+
+            tok = assets.tokenizer()
+            self.vocab_size = len(tok)
+            self._tok = tok
+            self.eval_batches = []
+            try:
+                val = HFStream(name, "validation", cfg["batch_size"], cfg["seq_len"], tok, seed=None)
+                self.eval_batches = [next(val) for _ in range(cfg["eval_batches"])]
+            except UsageError:
+                raise
+            except Exception as err:  # noqa: BLE001 - no validation split: train loss only
+                print(f"gradspace: no validation batches from {name} ({type(err).__name__})", file=sys.stderr)
+            self.info = f"streaming {name} (GPT-2 vocabulary)"
+            return
+        try:
+            if cfg.get("tokenizer", "gpt2") == "chars":
+                self.dataset = TokenDataset.from_chars(name)
+            else:
+                self.dataset = TokenDataset.from_corpus(name, compact=not cfg["full_vocab"])
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        self._BatchStream = BatchStream
+        self.vocab_size = self.dataset.vocab_size
+        for split, n in (("train", self.dataset.train.numel()), ("val", self.dataset.val.numel())):
+            if n < cfg["seq_len"]:
+                raise UsageError(f"seq-len {cfg['seq_len']} does not fit the data: the {split} split of {name} has "
+                                 f"only {n} tokens")
+        self.eval_batches = self.dataset.fixed_batches("val", cfg["eval_batches"], cfg["batch_size"],
+                                                       cfg["seq_len"], seed=1234)
+        self.info = (f"{name}: {self.dataset.train.numel():,} train / {self.dataset.val.numel():,} validation "
+                     f"tokens, vocabulary {self.vocab_size:,}")
+
+    def stream(self):
+        cfg = self.cfg
+        if self.hf:
+            return HFStream(str(cfg["dataset"]), "train", cfg["batch_size"], cfg["seq_len"], self._tok, cfg["seed"])
+        return self._BatchStream(self.dataset, "train", cfg["batch_size"], cfg["seq_len"], seed=cfg["seed"])

@@ -1,0 +1,70 @@
+"""What users hand the optimizer, checked as torch.optim checks it (and where gradspace is stricter, said so):
+hyperparameters before params, named parameters, param-group keys, and checkpoints saved with another setup."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+#: param-group keys that torch, its LR schedulers, the Hugging Face Trainer and common training code add; accepted
+#: as they are (any other key that is not a near-miss of a known one is accepted too, as torch does)
+FOREIGN_GROUP_KEYS = {
+    "initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum", "max_momentum", "momentum_decay", "name",
+    "foreach", "fused", "capturable", "differentiable", "maximize", "amsgrad", "decoupled_weight_decay",
+}
+#: misspellings that difflib's similarity does not catch
+GROUP_KEY_ALIASES = {"projection_type": "proj_type", "proj_gap": "update_proj_gap", "update_gap": "update_proj_gap",
+                     "galore_scale": "scale", "alpha_scale": "scale", "rule": "base", "inner_rule": "base"}
+#: group keys that fix the structure of the saved state: a checkpoint saved with other values cannot be loaded
+STRUCTURAL_KEYS = ("tracker", "moments", "recovery", "p_lr_mode", "p_optimizer", "accumulate", "base", "rank",
+                   "proj_type", "state_dtype")
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, torch.Tensor) else value
+
+
+def check_lr_and_decay(lr: Any, weight_decay: Any) -> None:
+    """torch.optim's checks, before anything else is looked at."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    lr, weight_decay = _number(lr), _number(weight_decay)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0.0:
+        raise ValueError(f"Invalid learning rate: lr must be a number >= 0, got {lr!r}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0.0:
+        raise ValueError(f"Invalid weight_decay value: weight_decay must be a number >= 0, got {weight_decay!r}")
+
+
+def split_named(params: list) -> tuple[list, list[str] | None]:
+    """``[(name, tensor), ...]`` (``model.named_parameters()``, as torch >= 2.6 accepts) into tensors and names."""
+    named = [isinstance(x, tuple) for x in params]
+    if not any(named):
+        return params, None
+    if not all(named) or not all(len(x) == 2 and isinstance(x[0], str) for x in params):
+        raise ValueError(
+            "all optimizer params should be with/without names. Some param names are missing: pass all tensors or "
+            "all (name, tensor) pairs, as model.named_parameters() gives"
+        )
+    return [p for _, p in params], [n for n, _ in params]
+
+
+def add_gradspace_state(opt, state_dict: dict[str, Any]) -> None:
+    """The first state_dict post-hook: user hooks registered later see the whole dict, gradspace's part included."""
+    state_dict["gradspace"] = {"skipped_steps": opt.skipped_steps, "seed": opt.seed}
+
+
+def check_same_configuration(index: int, group: dict, saved: dict) -> None:
+    if ("rank" in group) != ("rank" in saved):
+        kinds = ("projected", "full-rank") if "rank" in saved else ("full-rank", "projected")
+        raise ValueError(
+            f"optimizer checkpoint: param group {index} was saved {kinds[0]} but is {kinds[1]} here; build the "
+            "optimizer with the same method and parameter selection as the run that saved it"
+        )
+    for key in STRUCTURAL_KEYS:
+        if key in saved and key in group and saved[key] != group[key]:
+            raise ValueError(
+                f"optimizer checkpoint was saved with {key}={saved[key]!r} in param group {index}, but this "
+                f"optimizer has {key}={group[key]!r}; build it with the same method, inner rule and rank as the "
+                "run that saved it (or start a new run)"
+            )

@@ -1,0 +1,36 @@
+"""The compare report: differences and ratios against AdamW and GaLore, one colour per method, no empty plots."""
+
+from gradspace.train import report
+
+
+def summary(val_loss, state, update_s, ranks):
+    return {"val_loss": val_loss, "val_ppl": 2.718 ** val_loss, "wall_time": 10.0, "update_seconds": update_s,
+            "state_bytes": state, "peak_memory": 1 << 20, "history": [{"step": 1, "loss": 4.0}],
+            "evals": [{"step": 1, "val_loss": val_loss}],
+            "weights": {f"model.layers.0.mlp.w{i}.weight": {"rank": r, "energy": 0.5} for i, r in enumerate(ranks)}}
+
+
+RESULTS = {"adamw": {**summary(2.0, 1000, 0.0, []), "weights": {}}, "galore": summary(2.1, 330, 2.0, [32, 32]),
+           "adarank": summary(2.3, 100, 1.0, [3, 5])}
+
+
+def test_rows_show_differences_and_ratios():
+    rows = {r[0]: r for r in report.table_rows(RESULTS)}
+    cols = report.columns(RESULTS)
+    at = {c: i for i, c in enumerate(cols)}
+    assert rows["galore"][at["vs adamw"]] == "+0.1000" and rows["adamw"][at["vs adamw"]] == "-"
+    assert rows["galore"][at["x adamw"]] == "0.33" and rows["adarank"][at["x adamw"]] == "0.10"
+    assert rows["adarank"][at["x galore"]] == "0.50" and rows["galore"][at["x galore"]] == "1.00"
+
+
+def test_every_method_keeps_its_colour_and_unknown_ones_get_distinct_ones():
+    assert report.color("galore", RESULTS) == report.color("galore", {"galore": 1, "x": 2}) == "tab:blue"
+    extra = {"a-new": 1, "b-new": 2}
+    assert report.color("a-new", extra) != report.color("b-new", extra)
+
+
+def test_rank_plot_only_when_a_rank_varies(tmp_path):
+    fixed = {k: v for k, v in RESULTS.items() if k != "adarank"}
+    assert "rank.png" not in report.write_plots(tmp_path, fixed)
+    assert "rank.png" in report.write_plots(tmp_path, RESULTS)
+    assert (tmp_path / "state_bytes.png").stat().st_size > 1000
