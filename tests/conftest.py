@@ -1,10 +1,13 @@
 import json
+import math
 
 import pytest
 import torch
 from torch import nn
 
 from gradspace import cli
+from gradspace.projection import largest_principal_angle
+from gradspace.trackers.base import orthonormalize
 
 # tiny models run faster on one thread, and CI machines have 2 cores shared with the test runner
 torch.set_num_threads(1)
@@ -59,6 +62,27 @@ def projected_groups(model, rank=6, gap=20, **extra):
         {"params": targets, "rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std", **extra},
         {"params": rest},
     ]
+
+
+def rotating_stream(steps, omega, k=30, l=60, r=4, noise=0.3, seed=0):
+    """Gradients ``G_t = U_t diag(s) V^T + noise`` (k x l) whose rank-r left subspace turns by a fixed
+    rotation ``exp(K)`` per step: column i of ``U_0`` turns toward its own orthogonal direction at
+    ``omega * rate_i`` rad/step, so the largest principal angle between ``U_t`` and ``U_0`` is ``omega * t``.
+    Yields ``(G_t, U_t)``."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(k, 2 * r, generator=gen)).Q
+    u0, w = q[:, :r], q[:, r:]
+    v = torch.linalg.qr(torch.randn(l, r, generator=gen)).Q
+    spectrum = torch.tensor([4.0, 3.0, 2.0, 1.5])[:r]
+    rates = torch.linspace(1.0, 0.25, r)
+    for t in range(steps):
+        ut = u0 * torch.cos(omega * t * rates) + w * torch.sin(omega * t * rates)
+        yield (ut * spectrum) @ v.mT + noise * torch.randn(k, l, generator=gen) / math.sqrt(l), ut
+
+
+def angle(basis, truth):
+    """Largest principal angle between spans (online PCA's P is only near-orthonormal)."""
+    return float(largest_principal_angle(orthonormalize(basis), truth))
 
 
 @pytest.fixture

@@ -34,8 +34,9 @@ def test_formula_by_hand_for_one_weight():
     assert memory.weight_bytes((172, 64), 4, "subtrack", 16, {}) == 4 * 64 * 16 + 2 * 4 * 16 * 172 + 4 * 172 * 64
     assert memory.weight_bytes((172, 64), 4, "subtrack", 16, {"accumulate": False}) == 4 * 64 * 16 + 2 * 4 * 16 * 172
     # 8-bit moments: one byte per element plus a float32 absmax per block of 256
-    assert memory.weight_bytes((172, 64), 4, "galore", 16, {"base": "adamw8bit"}) == \
-        4 * 64 * 16 + 2 * (16 * 172 + 4 * math.ceil(16 * 172 / 256))
+    assert memory.weight_bytes((172, 64), 4, "galore", 16, {"base": "adamw8bit"}) == 4 * 64 * 16 + 2 * (
+        16 * 172 + 4 * math.ceil(16 * 172 / 256)
+    )
     # rank >= min(m, n) and full-rank methods: two moments of the weight's size, in its dtype
     assert memory.weight_bytes((172, 64), 2, "galore", 64, {}) == 2 * 2 * 172 * 64
     assert memory.weight_bytes((172,), 4, "adamw", 16, {}) == 2 * 4 * 172
@@ -75,9 +76,33 @@ def test_meta_device_counts_equal_real_counts(label):
 
 
 def test_cli_smoke(tmp_path, capsys):
-    main(["--threads", "1", "memory", "--configs", "tiny", "--vocab", str(VOCAB), "--check-preset", "",
-          "--adarank-preset", "", "--peak-preset", "tiny", "--peak-methods", "galore", "--peak-steps", "2",
-          "--seq-len", "16", "--jobs", "2", "--out", str(tmp_path)])
+    main(
+        [
+            "--threads",
+            "1",
+            "memory",
+            "--configs",
+            "tiny",
+            "--vocab",
+            str(VOCAB),
+            "--check-preset",
+            "",
+            "--adarank-preset",
+            "",
+            "--peak-preset",
+            "tiny",
+            "--peak-methods",
+            "galore",
+            "--peak-steps",
+            "2",
+            "--seq-len",
+            "16",
+            "--jobs",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     text = capsys.readouterr().out
     assert "| tiny | 16 | galore 8-bit |" in text and "| NO |" not in text
     assert "| galore | layer-wise |" in text
@@ -88,5 +113,7 @@ def test_cli_smoke(tmp_path, capsys):
     assert [r["spec"]["layerwise"] for r in results["peak"]] == [False, True]
     for r in results["peak"]:  # measured in a fresh subprocess each
         assert r["state"] == r["formula"] > 0
-        assert r["steady_peak"] >= r["after"] >= r["state"]  # the state is live after the steps, and was not at the baseline
+        assert (
+            r["steady_peak"] >= r["after"] >= r["state"]
+        )  # the state is live after the steps, and was not at the baseline
         assert r["all_grads"] > r["projected_grads"] > 0

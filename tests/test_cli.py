@@ -9,8 +9,22 @@ from conftest import lines, run
 from gradspace.train.checkpoint import list_checkpoints, load_checkpoint
 
 torch.set_num_threads(1)
-SMALL = ["--steps", "6", "--seq-len", "32", "--batch-size", "4", "--log-every", "1", "--eval-every", "3",
-         "--eval-batches", "2", "--threads", "1"]
+SMALL = [
+    "--steps",
+    "6",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+    "--log-every",
+    "1",
+    "--eval-every",
+    "3",
+    "--eval-batches",
+    "2",
+    "--threads",
+    "1",
+]
 
 
 def assert_clean_error(capsys, code, *words):
@@ -50,6 +64,7 @@ def test_interrupt_and_resume_is_bit_identical(tmp_path, capsys):
     assert full["step"] == cut["step"] == 6
     for k, v in full["model"].items():
         assert torch.equal(v, cut["model"][k]), k
+
     def curve(run_dir):
         return [(r["type"], r["step"], r.get("loss"), r.get("val_loss")) for r in lines(run_dir / "metrics.jsonl")]
 
@@ -95,8 +110,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, words)
 
 def test_config_file_keys_and_flag_override(tmp_path):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("steps: 3\nseq-len: 32\nbatch_size: 4\nmethod: adamw\nlr: 0.001\neval_batches: 1\nthreads: 1\n"
-                   "log_every: 1\n")
+    cfg.write_text(
+        "steps: 3\nseq-len: 32\nbatch_size: 4\nmethod: adamw\nlr: 0.001\neval_batches: 1\nthreads: 1\nlog_every: 1\n"
+    )
     out = tmp_path / "run"
     assert run("pretrain", "--config", cfg, "--lr", "0.002", "--out", out) == 0
     saved = json.loads((out / "config.json").read_text())

@@ -21,15 +21,48 @@ from gradspace.train.checkpoint import list_checkpoints, load_checkpoint
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 SRC = str(Path(cli.__file__).resolve().parent.parent)
-ARGS = ["--preset", "tiny", "--steps", "6", "--seq-len", "32", "--log-every", "1", "--eval-every", "3",
-        "--eval-batches", "1", "--threads", "1", "--method", "galore", "--rank", "8", "--update-gap", "2"]
+ARGS = [
+    "--preset",
+    "tiny",
+    "--steps",
+    "6",
+    "--seq-len",
+    "32",
+    "--log-every",
+    "1",
+    "--eval-every",
+    "3",
+    "--eval-batches",
+    "1",
+    "--threads",
+    "1",
+    "--method",
+    "galore",
+    "--rank",
+    "8",
+    "--update-gap",
+    "2",
+]
 
 
 def torchrun(*argv, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-           "-m", "gradspace", "pretrain", *map(str, argv)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--standalone",
+        "-m",
+        "gradspace",
+        "pretrain",
+        *map(str, argv),
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
@@ -55,8 +88,9 @@ def runs(tmp_path_factory):
     assert cli.main(["pretrain", *ARGS, "--batch-size", "4", "--out", str(root / "single")]) == 0
     out = {"root": root}
     out["ddp"] = torchrun(*ARGS, "--batch-size", 2, "--save-every", 3, "--out", root / "ddp")
-    out["ddp_resumed"] = torchrun("--resume", root / "ddp" / "checkpoints" / "ckpt-0000003.pt", "--threads", 1,
-                                  "--out", root / "ddp_resumed")
+    out["ddp_resumed"] = torchrun(
+        "--resume", root / "ddp" / "checkpoints" / "ckpt-0000003.pt", "--threads", 1, "--out", root / "ddp_resumed"
+    )
     out["fsdp"] = torchrun(*ARGS, "--batch-size", 2, "--fsdp", "--out", root / "fsdp", "--stop-after", 3)
     out["fsdp_resumed"] = torchrun("--resume", root / "fsdp", "--fsdp", "--threads", 1)
     return out
@@ -94,8 +128,19 @@ def test_fsdp2_interrupt_resume_matches_one_process(runs):
 
 def test_fsdp2_checkpoint_needs_the_same_world_size(runs, capsys):
     try:
-        code = cli.main(["pretrain", "--resume", str(runs["root"] / "fsdp"), "--threads", "1", "--steps", "8",
-                         "--out", str(runs["root"] / "fsdp_single")])
+        code = cli.main(
+            [
+                "pretrain",
+                "--resume",
+                str(runs["root"] / "fsdp"),
+                "--threads",
+                "1",
+                "--steps",
+                "8",
+                "--out",
+                str(runs["root"] / "fsdp_single"),
+            ]
+        )
     except SystemExit as exc:
         code = exc.code
     err = capsys.readouterr().err

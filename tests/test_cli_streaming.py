@@ -11,8 +11,10 @@ from conftest import run
 from gradspace.train.checkpoint import list_checkpoints, load_checkpoint
 from test_cli import SMALL
 
-ROWS = [{"text": f"Line {i}: the quick brown fox {'jumps over' if i % 2 else 'naps beside'} the lazy dog {i}."}
-        for i in range(200)]
+ROWS = [
+    {"text": f"Line {i}: the quick brown fox {'jumps over' if i % 2 else 'naps beside'} the lazy dog {i}."}
+    for i in range(200)
+]
 
 
 class FakeIterable:
@@ -43,8 +45,18 @@ def fake_datasets(calls):
 def test_streaming_trains_validates_and_resumes_exactly(tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setitem(sys.modules, "datasets", fake_datasets(calls))
-    args = [*SMALL, "--dataset", "someone/corpus", "--streaming", "--method", "galore", "--rank", "8",
-            "--update-gap", "2"]
+    args = [
+        *SMALL,
+        "--dataset",
+        "someone/corpus",
+        "--streaming",
+        "--method",
+        "galore",
+        "--rank",
+        "8",
+        "--update-gap",
+        "2",
+    ]
     assert run("pretrain", *args, "--out", tmp_path / "full") == 0
     assert ("someone/corpus", "train", True) in calls and ("someone/corpus", "validation", True) in calls
     assert run("pretrain", *args, "--out", tmp_path / "cut", "--stop-after", "3") == 130

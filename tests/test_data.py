@@ -103,7 +103,7 @@ def test_sequential_stream_walks_and_wraps():
 
 def test_bad_arguments_raise():
     data = synthetic(200)
-    with pytest.raises(ValueError, match="unknown corpus 'nope'.*shakespeare, bible, wiki, builtin"):
+    with pytest.raises(ValueError, match=r"unknown corpus 'nope'.*shakespeare, bible, wiki, builtin"):
         load_corpus("nope")
     with pytest.raises(ValueError, match="split"):
         data.split("test")
@@ -119,17 +119,14 @@ def test_local_corpora_are_tokenised_once(tmp_path, monkeypatch, tok):
     folder.mkdir()
     (folder / "a.txt").write_text("Now is the winter of our discontent\n\nMade glorious summer")
     (folder / "b.txt").write_text("by this sun of York.")
-    assert (
-        load_corpus(folder)
-        == "Now is the winter of our discontent\n\nMade glorious summer\n\nby this sun of York."
-    )
+    assert load_corpus(folder) == "Now is the winter of our discontent\n\nMade glorious summer\n\nby this sun of York."
     assert load_corpus(folder / "b.txt") == "by this sun of York."
     ids = tokenize_corpus(folder, tok)
     assert ids.dtype == np.uint16 and tok.decode(ids.tolist()) == load_corpus(folder)
     (cached,) = (tmp_path / "cache" / "tokens").glob("texts-*.npy")
     np.save(cached, ids[:3])  # a second call reads the cache instead of tokenising again
     assert tokenize_corpus(folder, tok).tolist() == ids[:3].tolist()
-    with pytest.raises(ValueError, match="no .txt"):
+    with pytest.raises(ValueError, match=r"no .txt"):
         load_corpus(tmp_path / "cache" / "tokens")
 
 

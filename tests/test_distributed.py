@@ -68,8 +68,9 @@ def train(model, opt, steps, rank=None, start=0):
 
 
 def full(model) -> dict[str, torch.Tensor]:
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for n, p in model.named_parameters()}
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()
+    }
 
 
 def roundtrip(obj):
@@ -218,7 +219,7 @@ def test_fsdp2_nonfinite_gradient_on_one_shard_skips_on_every_rank(runs):
 # ------------------------------------------------------------------------------ no process group needed
 def test_flattened_parameter_in_a_projected_group_is_an_error():
     flat = nn.Parameter(torch.zeros(40 * 24))  # what FSDP1 (use_orig_params=False) or ZeRO hand the optimizer
-    with pytest.raises(ValueError, match="FSDP1.*DeepSpeed ZeRO.*fully_shard"):
+    with pytest.raises(ValueError, match=r"FSDP1.*DeepSpeed ZeRO.*fully_shard"):
         SubspaceOptimizer([{"params": [flat], "rank": 4}])
 
 
@@ -227,7 +228,7 @@ def test_parameter_flattened_after_construction_does_not_fall_back_to_full_rank(
     opt = SubspaceOptimizer([{"params": [p], "rank": 4}])
     p.data = p.data.flatten()  # ZeRO-style: the data is swapped for a flat view after the optimizer was built
     p.grad = torch.ones_like(p)
-    with pytest.raises(RuntimeError, match="only 2-D weights can be projected.*FSDP1"):
+    with pytest.raises(RuntimeError, match=r"only 2-D weights can be projected.*FSDP1"):
         opt.step()
     assert not opt.state[p]
 

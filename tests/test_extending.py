@@ -16,7 +16,6 @@ from gradspace.rules import RULES, InnerRule
 from gradspace.trackers import TRACKERS, Tracker
 from gradspace.trackers.base import orthonormalize
 from gradspace.trackers.svd import top_singular_basis
-
 from test_rounding import CHECKPOINTS, weights_at_checkpoints
 
 
@@ -92,8 +91,11 @@ def test_a_new_tracker_and_rule_train_resume_and_count(registered, base):
     expected = [p.detach().clone() for p in train(model, opt, data[12:]).parameters()]
     assert nn.functional.mse_loss(model(data[0][0]), data[0][1]).item() < loss0
     resumed = make_model()
-    train(resumed, create_optimizer("power", projected_groups(resumed, rank=4, gap=5), lr=1e-2, base=base, iters=2),
-          data[:12])
+    train(
+        resumed,
+        create_optimizer("power", projected_groups(resumed, rank=4, gap=5), lr=1e-2, base=base, iters=2),
+        data[:12],
+    )
     opt2 = create_optimizer("power", projected_groups(resumed, rank=4, gap=5), lr=1e-2, base=base, iters=2)
     opt2.load_state_dict(saved)
     train(resumed, opt2, data[12:])

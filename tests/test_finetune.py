@@ -14,7 +14,16 @@ from gradspace.train import metrics as M
 from gradspace.train.checkpoint import list_checkpoints, load_checkpoint
 from gradspace.train.tasks import BUILTIN, ExampleStream, Split, load_task
 
-SUBJECTS = ["the movie", "this film", "the plot", "the acting", "the ending", "the soundtrack", "the cast", "the script"]
+SUBJECTS = [
+    "the movie",
+    "this film",
+    "the plot",
+    "the acting",
+    "the ending",
+    "the soundtrack",
+    "the cast",
+    "the script",
+]
 GOOD = ["wonderful", "brilliant", "delightful", "superb", "moving", "excellent"]
 BAD = ["awful", "boring", "terrible", "dreadful", "dull", "horrible"]
 FAST = ["--batch-size", "8", "--max-length", "16", "--threads", "1", "--log-every", "1"]
@@ -36,8 +45,10 @@ def sentiment_csv(tmp_path):
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["text", "label"])
-        for (s, a), y in [*((p, 1) for p in itertools.product(SUBJECTS, GOOD)),
-                          *((p, 0) for p in itertools.product(SUBJECTS, BAD))]:
+        for (s, a), y in [
+            *((p, 1) for p in itertools.product(SUBJECTS, GOOD)),
+            *((p, 0) for p in itertools.product(SUBJECTS, BAD)),
+        ]:
             w.writerow([f"{s} was {a}", y])
     return path
 
@@ -67,12 +78,15 @@ def test_metrics_against_hand_computed_values():
 
 
 # ---------------------------------------------------------------------------------------------- tasks
-@pytest.mark.parametrize("name, sizes, num_labels, metric", [
-    ("rotten-tomatoes", (11752, 1000), 2, "accuracy"),
-    ("review-ratings", (13300, 1000), 1, "pearson"),
-    ("trec", (4881, 500), 6, "accuracy"),
-    ("sms-spam", (4012, 500), 2, "f1"),
-])
+@pytest.mark.parametrize(
+    "name, sizes, num_labels, metric",
+    [
+        ("rotten-tomatoes", (11752, 1000), 2, "accuracy"),
+        ("review-ratings", (13300, 1000), 1, "pearson"),
+        ("trec", (4881, 500), 6, "accuracy"),
+        ("sms-spam", (4012, 500), 2, "f1"),
+    ],
+)
 def test_builtin_tasks_load_and_split_deterministically(name, sizes, num_labels, metric):
     task = load_task(name)
     assert (len(task.train), len(task.validation)) == sizes
@@ -98,8 +112,9 @@ def test_local_files_csv_tsv_jsonl(tmp_path, sentiment_csv):
     task = load_task(str(sentiment_csv))
     assert (len(task.train), len(task.validation)) == (86, 10) and task.labels == ["0", "1"] and task.metric == "f1"
     tsv = tmp_path / "nli.tsv"
-    tsv.write_text("sentence1\tsentence2\tlabel\n" + "".join(f"a{i}\tb{i}\t{['yes', 'no', 'maybe'][i % 3]}\n"
-                                                            for i in range(30)))
+    tsv.write_text(
+        "sentence1\tsentence2\tlabel\n" + "".join(f"a{i}\tb{i}\t{['yes', 'no', 'maybe'][i % 3]}\n" for i in range(30))
+    )
     nli = load_task(str(tsv))
     assert nli.labels == ["maybe", "no", "yes"] and nli.metric == "accuracy" and nli.train.text_pair is not None
     i = nli.train.text.index("a4")
@@ -110,16 +125,21 @@ def test_local_files_csv_tsv_jsonl(tmp_path, sentiment_csv):
     assert reg.regression and reg.metric == "pearson" and len(reg.validation) == 2
 
 
-@pytest.mark.parametrize("make, words", [
-    (lambda d: "no-such-task", ["unknown task 'no-such-task'", "rotten-tomatoes"]),
-    (lambda d: str(d / "missing.csv"), ["does not exist"]),
-    (lambda d: (d / "x.csv").write_text("text,stars\nok,1\nbad,0\n") and str(d / "x.csv"), ["no label column",
-                                                                                            "stars"]),
-    (lambda d: (d / "y.csv").write_text("body,label\nok,1\nbad,0\n") and str(d / "y.csv"), ["no text column"]),
-    (lambda d: (d / "z.csv").write_text("text,label\nok,1\nfine,1\n") and str(d / "z.csv"), ["single class"]),
-    (lambda d: (d / "e.csv").write_text("text,label\nok,1\nfine,\n") and str(d / "e.csv"), ["row 2"]),
-    (lambda d: "glue/nope", ["unknown GLUE task"]),
-])
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda d: "no-such-task", ["unknown task 'no-such-task'", "rotten-tomatoes"]),
+        (lambda d: str(d / "missing.csv"), ["does not exist"]),
+        (
+            lambda d: (d / "x.csv").write_text("text,stars\nok,1\nbad,0\n") and str(d / "x.csv"),
+            ["no label column", "stars"],
+        ),
+        (lambda d: (d / "y.csv").write_text("body,label\nok,1\nbad,0\n") and str(d / "y.csv"), ["no text column"]),
+        (lambda d: (d / "z.csv").write_text("text,label\nok,1\nfine,1\n") and str(d / "z.csv"), ["single class"]),
+        (lambda d: (d / "e.csv").write_text("text,label\nok,1\nfine,\n") and str(d / "e.csv"), ["row 2"]),
+        (lambda d: "glue/nope", ["unknown GLUE task"]),
+    ],
+)
 def test_bad_tasks_raise_one_line_value_errors(tmp_path, make, words):
     with pytest.raises(ValueError) as info:
         load_task(make(tmp_path))
@@ -132,8 +152,13 @@ def test_glue_without_datasets_is_a_clear_error(monkeypatch):
     import builtins
 
     real_import = builtins.__import__
-    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
-                        if name == "datasets" else real_import(name, *a, **k))
+    monkeypatch.setattr(
+        builtins,
+        "__import__",
+        lambda name, *a, **k: (
+            (_ for _ in ()).throw(ImportError(name)) if name == "datasets" else real_import(name, *a, **k)
+        ),
+    )
     with pytest.raises(ValueError, match="pip install datasets"):
         load_task("glue/sst2")
 
@@ -184,8 +209,27 @@ def test_minilm_loads_with_a_fresh_head_and_bert_projection_targets():
 # ---------------------------------------------------------------------------------------------- runs
 def test_finetune_learns_a_separable_task(tmp_path, sentiment_csv, capsys):
     out = tmp_path / "run"
-    assert run("finetune", "--task", sentiment_csv, "--method", "galore", "--steps", "12", "--lr", "3e-4",
-               "--eval-every", "6", "--update-gap", "6", *FAST, "--out", out) == 0
+    assert (
+        run(
+            "finetune",
+            "--task",
+            sentiment_csv,
+            "--method",
+            "galore",
+            "--steps",
+            "12",
+            "--lr",
+            "3e-4",
+            "--eval-every",
+            "6",
+            "--update-gap",
+            "6",
+            *FAST,
+            "--out",
+            out,
+        )
+        == 0
+    )
     recs = lines(out / "metrics.jsonl")
     loss = [r["loss"] for r in recs if r["type"] == "train"]
     evals = [r for r in recs if r["type"] == "eval"]
@@ -204,8 +248,25 @@ def test_finetune_learns_a_separable_task(tmp_path, sentiment_csv, capsys):
 @pytest.mark.parametrize("task", sorted(BUILTIN))
 def test_finetune_runs_on_every_builtin_task(tmp_path, task):
     out = tmp_path / task
-    assert run("finetune", "--task", task, "--method", "subtrack", "--steps", "3", "--eval-batches", "1",
-               "--eval-every", "0", *FAST, "--out", out) == 0
+    assert (
+        run(
+            "finetune",
+            "--task",
+            task,
+            "--method",
+            "subtrack",
+            "--steps",
+            "3",
+            "--eval-batches",
+            "1",
+            "--eval-every",
+            "0",
+            *FAST,
+            "--out",
+            out,
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     value = summary[summary["metric"]]
     assert summary["task"] == task and math.isfinite(summary["val_loss"]) and -1 <= value <= 1
@@ -214,8 +275,22 @@ def test_finetune_runs_on_every_builtin_task(tmp_path, task):
 
 def test_interrupt_and_resume_is_bit_identical(tmp_path, sentiment_csv, capsys):
     # a subspace update (every 2 steps) and an evaluation fall after the resumed step
-    args = ["finetune", "--task", sentiment_csv, "--method", "galore", "--steps", "4", "--update-gap", "2",
-            "--lr", "1e-4", "--eval-every", "2", *FAST]
+    args = [
+        "finetune",
+        "--task",
+        sentiment_csv,
+        "--method",
+        "galore",
+        "--steps",
+        "4",
+        "--update-gap",
+        "2",
+        "--lr",
+        "1e-4",
+        "--eval-every",
+        "2",
+        *FAST,
+    ]
     assert run(*args, "--out", tmp_path / "full") == 0
     assert run(*args, "--out", tmp_path / "cut", "--stop-after", "2") == 130
     err = capsys.readouterr().err
@@ -228,24 +303,29 @@ def test_interrupt_and_resume_is_bit_identical(tmp_path, sentiment_csv, capsys):
         assert torch.equal(v, cut["model"][k]), k
 
     def curve(run_dir):
-        return [(r["type"], r["step"], r.get("loss"), r.get("val_loss"), r.get("f1"))
-                for r in lines(run_dir / "metrics.jsonl")]
+        return [
+            (r["type"], r["step"], r.get("loss"), r.get("val_loss"), r.get("f1"))
+            for r in lines(run_dir / "metrics.jsonl")
+        ]
 
     assert curve(tmp_path / "full") == curve(tmp_path / "cut")
     assert_clean_error(capsys, run("pretrain", "--resume", tmp_path / "cut"), "gradspace finetune")
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["finetune", "--task", "no-such-task"], ["unknown task"]),
-    (["finetune", "--task", "@missing.csv"], ["does not exist"]),
-    (["finetune", "--task", "@nolabel.csv"], ["no label column"]),
-    (["finetune", "--task", "@good.csv", "--rank", "385"], ["rank 385", "maximum allowed is 384"]),
-    (["finetune", "--task", "@good.csv", "--method", "adamw", "--rank", "8"], ["does not apply"]),
-    (["finetune", "--task", "@good.csv", "--max-length", "4096"], ["max-length 4096", "512"]),
-    (["finetune", "--task", "@good.csv", "--model", "@no-model-here/"], ["model"]),
-    (["finetune", "--method", "nope"], ["unknown method"]),
-    (["compare", "--task", "@good.csv", "--dataset", "bible"], ["--dataset", "fine-tuning"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["finetune", "--task", "no-such-task"], ["unknown task"]),
+        (["finetune", "--task", "@missing.csv"], ["does not exist"]),
+        (["finetune", "--task", "@nolabel.csv"], ["no label column"]),
+        (["finetune", "--task", "@good.csv", "--rank", "385"], ["rank 385", "maximum allowed is 384"]),
+        (["finetune", "--task", "@good.csv", "--method", "adamw", "--rank", "8"], ["does not apply"]),
+        (["finetune", "--task", "@good.csv", "--max-length", "4096"], ["max-length 4096", "512"]),
+        (["finetune", "--task", "@good.csv", "--model", "@no-model-here/"], ["model"]),
+        (["finetune", "--method", "nope"], ["unknown method"]),
+        (["compare", "--task", "@good.csv", "--dataset", "bible"], ["--dataset", "fine-tuning"]),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, words):
     (tmp_path / "nolabel.csv").write_text("text,stars\ngood,5\nbad,1\n")
     (tmp_path / "good.csv").write_text("text,label\ngood,1\nbad,0\nfine,1\n")
@@ -260,8 +340,9 @@ def test_hub_model_offline_is_a_one_line_error(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(encoder, "hub_reachable", lambda: False)  # also on machines that have a network
     (tmp_path / "good.csv").write_text("text,label\ngood,1\nbad,0\n")
-    code = run("finetune", "--task", tmp_path / "good.csv", "--model", "no-such-org/no-such-model", "--out",
-               tmp_path / "out")
+    code = run(
+        "finetune", "--task", tmp_path / "good.csv", "--model", "no-such-org/no-such-model", "--out", tmp_path / "out"
+    )
     assert_clean_error(capsys, code, "no-such-org/no-such-model", "not reachable")
     assert not (tmp_path / "out").exists()
 
@@ -269,8 +350,9 @@ def test_hub_model_offline_is_a_one_line_error(tmp_path, capsys, monkeypatch):
 @pytest.mark.slow
 def test_compare_on_a_task_reports_the_metric_per_method(tmp_path, sentiment_csv, capsys):
     out = tmp_path / "cmp"
-    assert run("compare", "--task", sentiment_csv, "--methods", "adamw,galore", "--steps", "3", *FAST,
-               "--out", out) == 0
+    assert (
+        run("compare", "--task", sentiment_csv, "--methods", "adamw,galore", "--steps", "3", *FAST, "--out", out) == 0
+    )
     report = (out / "report.md").read_text()
     assert "| method | val f1 | val loss |" in report and "| galore |" in report and "fine-tuned on" in report
     raw = json.loads((out / "metrics.json").read_text())["results"]

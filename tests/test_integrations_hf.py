@@ -21,8 +21,14 @@ from gradspace.methods import METHODS
 from gradspace.rules import RULES
 
 CONFIG = LlamaConfig(
-    vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False,
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
 )
 PROJECTED = "model.layers.0.self_attn.q_proj.weight"
 THREE = ["up", "mid", "down"]  # the linear weights of conftest's model, projected in the Accelerate tests
@@ -46,10 +52,20 @@ def tiny_llama():
 
 def hf_args(out, **kw):
     kw = {
-        "max_steps": 8, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "weight_decay": 0.01,
-        "save_strategy": "steps", "save_steps": 4, "report_to": "none", "use_cpu": True, "seed": 0,
-        "disable_tqdm": True, "logging_steps": 1, "optim_target_modules": ["attn", "mlp"],
-        "optim_args": "rank=4,update_proj_gap=3", **kw,
+        "max_steps": 8,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2,
+        "weight_decay": 0.01,
+        "save_strategy": "steps",
+        "save_steps": 4,
+        "report_to": "none",
+        "use_cpu": True,
+        "seed": 0,
+        "disable_tqdm": True,
+        "logging_steps": 1,
+        "optim_target_modules": ["attn", "mlp"],
+        "optim_args": "rank=4,update_proj_gap=3",
+        **kw,
     }
     return TrainingArguments(str(out), **kw)
 
@@ -59,8 +75,7 @@ def fit(out, method, resume=None, layerwise=False, callbacks=None, **kw):
     model = tiny_llama()
     args = hf_args(out, **kw)
     opt = create_hf_optimizer(model, args, method, layerwise=layerwise)
-    trainer = Trainer(model=model, args=args, train_dataset=Tokens(), optimizers=(opt, None),
-                      callbacks=callbacks)
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(), optimizers=(opt, None), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     return [p.detach().clone() for p in model.parameters()], trainer
 
@@ -119,7 +134,11 @@ def test_state_dict_loads_weights_only_and_resumes_exactly(method, base):
 # --------------------------------------------------------------------- configuration from TrainingArguments
 def test_parse_optim_args_types_values():
     assert parse_optim_args("rank=8, scale=0.25,proj_type=left,accumulate=false,r_max=none") == {
-        "rank": 8, "scale": 0.25, "proj_type": "left", "accumulate": False, "r_max": None,
+        "rank": 8,
+        "scale": 0.25,
+        "proj_type": "left",
+        "accumulate": False,
+        "r_max": None,
     }
     assert parse_optim_args({"rank": 8}) == {"rank": 8}
     assert parse_optim_args(None) == parse_optim_args("") == {}
@@ -129,8 +148,16 @@ def test_parse_optim_args_types_values():
 
 def test_optimizer_takes_the_trainer_settings(tmp_path):
     model = tiny_llama()
-    args = hf_args(tmp_path, learning_rate=3e-3, weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.95,
-                   adam_epsilon=1e-7, seed=5, optim_args="rank=4,update_proj_gap=3,scale=0.5")
+    args = hf_args(
+        tmp_path,
+        learning_rate=3e-3,
+        weight_decay=0.1,
+        adam_beta1=0.8,
+        adam_beta2=0.95,
+        adam_epsilon=1e-7,
+        seed=5,
+        optim_args="rank=4,update_proj_gap=3,scale=0.5",
+    )
     opt = create_hf_optimizer(model, args, "subtrack", optim_args={"scale": 0.75}, eta=0.5)
     assert isinstance(opt, SubspaceOptimizer) and opt.seed == 5
     by_name = {n: g for g in opt.param_groups for n in g["param_names"]}
@@ -185,8 +212,9 @@ class GradsHeld(TrainerCallback):
 def test_trainer_layerwise_with_accumulation_matches_normal_mode_and_resumes(tmp_path, method):
     normal, _ = fit(tmp_path / "normal", method, gradient_accumulation_steps=2, max_grad_norm=0.0)
     held = GradsHeld()
-    got, trainer = fit(tmp_path / "lw", method, layerwise=True, callbacks=[held],
-                       gradient_accumulation_steps=2, max_grad_norm=0.0)
+    got, trainer = fit(
+        tmp_path / "lw", method, layerwise=True, callbacks=[held], gradient_accumulation_steps=2, max_grad_norm=0.0
+    )
     assert trainer.state.global_step == 8
     # the micro-batch sums S^T G1 + S^T G2 and S^T (G1 + G2) differ by float32 rounding only
     assert max_diff(got, normal) < 1e-6
@@ -197,25 +225,38 @@ def test_trainer_layerwise_with_accumulation_matches_normal_mode_and_resumes(tmp
     # later windows: GaLore accumulates S^T G for its projected weights; SubTrack needs every full gradient
     assert held.substep[1] == n_params - (n_projected if method == "galore" else 0)
 
-    resumed, _ = fit(tmp_path / "lw2", method, layerwise=True, resume=str(tmp_path / "lw" / "checkpoint-4"),
-                     gradient_accumulation_steps=2, max_grad_norm=0.0)
+    resumed, _ = fit(
+        tmp_path / "lw2",
+        method,
+        layerwise=True,
+        resume=str(tmp_path / "lw" / "checkpoint-4"),
+        gradient_accumulation_steps=2,
+        max_grad_norm=0.0,
+    )
     assert max_diff(resumed, got) == 0.0
 
 
 def test_trainer_layerwise_follows_a_short_last_window(tmp_path):
     # 48 samples / batch 4 = 12 micro-batches per epoch; accumulating 5 leaves a last window of 2 per epoch
-    normal, _ = fit(tmp_path / "n", "galore", gradient_accumulation_steps=5, max_grad_norm=0.0, max_steps=6,
-                    save_strategy="no")
-    got, trainer = fit(tmp_path / "l", "galore", layerwise=True, gradient_accumulation_steps=5,
-                       max_grad_norm=0.0, max_steps=6, save_strategy="no")
+    normal, _ = fit(
+        tmp_path / "n", "galore", gradient_accumulation_steps=5, max_grad_norm=0.0, max_steps=6, save_strategy="no"
+    )
+    got, trainer = fit(
+        tmp_path / "l",
+        "galore",
+        layerwise=True,
+        gradient_accumulation_steps=5,
+        max_grad_norm=0.0,
+        max_steps=6,
+        save_strategy="no",
+    )
     assert trainer.state.epoch == 2.0
     assert max_diff(got, normal) < 1e-6
 
 
 def test_layerwise_warns_that_clipping_cannot_apply(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="gradspace.integrations.hf"):
-        opt = create_hf_optimizer(tiny_llama(), hf_args(tmp_path, max_grad_norm=1.0), "galore",
-                                  layerwise=True)
+        opt = create_hf_optimizer(tiny_llama(), hf_args(tmp_path, max_grad_norm=1.0), "galore", layerwise=True)
     assert "max_grad_norm" in caplog.text
     assert isinstance(opt.layerwise, Layerwise)
     opt.layerwise.remove()
@@ -257,8 +298,9 @@ def test_accelerate_prepare_wraps_our_optimizer():
     fresh = galore(make_model())
     fresh = accelerator.prepare(fresh)
     fresh.load_state_dict(roundtrip(prepared.state_dict()))
-    assert torch.equal(fresh.optimizer.state[fresh.param_groups[0]["params"][0]]["basis"],
-                       opt.state[model.up.weight]["basis"])
+    assert torch.equal(
+        fresh.optimizer.state[fresh.param_groups[0]["params"][0]]["basis"], opt.state[model.up.weight]["basis"]
+    )
 
 
 def test_accelerate_layerwise_follows_accumulate():

@@ -25,7 +25,7 @@ def layerwise(method_kw, data, accum):
     opt = SubspaceOptimizer(projected_groups(model, gap=4), lr=1e-2, weight_decay=0.01, **method_kw)
     lw = Layerwise(opt, accumulation_steps=accum)
     held = []
-    for i, (x, y) in enumerate(data):
+    for _i, (x, y) in enumerate(data):
         (nn.functional.mse_loss(model(x), y) / accum).backward()
         held.append(sum(p.grad is not None for p in (model.up.weight, model.mid.weight, model.down.weight)))
     lw.remove()

@@ -18,9 +18,7 @@ def setup(steps=20, seed=0):
     torch.manual_seed(seed)
     model = build_llama("tiny", vocab_size=VOCAB, num_hidden_layers=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    data = TokenDataset(
-        np.tile(np.random.default_rng(0).integers(0, VOCAB, 50), 40)
-    )  # a 50-token phrase repeated
+    data = TokenDataset(np.tile(np.random.default_rng(0).integers(0, VOCAB, 50), 40))  # a 50-token phrase repeated
     return (
         model,
         optimizer,
@@ -70,9 +68,7 @@ def test_resume_is_exact():
 
     model, opt, sched, stream, _ = setup()
     first = [r["loss"] for r in train(model, opt, stream, 10, scheduler=sched)["history"]]
-    saved = {
-        k: x.state_dict() for k, x in {"model": model, "opt": opt, "sched": sched, "stream": stream}.items()
-    }
+    saved = {k: x.state_dict() for k, x in {"model": model, "opt": opt, "sched": sched, "stream": stream}.items()}
     model, opt, sched, stream, _ = setup(seed=1)
     for k, x in {"model": model, "opt": opt, "sched": sched, "stream": stream}.items():
         x.load_state_dict(saved[k])

@@ -24,15 +24,22 @@ def text_ids():
 
 def tiny_llama(vocab, seed=0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg)
 
 
 def batches(ids, n, seed=0, batch=8, seq=32):
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seq, (n, batch), generator=g)
-    return [torch.stack([ids[s:s + seq] for s in row]) for row in starts]
+    return [torch.stack([ids[s : s + seq] for s in row]) for row in starts]
 
 
 def make(method, base, model, gap=20):

@@ -25,8 +25,13 @@ GROUP = {"betas": (0.9, 0.999), "eps": 1e-6, "correct_bias": True}
 
 
 @settings(max_examples=25, deadline=None)
-@given(k=st.integers(6, 20), r_old=st.integers(1, 5), r_new=st.integers(1, 5), t=st.integers(1, 500),
-       seed=st.integers(0, 10_000))
+@given(
+    k=st.integers(6, 20),
+    r_old=st.integers(1, 5),
+    r_new=st.integers(1, 5),
+    t=st.integers(1, 500),
+    seed=st.integers(0, 10_000),
+)
 def test_rotate_and_project_match_formulas_and_keep_v_nonnegative(k, r_old, r_new, t, seed):
     gen = torch.Generator().manual_seed(seed)
     old, new = orthonormal(k, r_old, gen), orthonormal(k, r_new, gen)

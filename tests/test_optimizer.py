@@ -157,7 +157,7 @@ def test_nonfinite_gradient_errors_naming_the_param_and_changes_nothing():
     params, state = snapshot(model), copy.deepcopy(opt.state_dict())
     _grads(model, data[2])
     model.mid.weight.grad[0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match="mid.weight"):
+    with pytest.raises(FloatingPointError, match=r"mid.weight"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(snapshot(model), params))
     after = opt.state_dict()

@@ -12,8 +12,15 @@ from gradspace import SubspaceOptimizer, create_optimizer, select_params
 @pytest.fixture(scope="module")
 def llama():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -29,7 +36,7 @@ def test_default_targets_are_attention_and_mlp_linears(llama):
     assert groups[0]["rank"] == 8
     rest = names(groups[1])
     assert "model.embed_tokens.weight" in rest and "model.norm.weight" in rest
-    assert len(proj) + len(rest) == len([p for p in llama.parameters()])
+    assert len(proj) + len(rest) == len(list(llama.parameters()))
 
 
 def test_all_linear_excludes_head_unless_named(llama):
@@ -74,8 +81,10 @@ def test_hugging_face_style_groups_work_unchanged(llama):
     galore_params = [p for n, p in llama.named_parameters() if "mlp" in n]
     ids = {id(p) for p in galore_params}
     others = [p for p in llama.parameters() if id(p) not in ids]
-    groups = [{"params": others},
-              {"params": galore_params, "rank": 4, "update_proj_gap": 50, "scale": 0.25, "proj_type": "std"}]
+    groups = [
+        {"params": others},
+        {"params": galore_params, "rank": 4, "update_proj_gap": 50, "scale": 0.25, "proj_type": "std"},
+    ]
     opt = SubspaceOptimizer(groups, lr=1e-3, weight_decay=0.0)
     assert opt.param_groups[1]["rank"] == 4 and "rank" not in opt.param_groups[0]
     opt2 = create_optimizer("galore", groups, lr=1e-3)

@@ -80,10 +80,24 @@ def test_fira_preset_matches_fira_after_60_steps(proj_type):
     # recovery matters here: GaLore on the same data ends measurably elsewhere, and so does the variant
     # that scales the whole update (residual included) by alpha, which gradspace used to do
     galore = make_model()
-    train(galore, create_optimizer("galore", projected_groups(galore, rank=6, gap=12, proj_type=proj_type),
-                                   lr=1e-2, weight_decay=0.05), data)
+    train(
+        galore,
+        create_optimizer(
+            "galore", projected_groups(galore, rank=6, gap=12, proj_type=proj_type), lr=1e-2, weight_decay=0.05
+        ),
+        data,
+    )
     assert relative_diff(galore.mid.weight, ref.mid.weight) > 1e-3
     true = make_model()
-    train(true, create_optimizer("fira", projected_groups(true, rank=6, gap=12, proj_type=proj_type), lr=1e-2,
-                                 weight_decay=0.05, recovery_residual="true"), data)
+    train(
+        true,
+        create_optimizer(
+            "fira",
+            projected_groups(true, rank=6, gap=12, proj_type=proj_type),
+            lr=1e-2,
+            weight_decay=0.05,
+            recovery_residual="true",
+        ),
+        data,
+    )
     assert relative_diff(true.mid.weight, ref.mid.weight) > 1e-4

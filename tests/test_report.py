@@ -4,14 +4,24 @@ from gradspace.train import report
 
 
 def summary(val_loss, state, update_s, ranks):
-    return {"val_loss": val_loss, "val_ppl": 2.718 ** val_loss, "wall_time": 10.0, "update_seconds": update_s,
-            "state_bytes": state, "peak_memory": 1 << 20, "history": [{"step": 1, "loss": 4.0}],
-            "evals": [{"step": 1, "val_loss": val_loss}],
-            "weights": {f"model.layers.0.mlp.w{i}.weight": {"rank": r, "energy": 0.5} for i, r in enumerate(ranks)}}
+    return {
+        "val_loss": val_loss,
+        "val_ppl": 2.718**val_loss,
+        "wall_time": 10.0,
+        "update_seconds": update_s,
+        "state_bytes": state,
+        "peak_memory": 1 << 20,
+        "history": [{"step": 1, "loss": 4.0}],
+        "evals": [{"step": 1, "val_loss": val_loss}],
+        "weights": {f"model.layers.0.mlp.w{i}.weight": {"rank": r, "energy": 0.5} for i, r in enumerate(ranks)},
+    }
 
 
-RESULTS = {"adamw": {**summary(2.0, 1000, 0.0, []), "weights": {}}, "galore": summary(2.1, 330, 2.0, [32, 32]),
-           "adarank": summary(2.3, 100, 1.0, [3, 5])}
+RESULTS = {
+    "adamw": {**summary(2.0, 1000, 0.0, []), "weights": {}},
+    "galore": summary(2.1, 330, 2.0, [32, 32]),
+    "adarank": summary(2.3, 100, 1.0, [3, 5]),
+}
 
 
 def test_rows_show_differences_and_ratios():

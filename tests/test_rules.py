@@ -29,7 +29,6 @@ def rule_of(config):
     return config.split("_")[0]
 
 
-
 def scaled_batches(n, seed=1, batch=16):
     """conftest's regression with targets scaled to unit size, so that 24 steps visibly train the model."""
     return [(x, y / 5) for x, y in batches(n, seed=seed, batch=batch)]
@@ -302,11 +301,7 @@ def test_reset_zeroes_and_restarts(name):
     rule.reset(state, torch.empty(3, 6), group)
     assert state["step"] == 2  # the shared counter is not the rule's
     for key, value in state.items():
-        if (
-            key.startswith(rule.state_prefix)
-            and isinstance(value, torch.Tensor)
-            and value.is_floating_point()
-        ):
+        if key.startswith(rule.state_prefix) and isinstance(value, torch.Tensor) and value.is_floating_point():
             assert not bool(value.any())
         elif key.startswith(rule.state_prefix) and not isinstance(value, torch.Tensor):
             assert value == 0

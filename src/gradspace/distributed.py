@@ -226,7 +226,7 @@ def shard_updates(opt, work: list, group=None) -> dict[torch.Tensor, torch.Tenso
         if src == me:
             continue
         chunks = iter(flat.split(sizes))
-        for (g, p, right, tracker), r in zip(jobs, ranks.tolist()):
+        for (g, p, _right, tracker), r in zip(jobs, ranks.tolist()):
             state = opt.state[p]
             new[p] = next(chunks).view(-1, r).clone()  # its own storage: a view would keep (and save) all
             for key in tracker.update_diagnostics:

@@ -1,6 +1,6 @@
 """Named presets: each method is a tracker, a moment policy, recovery on or off, and tracker defaults.
 
-    opt = create_optimizer("galore", model, lr=1e-3, rank=128, update_proj_gap=200, scale=0.25)
+opt = create_optimizer("galore", model, lr=1e-3, rank=128, update_proj_gap=200, scale=0.25)
 """
 
 from __future__ import annotations
@@ -18,16 +18,21 @@ from .params import DEFAULT_TARGETS, as_groups, select_params
 METHODS: dict[str, dict[str, Any] | None] = {
     "adamw": None,  # full rank, for comparison
     "galore": {"tracker": "svd", "moments": "keep"},
-    # Fira (fira==1.0.2): GaLore plus recovery scaling of the dropped residual (ALGORITHMS.md 7.3)
+    # Fira (fira==1.0.2): GaLore plus recovery scaling of the dropped residual (docs/methods.md)
     "fira": {"tracker": "svd", "moments": "keep", "recovery": True},
     "subtrack": {"tracker": "subtrack", "moments": "keep"},
     "subtrack++": {"tracker": "subtrack", "moments": "project", "recovery": True},
     "osd": {"tracker": "online_pca", "moments": "keep"},
     # the Online Subspace Descent authors' released variant: P lr = 1/T on the schedule, no lambda, wd 0.01 on P
-    "osd-code": {"tracker": "online_pca", "moments": "keep", "p_lr_mode": "code", "osd_lambda": 0.0,
-                 "p_weight_decay": 0.01},
+    "osd-code": {
+        "tracker": "online_pca",
+        "moments": "keep",
+        "p_lr_mode": "code",
+        "osd_lambda": 0.0,
+        "p_weight_decay": 0.01,
+    },
     "adarank": {"tracker": "adarank", "moments": "rotate"},
-    # reconstructed from the abstract and reviews (ALGORITHMS.md section 6): random moves need both of these
+    # reconstructed from the abstract and reviews (docs/methods.md): random moves need both of these
     "grasswalk": {"tracker": "grasswalk", "moments": "project", "recovery": True},
     "grassjump": {"tracker": "grassjump", "moments": "project", "recovery": True},
 }

@@ -1,4 +1,4 @@
-"""Moment policies: what happens to the inner rule's state when the basis changes (ALGORITHMS.md section 7).
+"""Moment policies: what happens to the inner rule's state when the basis changes (docs/methods.md).
 
 All work in the oriented projected frame, where moments are r x l and the change of basis is
 ``C = S_new^T S_old`` (r_new x r_old).

@@ -23,14 +23,13 @@ import torch
 from torch.optim import Optimizer
 
 from . import distributed as dist_support
-from . import validation
 from . import moments as moment_policies
+from . import recovery, validation
 from .projection import PROJ_TYPES, basis_on_right, largest_principal_angle, oriented, project
-from . import recovery
 from .recovery import RECOVERY_DEFAULTS
-from .update import apply_update
 from .rules import RULES, get_rule
 from .trackers import TRACKERS, Context, get_tracker
+from .update import apply_update
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ def _check_applicable(options: dict[str, Any], base: str, tracker: str) -> None:
 
 
 class SubspaceOptimizer(Optimizer):
-    """Low-rank subspace optimizer. See the module docstring and ALGORITHMS.md section 1.
+    """Low-rank subspace optimizer. See the module docstring and docs/methods.md.
 
     Args:
         params: parameters or param groups; groups with ``rank`` are projected.
@@ -116,8 +115,12 @@ class SubspaceOptimizer(Optimizer):
         _check_applicable(options, base, tracker)
         self._proj_defaults = dict(PROJECTION_DEFAULTS)
         self._proj_defaults.update(
-            update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, tracker=tracker,
-            moments=moments, recovery=recovery,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            proj_type=proj_type,
+            tracker=tracker,
+            moments=moments,
+            recovery=recovery,
         )
         self._proj_defaults.update({k: v for k, v in options.items() if k in tracker_keys and k not in rule_keys})
         defaults = {"lr": lr, "weight_decay": weight_decay, "base": base, "state_dtype": None}
@@ -139,7 +142,8 @@ class SubspaceOptimizer(Optimizer):
         if self._clipped:
             log.warning(
                 "rank >= min(m, n) for %d weight(s) (%s): they are trained in full rank, without projection",
-                len(self._clipped), ", ".join(self._clipped[:5]) + (" ..." if len(self._clipped) > 5 else ""),
+                len(self._clipped),
+                ", ".join(self._clipped[:5]) + (" ..." if len(self._clipped) > 5 else ""),
             )
             self._clipped = []
 
@@ -175,12 +179,16 @@ class SubspaceOptimizer(Optimizer):
         for key in group:
             if key in known or key in validation.FOREIGN_GROUP_KEYS or not isinstance(key, str):
                 continue
-            close = validation.GROUP_KEY_ALIASES.get(key) or next(iter(difflib.get_close_matches(key, known, 1, 0.8)), None)
+            close = validation.GROUP_KEY_ALIASES.get(key) or next(
+                iter(difflib.get_close_matches(key, known, 1, 0.8)), None
+            )
             if close is not None:
                 raise ValueError(f"unknown param-group key {key!r}: did you mean {close!r}?")
 
     def _validate_group(self, group: dict, rule) -> None:
-        validation.check_lr_and_decay(group.get("lr", self.defaults["lr"]), group.get("weight_decay", self.defaults["weight_decay"]))
+        validation.check_lr_and_decay(
+            group.get("lr", self.defaults["lr"]), group.get("weight_decay", self.defaults["weight_decay"])
+        )
         dtype = group.get("state_dtype", self.defaults.get("state_dtype"))
         if dtype is not None:
             resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
@@ -416,8 +424,19 @@ class SubspaceOptimizer(Optimizer):
             norm = torch.linalg.vector_norm(gn, dtype=torch.promote_types(gn.dtype, torch.float32))
             diag["energy"] = gt.square().sum() / norm.square()
         direction, factor = rule.update(gt, state, group)
-        apply_update(view.weight, basis, gn, gt, direction, state, group, right=right,
-                     step_size=-float(group["lr"]) * factor, orthonormal=tracker.orthonormal, rows=view.rows)
+        apply_update(
+            view.weight,
+            basis,
+            gn,
+            gt,
+            direction,
+            state,
+            group,
+            right=right,
+            step_size=-float(group["lr"]) * factor,
+            orthonormal=tracker.orthonormal,
+            rows=view.rows,
+        )
         t0 = time.perf_counter()
         tracker.after_step(tgn, state, group, ctx)
         if tracker.moves_every_step:  # its per-step basis move is its subspace update
@@ -463,8 +482,11 @@ class SubspaceOptimizer(Optimizer):
                     f"{len(group['params'])}; it was saved for a different model or parameter selection"
                 )
             validation.check_same_configuration(i, group, saved)
-        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
-                          chain.from_iterable(g["params"] for g in groups)))
+        id_map = dict(
+            zip(
+                chain.from_iterable(g["params"] for g in saved_groups), chain.from_iterable(g["params"] for g in groups)
+            )
+        )
         rule_of = {p: get_rule(g["base"]) for g in groups for p in g["params"]}
         state: defaultdict[Any, dict] = defaultdict(dict)
         for key, st in state_dict["state"].items():
@@ -545,8 +567,14 @@ def _empty(rank: int, cols: int, p: torch.Tensor, rule, state: dict | None = Non
     floating-point state, else the parameter's."""
     dtype = p.dtype
     if state is not None:
-        dtype = next((v.dtype for k, v in state.items() if k.startswith(rule.state_prefix)
-                      and isinstance(v, torch.Tensor) and v.is_floating_point()), dtype)
+        dtype = next(
+            (
+                v.dtype
+                for k, v in state.items()
+                if k.startswith(rule.state_prefix) and isinstance(v, torch.Tensor) and v.is_floating_point()
+            ),
+            dtype,
+        )
     return torch.empty(rank, cols, dtype=dtype, device=p.device)
 
 

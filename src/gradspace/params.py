@@ -65,7 +65,7 @@ def select_params(
         if not hit:
             continue
         if weight.dim() != 2:
-            if explicit or not isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and len(list(module.children())) == 0:
+            if explicit or (not isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and len(list(module.children())) == 0):
                 raise ValueError(
                     f"target_modules selects {mod_name}.weight of shape {tuple(weight.shape)}, but only 2-D weights "
                     "can be projected; narrow target_modules (e.g. 'attn', 'mlp', or 'all-linear')"

@@ -3,7 +3,7 @@
 Every method keeps an orthonormal basis ``S`` (k x r) of one side of a weight ``W`` (m x n). We call the gradient
 seen from that side the *oriented* gradient ``Gn`` (k x l): ``G`` itself when the basis is on the left (rows),
 ``G^T`` (a view, no copy) when it is on the right (columns). In the oriented frame every method is the left-basis
-case of ALGORITHMS.md section 1:
+case of the common step in docs/methods.md:
 
     Gt = S^T Gn        (r x l)   projected gradient
     Un = S Ot          (k x l)   inner rule output back in the full space

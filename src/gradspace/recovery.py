@@ -1,4 +1,4 @@
-"""Recovery scaling (Fira-style, ALGORITHMS.md 7.3): add back the part of the gradient the projection drops.
+"""Recovery scaling (Fira-style, docs/methods.md "Fira"): add back the part of the gradient the projection drops.
 
 Per column j of the oriented projected frame, ``phi_j = ||Ot[:, j]|| / (||Gt[:, j]|| + 1e-8)`` says how much the
 inner rule rescaled that column. With ``alpha`` the GaLore scale, the update is the reference code's
@@ -50,8 +50,13 @@ def residual_alpha(group: dict) -> float:
 
 
 def recovery_scales(
-    gn: torch.Tensor, gt: torch.Tensor, ot: torch.Tensor, state: dict, group: dict,
-    gram: torch.Tensor | None = None, a: float = 1.0,
+    gn: torch.Tensor,
+    gt: torch.Tensor,
+    ot: torch.Tensor,
+    state: dict,
+    group: dict,
+    gram: torch.Tensor | None = None,
+    a: float = 1.0,
 ) -> torch.Tensor:
     """The per-column factors ``c`` (length l) of the residual ``Gn - a S Gt``, limiter included; updates
     ``state["rec_norm"]``."""

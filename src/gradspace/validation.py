@@ -10,15 +10,45 @@ import torch
 #: param-group keys that torch, its LR schedulers, the Hugging Face Trainer and common training code add; accepted
 #: as they are (any other key that is not a near-miss of a known one is accepted too, as torch does)
 FOREIGN_GROUP_KEYS = {
-    "initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum", "max_momentum", "momentum_decay", "name",
-    "foreach", "fused", "capturable", "differentiable", "maximize", "amsgrad", "decoupled_weight_decay",
+    "initial_lr",
+    "max_lr",
+    "min_lr",
+    "base_lr",
+    "base_momentum",
+    "max_momentum",
+    "momentum_decay",
+    "name",
+    "foreach",
+    "fused",
+    "capturable",
+    "differentiable",
+    "maximize",
+    "amsgrad",
+    "decoupled_weight_decay",
 }
 #: misspellings that difflib's similarity does not catch
-GROUP_KEY_ALIASES = {"projection_type": "proj_type", "proj_gap": "update_proj_gap", "update_gap": "update_proj_gap",
-                     "galore_scale": "scale", "alpha_scale": "scale", "rule": "base", "inner_rule": "base"}
+GROUP_KEY_ALIASES = {
+    "projection_type": "proj_type",
+    "proj_gap": "update_proj_gap",
+    "update_gap": "update_proj_gap",
+    "galore_scale": "scale",
+    "alpha_scale": "scale",
+    "rule": "base",
+    "inner_rule": "base",
+}
 #: group keys that fix the structure of the saved state: a checkpoint saved with other values cannot be loaded
-STRUCTURAL_KEYS = ("tracker", "moments", "recovery", "p_lr_mode", "p_optimizer", "accumulate", "base", "rank",
-                   "proj_type", "state_dtype")
+STRUCTURAL_KEYS = (
+    "tracker",
+    "moments",
+    "recovery",
+    "p_lr_mode",
+    "p_optimizer",
+    "accumulate",
+    "base",
+    "rank",
+    "proj_type",
+    "state_dtype",
+)
 
 
 def _number(value: Any) -> float:

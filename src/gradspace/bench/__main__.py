@@ -35,14 +35,19 @@ def main(argv=None) -> None:
     dst.add_argument("--steps", type=int, default=3)
     ada = sub.add_parser("adarank", help="AdaRankGrad: refresh-criterion sweep, or --variants: rank rules vs GaLore")
     ada.add_argument("--steps", type=int, default=300)
-    ada.add_argument("--variants", action="store_true",
-                     help="instead: rank rules (criterion, basis, r_min, eta_th) vs GaLore over several seeds")
+    ada.add_argument(
+        "--variants",
+        action="store_true",
+        help="instead: rank rules (criterion, basis, r_min, eta_th) vs GaLore over several seeds",
+    )
     ada.add_argument("--seeds", type=int, default=3, help="with --variants")
     ada.add_argument("--only", default=None, help="with --variants: comma-separated label substrings")
     mem = sub.add_parser("memory", help="optimizer-state bytes (counted vs formula vs papers) and peak step memory")
     mem.add_argument("--configs", default="60m,130m,350m,1b", help="LLaMA presets for the state-bytes tables")
     mem.add_argument("--vocab", type=int, default=32000)
-    mem.add_argument("--check-preset", default="mini", help="preset on which meta counts must equal real ones ('' skips)")
+    mem.add_argument(
+        "--check-preset", default="mini", help="preset on which meta counts must equal real ones ('' skips)"
+    )
     mem.add_argument("--adarank-preset", default="60m", help="preset for AdaRankGrad's effective rank ('' skips)")
     mem.add_argument("--adarank-steps", type=int, default=30)
     mem.add_argument("--peak-preset", default="60m", help="preset for the peak-memory table ('' skips)")
@@ -71,9 +76,18 @@ def main(argv=None) -> None:
     elif args.bench == "step":
         from . import step
 
-        print(step.run(args.preset, args.methods.split(",") if args.methods else None, args.rank,
-                       repeats=args.repeats, device=args.device, dtype=getattr(torch, args.dtype),
-                       layers=args.layers, references=not args.no_references))
+        print(
+            step.run(
+                args.preset,
+                args.methods.split(",") if args.methods else None,
+                args.rank,
+                repeats=args.repeats,
+                device=args.device,
+                dtype=getattr(torch, args.dtype),
+                layers=args.layers,
+                references=not args.no_references,
+            )
+        )
 
     elif args.bench == "distributed":
         from . import sharded_updates
@@ -91,10 +105,24 @@ def main(argv=None) -> None:
     elif args.bench == "memory":
         from . import memory
 
-        print(memory.run(args.configs.split(","), args.out, args.vocab, args.check_preset or None,
-                         args.adarank_preset or None, args.adarank_steps, args.peak_preset or None, args.peak_rank,
-                         args.peak_steps, args.seq_len, args.batch_size, args.device,
-                         args.peak_methods.split(",") if args.peak_methods else None, args.jobs))
+        print(
+            memory.run(
+                args.configs.split(","),
+                args.out,
+                args.vocab,
+                args.check_preset or None,
+                args.adarank_preset or None,
+                args.adarank_steps,
+                args.peak_preset or None,
+                args.peak_rank,
+                args.peak_steps,
+                args.seq_len,
+                args.batch_size,
+                args.device,
+                args.peak_methods.split(",") if args.peak_methods else None,
+                args.jobs,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 from ..methods import create_optimizer
 from ..optimizer import optimizer_state_bytes
 from ..train.assets import shakespeare_text
-from .timing import markdown_table
+from ..train.report import markdown_table
 
 
 def _setup(steps: int, seed: int = 0, split: bool = False, n_held_out: int = 20):
@@ -34,7 +34,7 @@ def _setup(steps: int, seed: int = 0, split: bool = False, n_held_out: int = 20)
 
     def windows(src, n):
         starts = torch.randint(0, len(src) - 65, (n, 16), generator=gen)
-        return [torch.stack([src[s:s + 64] for s in row]) for row in starts]
+        return [torch.stack([src[s : s + 64] for s in row]) for row in starts]
 
     if split:
         cut = len(ids) * 9 // 10
@@ -42,8 +42,15 @@ def _setup(steps: int, seed: int = 0, split: bool = False, n_held_out: int = 20)
     else:
         both = windows(ids, steps + n_held_out)
         train, held_out = both[:steps], both[steps:]
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=172, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
 
     def model():
         torch.manual_seed(seed)
@@ -87,16 +94,24 @@ def run(steps: int = 300, gap: int = 50, rank: int = 16) -> str:
     variants = [("galore (reference)", "galore", {})]
     for varsigma in (0.3, 0.5, 0.7):
         for min_gap in (gap // 4, gap // 2):
-            variants.append((f"adarank varsigma={varsigma} min_gap={min_gap}", "adarank",
-                             {"varsigma": varsigma, "min_gap": min_gap}))
+            variants.append(
+                (
+                    f"adarank varsigma={varsigma} min_gap={min_gap}",
+                    "adarank",
+                    {"varsigma": varsigma, "min_gap": min_gap},
+                )
+            )
     rows = []
     for label, method, opts in variants:
         r = _train(build, train, held_out, method, opts, rank, gap)
         rows.append([label, r["loss"], r["refreshes"], r["final_rank"], r["final_state"]])
-    title = (f"AdaRankGrad refresh criterion, LLaMA hidden 64 x 2 layers, Shakespeare characters, {steps} steps, "
-             f"batch 16 x 64, rank/r_max {rank}, max_gap {gap}, eta_th 0.48")
+    title = (
+        f"AdaRankGrad refresh criterion, LLaMA hidden 64 x 2 layers, Shakespeare characters, {steps} steps, "
+        f"batch 16 x 64, rank/r_max {rank}, max_gap {gap}, eta_th 0.48"
+    )
     return f"{title}\n\n" + markdown_table(
-        ["variant", "held-out loss", "refreshes per weight", "mean rank", "optimizer state B"], rows)
+        ["variant", "held-out loss", "refreshes per weight", "mean rank", "optimizer state B"], rows
+    )
 
 
 def rank_variants(rank: int) -> list[tuple[str, str, dict]]:
@@ -117,9 +132,11 @@ def rank_variants(rank: int) -> list[tuple[str, str, dict]]:
         (f"r_min {q}, eta_th 0.05", {"r_min": q, "eta_th": 0.05}),
         (f"r_min {h}, eta_th 0.1", {"r_min": h, "eta_th": 0.1}),
     ]
-    return ([("galore (reference)", "galore", {})]
-            + [(f"galore rank {r}", "galore", {"rank": r}) for r in (h, tq)]
-            + [(f"adarank {label}", "adarank", o) for label, o in ada])
+    return (
+        [("galore (reference)", "galore", {})]
+        + [(f"galore rank {r}", "galore", {"rank": r}) for r in (h, tq)]
+        + [(f"adarank {label}", "adarank", o) for label, o in ada]
+    )
 
 
 def _pm(xs: list[float], digits: int = 3) -> str:
@@ -142,8 +159,11 @@ def run_variants(steps: int = 300, seeds: int = 3, gap: int = 50, rank: int = 16
         for label, method, opts in variants:
             r = _train(build, train, held_out, method, opts, rank, gap, seed)
             results[label].append(r)
-            print(f"seed {seed} | {label} | loss {r['loss']:.4f} | mean rank {r['mean_rank']:.2f} | "
-                  f"{r['seconds']:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"seed {seed} | {label} | loss {r['loss']:.4f} | mean rank {r['mean_rank']:.2f} | {r['seconds']:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     print(f"{time.perf_counter() - t_all:.0f} s in all", file=sys.stderr, flush=True)
     ref = results[variants[0][0]]
     rows = []
@@ -151,14 +171,37 @@ def run_variants(steps: int = 300, seeds: int = 3, gap: int = 50, rank: int = 16
         rs = results[label]
         diff = [r["loss"] - g["loss"] for r, g in zip(rs, ref)]
         mean, peak = (statistics.fmean(r[k] for r in rs) for k in ("mean_state", "peak_state"))
-        rows.append([label, _pm([r["loss"] for r in rs]), _pm(diff), _pm([r["mean_rank"] for r in rs], 2),
-                     _pm([r["final_rank"] for r in rs], 2), statistics.fmean(r["refreshes"] for r in rs),
-                     round(mean), round(peak), mean / statistics.fmean(g["mean_state"] for g in ref),
-                     peak / statistics.fmean(g["peak_state"] for g in ref)])
-    title = (f"AdaRankGrad rank rules vs GaLore, LLaMA hidden 64 x 2 layers, Shakespeare characters (held-out: last "
-             f"10% of the text), {steps} steps, batch 16 x 64, lr 3e-3, rank/r_max {rank}, max_gap {gap}, "
-             f"{seeds} seeds (mean ± std)")
+        rows.append(
+            [
+                label,
+                _pm([r["loss"] for r in rs]),
+                _pm(diff),
+                _pm([r["mean_rank"] for r in rs], 2),
+                _pm([r["final_rank"] for r in rs], 2),
+                statistics.fmean(r["refreshes"] for r in rs),
+                round(mean),
+                round(peak),
+                mean / statistics.fmean(g["mean_state"] for g in ref),
+                peak / statistics.fmean(g["peak_state"] for g in ref),
+            ]
+        )
+    title = (
+        f"AdaRankGrad rank rules vs GaLore, LLaMA hidden 64 x 2 layers, Shakespeare characters (held-out: last "
+        f"10% of the text), {steps} steps, batch 16 x 64, lr 3e-3, rank/r_max {rank}, max_gap {gap}, "
+        f"{seeds} seeds (mean ± std)"
+    )
     return f"{title}\n\n" + markdown_table(
-        ["variant", "held-out loss", "minus galore (paired)", "mean rank (steps x weights)", "final rank",
-         "refreshes per weight", "state B, mean over steps", "state B, peak", "mean x galore", "peak x galore"],
-        rows)
+        [
+            "variant",
+            "held-out loss",
+            "minus galore (paired)",
+            "mean rank (steps x weights)",
+            "final rank",
+            "refreshes per weight",
+            "state B, mean over steps",
+            "state B, peak",
+            "mean x galore",
+            "peak x galore",
+        ],
+        rows,
+    )

@@ -27,20 +27,19 @@ from pathlib import Path
 
 import torch
 
+from .. import recovery
 from ..layerwise import Layerwise
 from ..methods import METHODS, create_optimizer
-from ..optimizer import optimizer_state_bytes
+from ..optimizer import PROJECTION_DEFAULTS, optimizer_state_bytes
 from ..params import select_params
-from .. import recovery
-from ..optimizer import PROJECTION_DEFAULTS
 from ..rules import get_rule
 from ..trackers import get_tracker
 from ..train.models import PRESETS, build_llama
+from ..train.report import markdown_table
 from .step import PAPER_RANKS
-from .timing import markdown_table
 
 CONFIGS = ("60m", "130m", "350m", "1b")
-#: GaLore's Table 2 (repeated as AdaRankGrad's Table 4, papers/adarankgrad.txt): "memory estimate of the total of
+#: GaLore's Table 2 (repeated as AdaRankGrad's Table 4): "memory estimate of the total of
 #: parameters and optimizer states in BF16", at the ranks of step.PAPER_RANKS, in G
 PAPER_TOTAL_G = {
     "adamw": {"60m": 0.36, "130m": 0.76, "350m": 2.06, "1b": 7.80},
@@ -114,8 +113,9 @@ def held_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(seen.values())
 
 
-def count_state(preset: str, method: str, rank: int, options: dict, device: str = "meta", vocab: int = 32000,
-                seed: int = 0) -> tuple[int, int, torch.nn.Module, torch.optim.Optimizer]:
+def count_state(
+    preset: str, method: str, rank: int, options: dict, device: str = "meta", vocab: int = 32000, seed: int = 0
+) -> tuple[int, int, torch.nn.Module, torch.optim.Optimizer]:
     """(bytes held, ``optimizer_state_bytes``, model, optimizer) after one step with random gradients.
 
     On the meta device nothing is computed (the non-finite check needs values, so it is off there)."""
@@ -146,30 +146,58 @@ def state_table(configs=CONFIGS, vocab: int = 32000) -> tuple[list[dict], str]:
             if not held == counted == formula:
                 raise AssertionError(f"{cfg} {label}: held {held}, counted {counted}, formula {formula} bytes")
             proj = set(select_params(model)[0]["param_names"])
-            proj_bytes = sum(weight_bytes(tuple(p.shape), p.element_size(), method, rank, options)
-                             for n, p in model.named_parameters() if n in proj)
-            rows.append({"config": cfg, "rank": rank, "variant": label, "bytes": counted, "formula": formula,
-                         "projected_bytes": proj_bytes})
+            proj_bytes = sum(
+                weight_bytes(tuple(p.shape), p.element_size(), method, rank, options)
+                for n, p in model.named_parameters()
+                if n in proj
+            )
+            rows.append(
+                {
+                    "config": cfg,
+                    "rank": rank,
+                    "variant": label,
+                    "bytes": counted,
+                    "formula": formula,
+                    "projected_bytes": proj_bytes,
+                }
+            )
     for row in rows:
         ref = next(r for r in rows if r["config"] == row["config"] and r["variant"] == "adamw")
         row["x_adamw"] = row["bytes"] / ref["bytes"]
         row["x_adamw_projected"] = row["projected_bytes"] / ref["projected_bytes"]
     exact = markdown_table(
         ["config", "rank", "variant", "state bytes (counted)", "formula", "equal", "MiB"],
-        [[r["config"], r["rank"], r["variant"], r["bytes"], r["formula"], "yes" if r["bytes"] == r["formula"] else
-          "NO", r["bytes"] / MiB] for r in rows])
+        [
+            [
+                r["config"],
+                r["rank"],
+                r["variant"],
+                r["bytes"],
+                r["formula"],
+                "yes" if r["bytes"] == r["formula"] else "NO",
+                r["bytes"] / MiB,
+            ]
+            for r in rows
+        ],
+    )
     labels = [v[0] for v in variants()]
     wide = markdown_table(
         ["variant", *[f"{c} (r={PRESETS[c][0] // 4}) bytes" for c in configs]],
-        [[lab, *[next(r["bytes"] for r in rows if r["config"] == c and r["variant"] == lab) for c in configs]]
-         for lab in labels])
+        [
+            [lab, *[next(r["bytes"] for r in rows if r["config"] == c and r["variant"] == lab) for c in configs]]
+            for lab in labels
+        ],
+    )
     ratio = markdown_table(
         ["variant", *[f"{c} (r={PRESETS[c][0] // 4})" for c in configs], "target <= 0.35"],
-        [[lab, *[_ratio_cell(rows, c, lab) for c in configs], _target_cell(rows, lab)] for lab in labels])
-    return rows, (f"Optimizer-state bytes after the first step, rank = hidden/4, float32, vocabulary {vocab} "
-                  f"(counted on the meta device; adarank at its initial rank r_max)\n\n{exact}\n\n"
-                  f"The same, one column per config (every cell equals the formula to the byte)\n\n{wide}\n\n"
-                  f"State / AdamW's state: whole model (projected weights only)\n\n{ratio}")
+        [[lab, *[_ratio_cell(rows, c, lab) for c in configs], _target_cell(rows, lab)] for lab in labels],
+    )
+    return rows, (
+        f"Optimizer-state bytes after the first step, rank = hidden/4, float32, vocabulary {vocab} "
+        f"(counted on the meta device; adarank at its initial rank r_max)\n\n{exact}\n\n"
+        f"The same, one column per config (every cell equals the formula to the byte)\n\n{wide}\n\n"
+        f"State / AdamW's state: whole model (projected weights only)\n\n{ratio}"
+    )
 
 
 def _ratio_cell(rows, cfg, label):
@@ -197,12 +225,37 @@ def paper_table(configs=CONFIGS, vocab: int = 32000) -> str:
             weights = sum(p.numel() for p in model.parameters()) * 2 / 1e9
             state = counted / 2 / 1e9  # float32 -> bf16: every state tensor here is float32
             total, paper_state = PAPER_TOTAL_G[method][cfg], PAPER_TOTAL_G[method][cfg] - paper_weights
-            rows.append([cfg, rank, method, weights + state, total, (weights + state) / total, state, paper_state,
-                         state / paper_state])
-    return ("Against GaLore's Table 2 (BF16 estimate of weights + optimizer state at the papers' ranks; ours: "
-            f"counted elements x 2 bytes, 1 GB = 1e9 B, vocabulary {vocab})\n\n" + markdown_table(
-                ["config", "rank", "method", "ours weights+state GB", "paper G", "ours/paper", "ours state GB",
-                 "paper state G (derived)", "ours/paper"], rows))
+            rows.append(
+                [
+                    cfg,
+                    rank,
+                    method,
+                    weights + state,
+                    total,
+                    (weights + state) / total,
+                    state,
+                    paper_state,
+                    state / paper_state,
+                ]
+            )
+    return (
+        "Against GaLore's Table 2 (BF16 estimate of weights + optimizer state at the papers' ranks; ours: "
+        f"counted elements x 2 bytes, 1 GB = 1e9 B, vocabulary {vocab})\n\n"
+        + markdown_table(
+            [
+                "config",
+                "rank",
+                "method",
+                "ours weights+state GB",
+                "paper G",
+                "ours/paper",
+                "ours state GB",
+                "paper state G (derived)",
+                "ours/paper",
+            ],
+            rows,
+        )
+    )
 
 
 def check_real(preset: str = "mini", vocab: int = 32000) -> str:
@@ -221,8 +274,15 @@ def check_real(preset: str = "mini", vocab: int = 32000) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- adarank
-def adarank_table(preset: str = "60m", rank: int | None = None, steps: int = 30, gap: int = 20, batch: int = 8,
-                  seq_len: int = 64, ids: torch.Tensor | None = None) -> tuple[dict, str]:
+def adarank_table(
+    preset: str = "60m",
+    rank: int | None = None,
+    steps: int = 30,
+    gap: int = 20,
+    batch: int = 8,
+    seq_len: int = 64,
+    ids: torch.Tensor | None = None,
+) -> tuple[dict, str]:
     """AdaRankGrad vs GaLore at the same initial rank after ``steps`` training steps on real text (Shakespeare
     characters unless ``ids`` are given): effective rank and bytes held, with the formula at the chosen ranks."""
     if ids is None:
@@ -241,7 +301,7 @@ def adarank_table(preset: str = "60m", rank: int | None = None, steps: int = 30,
         model = build_llama(preset, vocab_size=vocab)
         opt = create_optimizer(method, model, lr=1e-3, rank=rank, update_proj_gap=gap)
         for row in starts:
-            x = torch.stack([ids[s:s + seq_len] for s in row])
+            x = torch.stack([ids[s : s + seq_len] for s in row])
             model(input_ids=x, labels=x).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -257,15 +317,40 @@ def adarank_table(preset: str = "60m", rank: int | None = None, steps: int = 30,
             raise AssertionError(f"{method} after {steps} steps: counted {counted} != formula {formula} bytes")
         eff = list(ranks.values())
         refreshes = sum(c[1] for c in clocks.values()) / len(clocks)
-        out[method] = {"bytes": counted, "mean_rank": sum(eff) / len(eff), "min_rank": min(eff),
-                       "max_rank": max(eff), "refreshes": refreshes}
-        rows.append([method, rank, f"{sum(eff) / len(eff):.1f} ({min(eff)}-{max(eff)})", refreshes, counted,
-                     formula, counted / out["galore"]["bytes"]])
-    title = (f"AdaRankGrad vs GaLore after {steps} steps on real text, LLaMA-{preset} shapes (vocabulary {vocab}), "
-             f"batch {batch} x {seq_len}, rank {rank}, update_proj_gap/max_gap {gap}, eta_th 0.48")
+        out[method] = {
+            "bytes": counted,
+            "mean_rank": sum(eff) / len(eff),
+            "min_rank": min(eff),
+            "max_rank": max(eff),
+            "refreshes": refreshes,
+        }
+        rows.append(
+            [
+                method,
+                rank,
+                f"{sum(eff) / len(eff):.1f} ({min(eff)}-{max(eff)})",
+                refreshes,
+                counted,
+                formula,
+                counted / out["galore"]["bytes"],
+            ]
+        )
+    title = (
+        f"AdaRankGrad vs GaLore after {steps} steps on real text, LLaMA-{preset} shapes (vocabulary {vocab}), "
+        f"batch {batch} x {seq_len}, rank {rank}, update_proj_gap/max_gap {gap}, eta_th 0.48"
+    )
     return out, f"{title}\n\n" + markdown_table(
-        ["method", "initial rank", "effective rank mean (min-max)", "refreshes per weight", "state bytes",
-         "formula at those ranks", "x galore"], rows)
+        [
+            "method",
+            "initial rank",
+            "effective rank mean (min-max)",
+            "refreshes per weight",
+            "state bytes",
+            "formula at those ranks",
+            "x galore",
+        ],
+        rows,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- peak memory
@@ -328,17 +413,26 @@ def peak_child(spec: dict) -> dict:
     for _ in range(spec["steps"] - 1):
         step()
     steady = meter.peak() - base
-    out = {"first_peak": first, "steady_peak": steady, "after": meter.current() - base,
-           "state": optimizer_state_bytes(opt), "first_step_s": first_s,
-           "projected_grads": projected_grad_bytes(model),
-           "all_grads": sum(p.numel() * p.element_size() for p in model.parameters())}
+    out = {
+        "first_peak": first,
+        "steady_peak": steady,
+        "after": meter.current() - base,
+        "state": optimizer_state_bytes(opt),
+        "first_step_s": first_s,
+        "projected_grads": projected_grad_bytes(model),
+        "all_grads": sum(p.numel() * p.element_size() for p in model.parameters()),
+    }
     if method != "torch-adamw":
         names = {p: n for n, p in model.named_parameters()}
         ranks = {names[p]: st["basis"].shape[1] for p, st in opt.state.items() if "basis" in st}
-        clocks = {names[p]: (st["step"] - st.get("trk_last", 0), st["updates"])
-                  for p, st in opt.state.items() if "basis" in st}
-        out["formula"] = formula_bytes(model, method, spec["rank"], {"update_proj_gap": spec["gap"], **options},
-                                       ranks, clocks)
+        clocks = {
+            names[p]: (st["step"] - st.get("trk_last", 0), st["updates"])
+            for p, st in opt.state.items()
+            if "basis" in st
+        }
+        out["formula"] = formula_bytes(
+            model, method, spec["rank"], {"update_proj_gap": spec["gap"], **options}, ranks, clocks
+        )
     return out
 
 
@@ -346,19 +440,44 @@ def run_child(spec: dict, timeout: float = 1800) -> dict:
     """Run ``peak_child`` in a fresh interpreter. glibc's mmap threshold is fixed (not raised after each free) so
     that a freed tensor's pages go back to the OS and RSS tracks what is live."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "gradspace.bench.memory", json.dumps(spec)], env=env, check=False,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradspace.bench.memory", json.dumps(spec)],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"memory child {spec['method']} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def peak_specs(preset: str, rank: int, steps: int, seq_len: int, batch: int, vocab: int, device: str,
-               methods=None, gap: int = 200, overrides=None) -> list[tuple[str, dict]]:
+def peak_specs(
+    preset: str,
+    rank: int,
+    steps: int,
+    seq_len: int,
+    batch: int,
+    vocab: int,
+    device: str,
+    methods=None,
+    gap: int = 200,
+    overrides=None,
+) -> list[tuple[str, dict]]:
     """(label, child spec) for torch's AdamW and each variant (default: all but 8-bit), normal and layer-wise."""
     methods = methods or ["torch.optim.AdamW", *[v[0] for v in variants() if "8-bit" not in v[0]]]
-    base = {"preset": preset, "rank": rank, "steps": steps, "seq_len": seq_len, "batch": batch, "vocab": vocab,
-            "device": device, "gap": gap, "overrides": overrides or {}}
+    base = {
+        "preset": preset,
+        "rank": rank,
+        "steps": steps,
+        "seq_len": seq_len,
+        "batch": batch,
+        "vocab": vocab,
+        "device": device,
+        "gap": gap,
+        "overrides": overrides or {},
+    }
     specs = []
     if "torch.optim.AdamW" in methods:
         specs.append(("torch.optim.AdamW", {**base, "method": "torch-adamw", "options": {}, "layerwise": False}))
@@ -369,8 +488,9 @@ def peak_specs(preset: str, rank: int, steps: int, seq_len: int, batch: int, voc
     return specs
 
 
-def peak_table(specs: list[tuple[str, dict]], runner: Callable[[dict], dict] = run_child, jobs: int = 1
-               ) -> tuple[list, str]:
+def peak_table(
+    specs: list[tuple[str, dict]], runner: Callable[[dict], dict] = run_child, jobs: int = 1
+) -> tuple[list, str]:
     """Run every configuration (``jobs`` subprocesses at a time: each measures only its own memory)."""
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         measured = list(pool.map(runner, [spec for _, spec in specs]))
@@ -386,18 +506,38 @@ def peak_table(specs: list[tuple[str, dict]], runner: Callable[[dict], dict] = r
             normal = next(r for lab, s, r in results if lab == label and not s["layerwise"])
             saving = (normal["steady_peak"] - res["steady_peak"]) / MiB
             met = "met" if saving * MiB >= res["projected_grads"] else "no"
-        rows.append([label, "layer-wise" if spec["layerwise"] else "normal", res["state"] / MiB,
-                     res["first_peak"] / MiB, res["steady_peak"] / MiB, saving, met])
+        rows.append(
+            [
+                label,
+                "layer-wise" if spec["layerwise"] else "normal",
+                res["state"] / MiB,
+                res["first_peak"] / MiB,
+                res["steady_peak"] / MiB,
+                saving,
+                met,
+            ]
+        )
     spec0, res0 = specs[0][1], results[0][2]
     meter = "peak RSS - RSS after build" if spec0["device"] == "cpu" else "max_memory_allocated - after build"
-    title = (f"Peak memory of a training step (forward + backward + optimizer step), LLaMA-{spec0['preset']} "
-             f"{spec0.get('overrides') or ''}vocabulary {spec0['vocab']}, batch {spec0['batch']} x {spec0['seq_len']}, "
-             f"rank {spec0['rank']}, float32 on {spec0['device']}, {meter}, MiB; steady = steps 2-{spec0['steps']}. "
-             f"Gradients of the projected weights: {res0['projected_grads'] / MiB:.1f} MiB; of all parameters: "
-             f"{res0['all_grads'] / MiB:.1f} MiB")
+    title = (
+        f"Peak memory of a training step (forward + backward + optimizer step), LLaMA-{spec0['preset']} "
+        f"{spec0.get('overrides') or ''}vocabulary {spec0['vocab']}, batch {spec0['batch']} x {spec0['seq_len']}, "
+        f"rank {spec0['rank']}, float32 on {spec0['device']}, {meter}, MiB; steady = steps 2-{spec0['steps']}. "
+        f"Gradients of the projected weights: {res0['projected_grads'] / MiB:.1f} MiB; of all parameters: "
+        f"{res0['all_grads'] / MiB:.1f} MiB"
+    )
     return results, f"{title}\n\n" + markdown_table(
-        ["method", "mode", "state MiB", "first step peak MiB", "steady step peak MiB", "layer-wise saving MiB",
-         "saving >= projected grads"], rows)
+        [
+            "method",
+            "mode",
+            "state MiB",
+            "first step peak MiB",
+            "steady step peak MiB",
+            "layer-wise saving MiB",
+            "saving >= projected grads",
+        ],
+        rows,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- plot and run
@@ -413,10 +553,16 @@ def plot_state(rows: list[dict], path: Path) -> None:
     width = 0.8 / len(labels)
     for j, lab in enumerate(labels):
         ys = [next(r["bytes"] for r in rows if r["config"] == c and r["variant"] == lab) / MiB for c in configs]
-        ax.bar([i + (j - len(labels) / 2 + 0.5) * width for i in range(len(configs))], ys, width, label=lab,
-               color=plt.cm.tab20(j % 20))
-    ax.set_xticks(range(len(configs)), [f"LLaMA-{c} (r={next(r['rank'] for r in rows if r['config'] == c)})"
-                                        for c in configs])
+        ax.bar(
+            [i + (j - len(labels) / 2 + 0.5) * width for i in range(len(configs))],
+            ys,
+            width,
+            label=lab,
+            color=plt.cm.tab20(j % 20),
+        )
+    ax.set_xticks(
+        range(len(configs)), [f"LLaMA-{c} (r={next(r['rank'] for r in rows if r['config'] == c)})" for c in configs]
+    )
     ax.set_yscale("log")
     ax.set_ylabel("optimizer state, MiB (float32)")
     ax.set_title("Optimizer-state bytes per method (counted; rank = hidden/4)")
@@ -426,10 +572,23 @@ def plot_state(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run(configs=CONFIGS, out: str | Path = "runs/bench-memory", vocab: int = 32000, check_preset: str | None = "mini",
-        adarank_preset: str | None = "60m", adarank_steps: int = 30, peak_preset: str | None = "60m",
-        peak_rank: int | None = None, peak_steps: int = 3, seq_len: int = 128, batch: int = 1, device: str = "cpu",
-        peak_methods=None, jobs: int = 1, adarank_ids: torch.Tensor | None = None) -> str:
+def run(
+    configs=CONFIGS,
+    out: str | Path = "runs/bench-memory",
+    vocab: int = 32000,
+    check_preset: str | None = "mini",
+    adarank_preset: str | None = "60m",
+    adarank_steps: int = 30,
+    peak_preset: str | None = "60m",
+    peak_rank: int | None = None,
+    peak_steps: int = 3,
+    seq_len: int = 128,
+    batch: int = 1,
+    device: str = "cpu",
+    peak_methods=None,
+    jobs: int = 1,
+    adarank_ids: torch.Tensor | None = None,
+) -> str:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, state_md = state_table(configs, vocab)

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from ..distributed import MODES
-from .timing import markdown_table
+from ..train.report import markdown_table
 
 
 def llama_shapes(hidden: int = 512, intermediate: int = 1376, layers: int = 8) -> list[tuple[int, int]]:
@@ -33,9 +33,13 @@ def _bench(rank: int, world: int, init: str | None, mode: str | None, tracker: s
     gen = torch.Generator().manual_seed(0)  # same weights and gradients on every rank, as after DDP's all-reduce
     params = [nn.Parameter(torch.randn(*s, generator=gen) * 0.02) for s in llama_shapes()]
     grads = [torch.randn(*s, generator=gen) for s in llama_shapes()]
-    opt = SubspaceOptimizer([{"params": params, "rank": 128, "update_proj_gap": 1}], tracker=tracker,
-                            moments="rotate" if tracker == "adarank" else "keep", distributed=mode,
-                            diagnostics=False)
+    opt = SubspaceOptimizer(
+        [{"params": params, "rank": 128, "update_proj_gap": 1}],
+        tracker=tracker,
+        moments="rotate" if tracker == "adarank" else "keep",
+        distributed=mode,
+        diagnostics=False,
+    )
     times = []
     for i in range(steps + 1):
         for p, g in zip(params, grads):
@@ -73,6 +77,8 @@ def run(tracker: str = "svd", steps: int = 3) -> str:
             mp.spawn(_bench_spawned, args=(2, f"file://{tmp}/init", mode, tracker, steps, path), nprocs=2)
             ms = torch.load(path)
             rows.append([f"2 processes, {mode}", ms, ms / out[0]])
-    title = (f"One optimizer step in which all {len(llama_shapes())} bases of a LLaMA-60M-shaped parameter set move "
-             f"(tracker {tracker}, rank 128, 1 thread per process, median of {steps})")
+    title = (
+        f"One optimizer step in which all {len(llama_shapes())} bases of a LLaMA-60M-shaped parameter set move "
+        f"(tracker {tracker}, rank 128, 1 thread per process, median of {steps})"
+    )
     return f"{title}\n\n" + markdown_table(["run", "ms per step", "x 1 process"], rows)

@@ -7,6 +7,7 @@ update is due). The amortised time over a gap T is ``((T - 1) * non_update + upd
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from unittest import mock
 
@@ -15,7 +16,8 @@ import torch
 from ..methods import METHODS, create_optimizer
 from ..trackers import TRACKERS
 from ..train.models import build_llama
-from .timing import markdown_table, race
+from ..train.report import markdown_table
+from .timing import race
 
 PAPER_RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512}
 
@@ -35,8 +37,10 @@ def _galore_torch(model, rank, gap, lr):
 
     proj = [p for n, p in model.named_parameters() if ("attn" in n or "mlp" in n) and p.dim() == 2]
     ids = {id(p) for p in proj}
-    groups = [{"params": [p for p in model.parameters() if id(p) not in ids]},
-              {"params": proj, "rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"}]
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) not in ids]},
+        {"params": proj, "rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"},
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return galore_torch.GaLoreAdamW(groups, lr=lr)
@@ -49,8 +53,17 @@ def _force_galore_torch_update(opt, gap):
                 opt.state[p]["step"] = gap * (opt.state[p]["step"] // gap + 1)
 
 
-def run(preset="60m", methods=None, rank=None, gaps=(200, 50), repeats=5, device="cpu", dtype=torch.float32,
-        layers: int | None = None, references: bool = True) -> str:
+def run(
+    preset="60m",
+    methods=None,
+    rank=None,
+    gaps=(200, 50),
+    repeats=5,
+    device="cpu",
+    dtype=torch.float32,
+    layers: int | None = None,
+    references: bool = True,
+) -> str:
     """``layers`` builds the preset's shapes with fewer blocks (the 1B's full depth does not fit a CPU run's time);
     ``references=False`` leaves out torch AdamW and galore-torch."""
     rank = rank or PAPER_RANKS.get(preset, 128)
@@ -60,10 +73,8 @@ def run(preset="60m", methods=None, rank=None, gaps=(200, 50), repeats=5, device
     opts = {}
     if references:
         opts["torch.optim.AdamW (foreach)"] = torch.optim.AdamW(model.parameters(), lr=lr, foreach=True)
-        try:
+        with contextlib.suppress(ImportError):  # galore-torch is a test dependency, not a runtime one
             opts["galore-torch GaLoreAdamW"] = _galore_torch(model, rank, gap, lr)
-        except ImportError:
-            pass
     for name in methods or [m for m in METHODS if m != "adamw"]:
         opts[f"gradspace {name}"] = create_optimizer(name, model, lr=lr, rank=rank, update_proj_gap=gap)
     for opt in opts.values():
@@ -79,6 +90,7 @@ def run(preset="60m", methods=None, rank=None, gaps=(200, 50), repeats=5, device
         def step():
             with _ForceDue():
                 opt.step()
+
         return step
 
     update = race({k: forced(k, o) for k, o in opts.items()}, repeats=max(1, repeats // 2), device=device, warmup=0)
@@ -87,19 +99,30 @@ def run(preset="60m", methods=None, rank=None, gaps=(200, 50), repeats=5, device
     header = ["optimizer", "non-update step ms", "x AdamW", "x galore-torch", "update step ms"]
     rows, amort_rows = [], []
     for k in opts:
-        rows.append([k, non_update[k] * 1e3, non_update[k] / adam if adam else "-",
-                     non_update[k] / ref if ref else "-", update[k] * 1e3])
+        rows.append(
+            [
+                k,
+                non_update[k] * 1e3,
+                non_update[k] / adam if adam else "-",
+                non_update[k] / ref if ref else "-",
+                update[k] * 1e3,
+            ]
+        )
         amort = [((t - 1) * non_update[k] + update[k]) / t for t in gaps]
         amort_rows.append([k, *[a * 1e3 for a in amort]])
     ref_amort = {r[0]: r[1:] for r in amort_rows}.get("gradspace galore")
     if ref_amort:
         amort_rows = [r + [r[1 + i] / ref_amort[i] for i in range(len(gaps))] for r in amort_rows]
     depth = f" with {layers} of its blocks" if layers else ""
-    title = (f"optimizer.step() on the LLaMA-{preset} parameter set{depth}, rank {rank}, {dtype} on {device} "
-             f"(median of {repeats})")
+    title = (
+        f"optimizer.step() on the LLaMA-{preset} parameter set{depth}, rank {rank}, {dtype} on {device} "
+        f"(median of {repeats})"
+    )
     amort_header = ["optimizer", *[f"amortised T={t} ms" for t in gaps], *[f"x gradspace galore (T={t})" for t in gaps]]
-    return (f"{title}\n\n{markdown_table(header, rows)}\n\n"
-            f"Amortised over T steps\n\n{markdown_table(amort_header, amort_rows)}")
+    return (
+        f"{title}\n\n{markdown_table(header, rows)}\n\n"
+        f"Amortised over T steps\n\n{markdown_table(amort_header, amort_rows)}"
+    )
 
 
 class _ForceDue:

@@ -30,17 +30,6 @@ def race(contenders: dict[str, Callable[[], object]], repeats: int, device="cpu"
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def markdown_table(header: list[str], rows: list[list[object]]) -> str:
-    def fmt(x):
-        if isinstance(x, float):
-            return f"{x:.4g}"
-        return str(x)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def machine() -> str:
     import platform
 

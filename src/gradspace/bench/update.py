@@ -7,7 +7,8 @@ import torch
 from ..optimizer import PROJECTION_DEFAULTS
 from ..rules import get_rule
 from ..trackers import TRACKERS, Context
-from .timing import markdown_table, race
+from ..train.report import markdown_table
+from .timing import race
 
 
 def _group(tracker, rank: int, gap: int) -> dict:
@@ -42,8 +43,9 @@ def preset_shapes(preset: str) -> list[tuple[int, int]]:
     return [(hidden, hidden), (hidden, intermediate)]
 
 
-def run_preset(preset: str, rank: int | None = None, repeats=3, device="cpu", dtype=torch.float32,
-               trackers=None) -> str:
+def run_preset(
+    preset: str, rank: int | None = None, repeats=3, device="cpu", dtype=torch.float32, trackers=None
+) -> str:
     """``run`` for every projected weight shape of a preset at the papers' rank for it."""
     from .step import PAPER_RANKS
 

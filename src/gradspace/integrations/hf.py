@@ -122,8 +122,7 @@ def _build(model, args, method, target_modules, optim_args, layerwise, options, 
             targets = "all-linear"
         groups = select_params(model, targets if targets is not None else DEFAULT_TARGETS, **projection)
     groups = _split_decay(groups, decay_names, args.weight_decay)
-    opt = create_optimizer(key, groups, lr=args.learning_rate, base=base, weight_decay=args.weight_decay,
-                           **opts)
+    opt = create_optimizer(key, groups, lr=args.learning_rate, base=base, weight_decay=args.weight_decay, **opts)
     if layerwise:
         _attach_layerwise(opt, args)
     return opt
@@ -142,12 +141,14 @@ def _split_decay(groups: list[dict], decay_names: set[str], weight_decay: float)
         for decayed in (True, False):
             keep = [i for i, name in enumerate(names) if (name in decay_names) == decayed]
             if keep:
-                out.append({
-                    **group,
-                    "params": [group["params"][i] for i in keep],
-                    "param_names": [names[i] for i in keep],
-                    "weight_decay": weight_decay if decayed else 0.0,
-                })
+                out.append(
+                    {
+                        **group,
+                        "params": [group["params"][i] for i in keep],
+                        "param_names": [names[i] for i in keep],
+                        "weight_decay": weight_decay if decayed else 0.0,
+                    }
+                )
     return out
 
 
@@ -178,16 +179,27 @@ class GradspaceTrainer(Trainer):
     It honours an overridden ``get_decay_parameter_names``.
     """
 
-    def __init__(self, *args, method="galore", target_modules=None, layerwise=False, optim_options=None,
-                 **kwargs):
-        self.gradspace = {"method": method, "target_modules": target_modules, "layerwise": layerwise,
-                          "options": dict(optim_options or {})}
+    def __init__(self, *args, method="galore", target_modules=None, layerwise=False, optim_options=None, **kwargs):
+        self.gradspace = {
+            "method": method,
+            "target_modules": target_modules,
+            "layerwise": layerwise,
+            "options": dict(optim_options or {}),
+        }
         super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             model = self.model if model is None else model
             g = self.gradspace
-            self.optimizer = _build(model, self.args, g["method"], g["target_modules"], None, g["layerwise"],
-                                    g["options"], set(self.get_decay_parameter_names(model)))
+            self.optimizer = _build(
+                model,
+                self.args,
+                g["method"],
+                g["target_modules"],
+                None,
+                g["layerwise"],
+                g["options"],
+                set(self.get_decay_parameter_names(model)),
+            )
         return self.optimizer

@@ -69,12 +69,8 @@ class Adafactor(InnerRule):
             eps1 = torch.finfo(grad.dtype).eps
         if "fac_row" in state:
             row, col = state["fac_row"], state["fac_col"]
-            row.lerp_(
-                torch.norm(grad, dim=-1, keepdim=True).square_().div_(grad.size(-1)).to(row.dtype), weight
-            )
-            col.lerp_(
-                torch.norm(grad, dim=-2, keepdim=True).square_().div_(grad.size(-2)).to(col.dtype), weight
-            )
+            row.lerp_(torch.norm(grad, dim=-1, keepdim=True).square_().div_(grad.size(-1)).to(row.dtype), weight)
+            col.lerp_(torch.norm(grad, dim=-2, keepdim=True).square_().div_(grad.size(-2)).to(col.dtype), weight)
             v_hat = row.float() @ col.float()
             v_hat.div_(row.float().mean(dim=-2, keepdim=True).clamp_(min=eps1))
         else:

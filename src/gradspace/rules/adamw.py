@@ -64,11 +64,19 @@ class AdamW(InnerRule):
             bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
             factor = math.sqrt(bc2) / bc1 if group["correct_bias"] else 1.0
             fused(
-                [params[i] for i in index], [params[i].grad for i in index],
-                [states[i]["exp_avg"] for i in index], [states[i]["exp_avg_sq"] for i in index], [],
+                [params[i] for i in index],
+                [params[i].grad for i in index],
+                [states[i]["exp_avg"] for i in index],
+                [states[i]["exp_avg_sq"] for i in index],
+                [],
                 [torch.tensor(float(t), device=device) for _ in index],  # the kernel does not count
-                lr=float(group["lr"]) * factor * bc1 / math.sqrt(bc2), beta1=beta1, beta2=beta2,
-                weight_decay=0.0, eps=float(group["eps"]) / math.sqrt(bc2), amsgrad=False, maximize=False,
+                lr=float(group["lr"]) * factor * bc1 / math.sqrt(bc2),
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=0.0,
+                eps=float(group["eps"]) / math.sqrt(bc2),
+                amsgrad=False,
+                maximize=False,
             )
             for i in index:
                 states[i]["exp_step"] = t

@@ -7,7 +7,17 @@ from .random_walk import GrassJumpTracker, GrassWalkTracker
 from .subtrack import SubTrackTracker
 from .svd import SVDTracker
 
-TRACKERS: dict[str, Tracker] = {t.name: t for t in (SVDTracker(), AdaRankTracker(), GrassWalkTracker(), GrassJumpTracker(), SubTrackTracker(), OnlinePCATracker())}
+TRACKERS: dict[str, Tracker] = {
+    t.name: t
+    for t in (
+        SVDTracker(),
+        AdaRankTracker(),
+        GrassWalkTracker(),
+        GrassJumpTracker(),
+        SubTrackTracker(),
+        OnlinePCATracker(),
+    )
+}
 
 
 def get_tracker(name: str) -> Tracker:

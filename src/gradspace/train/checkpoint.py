@@ -120,7 +120,7 @@ def load_shard(checkpoint: Path, rank: int) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {checkpoint} has no part for rank {rank} ({path.name} is missing)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated or foreign file
+    except Exception as err:
         raise CheckpointError(f"checkpoint part {path} is corrupt or truncated ({type(err).__name__})") from None
 
 
@@ -152,10 +152,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated zip, wrong format, disallowed pickle content
+    except Exception as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         reason = reason.split(". ")[0].rstrip(".")[:160]
-        raise CheckpointError(f"checkpoint {path} is corrupt, truncated or not a gradspace checkpoint ({reason})") from None
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt, truncated or not a gradspace checkpoint ({reason})"
+        ) from None
     needed = ("step", "model", "optimizer", "rng", "config")
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
         raise CheckpointError(f"checkpoint {path} is not a gradspace training checkpoint (missing fields)")

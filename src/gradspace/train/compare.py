@@ -16,6 +16,7 @@ from .interrupt import ChildHandlesInterrupt
 from .runner import FinetuneSetup
 from .streams import Data
 
+
 def parse_methods(value) -> list[str]:
     """``"adamw,galore"`` or a list of names (a config file's ``methods``), checked against the presets."""
     if isinstance(value, str):
@@ -53,8 +54,9 @@ def run_compare(cfg: dict[str, Any], methods: list[str], out: Path, stop_after: 
     from .report import text_table, write_report
 
     finetune = "task" in cfg
-    runs = {m: {**cfg, "method": m, **({"rank": None, "update_gap": None} if METHODS[m] is None else {})}
-            for m in methods}
+    runs = {
+        m: {**cfg, "method": m, **({"rank": None, "update_gap": None} if METHODS[m] is None else {})} for m in methods
+    }
     for run_cfg in runs.values():
         (FINETUNE if finetune else PRETRAIN).validate(run_cfg)
     if finetune:  # prepares the task and model caches once, and checks rank and length before any run starts

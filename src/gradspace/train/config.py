@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..methods import METHODS
@@ -16,6 +16,7 @@ EVAL_BATCH = 64  # validation examples per forward pass in fine-tuning
 #: pretraining vocabularies: GPT-2's BPE (compacted to the tokens the corpus uses, unless --full-vocab), or the
 #: corpus's characters
 TOKENIZERS = ("gpt2", "chars")
+
 
 class UsageError(Exception):
     """Bad input: reported as one line, exit code 2."""
@@ -36,7 +37,7 @@ def read_config_file(path: str, defaults: dict[str, Any]) -> dict[str, Any]:
             import yaml
 
             data = yaml.safe_load(text) or {}
-    except Exception as err:  # noqa: BLE001 - any parser error is bad input
+    except Exception as err:
         raise UsageError(f"config file {file} does not parse: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UsageError(f"config file {file} must hold a mapping of option names to values")
@@ -44,7 +45,9 @@ def read_config_file(path: str, defaults: dict[str, Any]) -> dict[str, Any]:
     allowed = set(defaults) | {"methods"}
     unknown = sorted(set(out) - allowed)
     if unknown:
-        raise UsageError(f"config file {file}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+        raise UsageError(
+            f"config file {file}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}"
+        )
     return out
 
 
@@ -98,8 +101,10 @@ def _validate_pretrain(cfg: dict[str, Any]) -> None:
     if cfg.get("rank") is not None:
         top = max_rank(cfg["preset"])
         if cfg["rank"] > top:
-            raise UsageError(f"rank {cfg['rank']} does not fit preset {cfg['preset']}: the maximum allowed is {top} "
-                             "(its smallest projected weight dimension)")
+            raise UsageError(
+                f"rank {cfg['rank']} does not fit preset {cfg['preset']}: the maximum allowed is {top} "
+                "(its smallest projected weight dimension)"
+            )
     if cfg.get("tokenizer", "gpt2") not in TOKENIZERS:
         raise UsageError(f"unknown tokenizer {cfg['tokenizer']!r}; choose one of {', '.join(TOKENIZERS)}")
     if cfg.get("tokenizer") == "chars" and (cfg.get("streaming") or cfg.get("full_vocab")):
@@ -109,8 +114,15 @@ def _validate_pretrain(cfg: dict[str, Any]) -> None:
 
 
 #: preset -> (rank, update gap) of projected methods (GaLore's paper settings for the big ones)
-PRESET_PROJECTION = {"tiny": (16, 50), "mini": (32, 50), "60m": (128, 200), "130m": (256, 200),
-                     "350m": (256, 200), "1b": (512, 200), "7b": (1024, 200)}
+PRESET_PROJECTION = {
+    "tiny": (16, 50),
+    "mini": (32, 50),
+    "60m": (128, 200),
+    "130m": (256, 200),
+    "350m": (256, 200),
+    "1b": (512, 200),
+    "7b": (1024, 200),
+}
 
 
 def _pretrain_lr(cfg: dict[str, Any]) -> float:
@@ -149,13 +161,48 @@ class Command:
 PRETRAIN = Command(
     name="pretrain",
     defaults={
-        "preset": "tiny", "dataset": "shakespeare", "streaming": False, "method": "galore", "base": "adamw",
-        "rank": None, "update_gap": None, "scale": 0.25, "lr": None, "steps": 200, "batch_size": 8, "seq_len": 64,
-        "grad_accum": 1, "seed": 0, "device": "cpu", "dtype": "float32", "eval_every": 50, "eval_batches": 10,
-        "save_every": 0, "log_every": 10, "threads": 0, "full_vocab": False, "grad_clip": 1.0, "tokenizer": "gpt2",
+        "preset": "tiny",
+        "dataset": "shakespeare",
+        "streaming": False,
+        "method": "galore",
+        "base": "adamw",
+        "rank": None,
+        "update_gap": None,
+        "scale": 0.25,
+        "lr": None,
+        "steps": 200,
+        "batch_size": 8,
+        "seq_len": 64,
+        "grad_accum": 1,
+        "seed": 0,
+        "device": "cpu",
+        "dtype": "float32",
+        "eval_every": 50,
+        "eval_batches": 10,
+        "save_every": 0,
+        "log_every": 10,
+        "threads": 0,
+        "full_vocab": False,
+        "grad_clip": 1.0,
+        "tokenizer": "gpt2",
     },
-    identity=("preset", "dataset", "method", "base", "rank", "update_gap", "scale", "batch_size", "seq_len",
-              "grad_accum", "seed", "dtype", "full_vocab", "streaming", "tokenizer"),
+    identity=(
+        "preset",
+        "dataset",
+        "method",
+        "base",
+        "rank",
+        "update_gap",
+        "scale",
+        "batch_size",
+        "seq_len",
+        "grad_accum",
+        "seed",
+        "dtype",
+        "full_vocab",
+        "streaming",
+        "tokenizer",
+    ),
     positive=("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"),
     non_negative=("eval_every", "save_every", "threads"),
     lr=_pretrain_lr,
@@ -170,13 +217,42 @@ PRETRAIN = Command(
 FINETUNE = Command(
     name="finetune",
     defaults={
-        "task": "rotten-tomatoes", "model": "minilm", "method": "galore", "base": "adamw", "rank": None,
-        "update_gap": None, "scale": 2.0, "lr": None, "steps": 300, "batch_size": 16, "max_length": 128,
-        "grad_accum": 1, "seed": 0, "device": "cpu", "dtype": "float32", "eval_every": 100, "eval_batches": 0,
-        "save_every": 0, "log_every": 10, "threads": 0, "grad_clip": 1.0,
+        "task": "rotten-tomatoes",
+        "model": "minilm",
+        "method": "galore",
+        "base": "adamw",
+        "rank": None,
+        "update_gap": None,
+        "scale": 2.0,
+        "lr": None,
+        "steps": 300,
+        "batch_size": 16,
+        "max_length": 128,
+        "grad_accum": 1,
+        "seed": 0,
+        "device": "cpu",
+        "dtype": "float32",
+        "eval_every": 100,
+        "eval_batches": 0,
+        "save_every": 0,
+        "log_every": 10,
+        "threads": 0,
+        "grad_clip": 1.0,
     },
-    identity=("task", "model", "method", "base", "rank", "update_gap", "scale", "batch_size", "max_length",
-              "grad_accum", "seed", "dtype"),
+    identity=(
+        "task",
+        "model",
+        "method",
+        "base",
+        "rank",
+        "update_gap",
+        "scale",
+        "batch_size",
+        "max_length",
+        "grad_accum",
+        "seed",
+        "dtype",
+    ),
     positive=("steps", "batch_size", "max_length", "grad_accum", "log_every"),
     non_negative=("eval_every", "eval_batches", "save_every", "threads"),
     lr=lambda cfg: 5e-5,

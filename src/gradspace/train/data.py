@@ -111,9 +111,7 @@ class TokenDataset:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         data = torch.as_tensor(np.asarray(tokens).astype(np.int32, copy=False))
         if data.ndim != 1 or data.numel() < 2:
-            raise ValueError(
-                f"tokens must be a 1-D sequence of at least 2 ids, got shape {tuple(data.shape)}"
-            )
+            raise ValueError(f"tokens must be a 1-D sequence of at least 2 ids, got shape {tuple(data.shape)}")
         cut = round(data.numel() * (1.0 - val_fraction))
         self.tokens = data
         self.train, self.val = data[:cut], data[cut:]
@@ -164,9 +162,7 @@ class TokenDataset:
         """
         used, inverse = torch.unique(self.tokens, return_inverse=True)
         mapping = used if self.vocab_map is None else self.vocab_map[used.long()]
-        return TokenDataset(
-            inverse.to(torch.int32), self.val_fraction, vocab_size=used.numel(), vocab_map=mapping
-        )
+        return TokenDataset(inverse.to(torch.int32), self.val_fraction, vocab_size=used.numel(), vocab_map=mapping)
 
     def to_tokenizer_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Tokenizer ids of dataset ids (identity unless the dataset was compacted), for decoding."""
@@ -267,9 +263,7 @@ class BatchStream:
         """Continue from a :meth:`state_dict`; the batch shape and mode must be the ones it was saved with."""
         for key in ("split", "batch_size", "seq_len", "shuffle"):
             if key in state and state[key] != getattr(self, key):
-                raise ValueError(
-                    f"stream state has {key}={state[key]!r} but this stream has {getattr(self, key)!r}"
-                )
+                raise ValueError(f"stream state has {key}={state[key]!r} but this stream has {getattr(self, key)!r}")
         self.step = int(state["step"])
         self.position = int(state["position"])
         self.generator.set_state(state["generator"])

@@ -60,11 +60,15 @@ def _load(source: str, num_labels: int, regression: bool, local_files_only: bool
 
     with _quiet_transformers():
         config = AutoConfig.from_pretrained(
-            source, num_labels=1 if regression else num_labels, local_files_only=local_files_only,
-            problem_type="regression" if regression else "single_label_classification")
+            source,
+            num_labels=1 if regression else num_labels,
+            local_files_only=local_files_only,
+            problem_type="regression" if regression else "single_label_classification",
+        )
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
-        model = AutoModelForSequenceClassification.from_pretrained(source, config=config,
-                                                                   local_files_only=local_files_only)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, config=config, local_files_only=local_files_only
+        )
     return model, tokenizer
 
 
@@ -78,8 +82,10 @@ def load_encoder(name: str, num_labels: int, regression: bool = False) -> tuple[
         with contextlib.suppress(Exception):  # not in the local Hugging Face cache: go to the hub
             return _load(source, num_labels, regression, local_files_only=True)
         if not hub_reachable():
-            raise ValueError(f"model {name!r} is neither built in (minilm), a local folder, nor in the Hugging Face "
-                             "cache, and the hub is not reachable from this machine")
+            raise ValueError(
+                f"model {name!r} is neither built in (minilm), a local folder, nor in the Hugging Face "
+                "cache, and the hub is not reachable from this machine"
+            )
     try:
         return _load(source, num_labels, regression, local_files_only=local)
     except (OSError, ValueError, KeyError) as err:
@@ -93,8 +99,9 @@ def projection_targets(model: nn.Module) -> re.Pattern:
     ``"all-linear"`` would also project the pooler and the classifier (2 x 384 for a binary task: rank 8 does not
     fit it), and galore-torch's ``("attn", "mlp")`` matches no BERT module (``attention.self.query``,
     ``intermediate.dense``, ``output.dense``)."""
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and not set(n.split(".")) & set(HEAD_PARTS)]
+    names = [
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not set(n.split(".")) & set(HEAD_PARTS)
+    ]
     if not names:
         raise ValueError("the model has no linear layers outside its head to project")
     return re.compile("^(" + "|".join(map(re.escape, names)) + ")$")
@@ -106,8 +113,9 @@ def max_rank(model: nn.Module, targets: re.Pattern) -> int:
 
 
 @torch.no_grad()
-def evaluate_task(model: nn.Module, batches: list[dict[str, torch.Tensor]], num_labels: int,
-                  regression: bool) -> dict[str, float]:
+def evaluate_task(
+    model: nn.Module, batches: list[dict[str, torch.Tensor]], num_labels: int, regression: bool
+) -> dict[str, float]:
     """Validation loss (mean per example) and the task's metrics; the model's train/eval mode is restored."""
     was_training = model.training
     model.eval()

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+
 class StopFlag:
     """First Ctrl-C: finish the current step, save, exit 130. Second Ctrl-C: abort at once."""
 
@@ -32,8 +33,12 @@ class StopFlag:
             raise KeyboardInterrupt
         self.requested = True
         self._when = time.monotonic()
-        print("\ngradspace: interrupt received; stopping after this step and saving a checkpoint "
-              "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+        print(
+            "\ngradspace: interrupt received; stopping after this step and saving a checkpoint "
+            "(Ctrl-C again to abort without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def request(self) -> None:
         if self.installed:

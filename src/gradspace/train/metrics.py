@@ -12,8 +12,9 @@ import numpy as np
 def _arrays(pred, label) -> tuple[np.ndarray, np.ndarray]:
     pred, label = np.asarray(pred).ravel(), np.asarray(label).ravel()
     if pred.shape != label.shape or pred.size == 0:
-        raise ValueError(f"predictions and labels must be non-empty and of equal length, got {pred.size} and "
-                         f"{label.size}")
+        raise ValueError(
+            f"predictions and labels must be non-empty and of equal length, got {pred.size} and {label.size}"
+        )
     return pred, label
 
 
@@ -79,5 +80,8 @@ def classification_metrics(pred, label, num_labels: int) -> dict[str, float]:
 
 def regression_metrics(pred, label) -> dict[str, float]:
     pred, label = _arrays(pred, label)
-    return {"pearson": pearson(pred, label), "spearman": spearman(pred, label),
-            "mse": float(np.mean((pred.astype(np.float64) - label) ** 2))}
+    return {
+        "pearson": pearson(pred, label),
+        "spearman": spearman(pred, label),
+        "mse": float(np.mean((pred.astype(np.float64) - label) ** 2)),
+    }

@@ -9,6 +9,7 @@ from typing import Any
 
 from .config import UsageError
 
+
 class Parallel:
     """This process's place in a ``torchrun`` job. Without one (WORLD_SIZE unset or 1) it is a single process and
     every method is a no-op, so the training code has one path."""
@@ -116,8 +117,9 @@ class RankStream:
         self.stream.load_state_dict(state)
 
 
-def save_parallel(folder: Path, step: int, parallel: Parallel, *, model, inner, optimizer, scheduler, stream,
-                   config: dict[str, Any]) -> Path:
+def save_parallel(
+    folder: Path, step: int, parallel: Parallel, *, model, inner, optimizer, scheduler, stream, config: dict[str, Any]
+) -> Path:
     """Rank 0 writes ``ckpt-<step>.pt`` with the unwrapped model's full state dict, so one process can resume a
     torchrun run and the other way round. DDP's optimizer state is the same on every rank: rank 0's is saved.
     FSDP2's is per rank: each other rank writes ``ckpt-<step>.rank<r>.pt`` first, and rank 0 writes its main file
@@ -136,9 +138,17 @@ def save_parallel(folder: Path, step: int, parallel: Parallel, *, model, inner, 
     else:
         part = {"optimizer": optimizer.state_dict()}
     if parallel.main:
-        ck.save_checkpoint(folder, step, model=inner, optimizer=None, scheduler=scheduler, stream=stream,
-                           config=config, model_state=state,
-                           extra={**part, "world_size": parallel.world, "strategy": parallel.strategy})
+        ck.save_checkpoint(
+            folder,
+            step,
+            model=inner,
+            optimizer=None,
+            scheduler=scheduler,
+            stream=stream,
+            config=config,
+            model_state=state,
+            extra={**part, "world_size": parallel.world, "strategy": parallel.strategy},
+        )
     parallel.barrier()
     return ck.checkpoint_path(folder, step)
 
@@ -160,12 +170,19 @@ def load_parallel(resume: dict, parallel: Parallel, model, inner, optimizer) -> 
     from . import checkpoint as ck
 
     saved_world, saved = int(resume.get("world_size", 1)), resume.get("strategy", "none")
-    if (saved == "fsdp2" or parallel.strategy == "fsdp2") and (saved, saved_world) != (parallel.strategy,
-                                                                                        parallel.world):
-        how = (f"with torchrun --nproc_per_node {saved_world} ... --fsdp" if saved == "fsdp2"
-               else "without --fsdp (with DDP or in one process)")
-        raise ck.CheckpointError(f"checkpoint {resume.get('path', '')} was written by {saved_world} process(es) "
-                                 f"with {saved}; resume it {how}")
+    if (saved == "fsdp2" or parallel.strategy == "fsdp2") and (saved, saved_world) != (
+        parallel.strategy,
+        parallel.world,
+    ):
+        how = (
+            f"with torchrun --nproc_per_node {saved_world} ... --fsdp"
+            if saved == "fsdp2"
+            else "without --fsdp (with DDP or in one process)"
+        )
+        raise ck.CheckpointError(
+            f"checkpoint {resume.get('path', '')} was written by {saved_world} process(es) "
+            f"with {saved}; resume it {how}"
+        )
     if parallel.strategy == "fsdp2":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.tensor import DTensor
@@ -176,8 +193,9 @@ def load_parallel(resume: dict, parallel: Parallel, model, inner, optimizer) -> 
         params = [p for g in optimizer.param_groups for p in g["params"]]  # state_dict's numbering
         for index, key in part.get("dtensor_keys", []):
             p, state = params[index], sd["state"][index]
-            state[key] = DTensor.from_local(state[key].to(p.device), p.device_mesh, p.placements, shape=p.shape,
-                                            stride=p.stride())
+            state[key] = DTensor.from_local(
+                state[key].to(p.device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+            )
         optimizer.load_state_dict(sd)
     else:
         inner.load_state_dict(resume["model"])

@@ -7,12 +7,31 @@ import re
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("method", "val loss", "vs adamw", "val ppl", "wall time s", "subspace update s", "x galore",
-           "optimizer state B", "x adamw", "peak memory B")
+COLUMNS = (
+    "method",
+    "val loss",
+    "vs adamw",
+    "val ppl",
+    "wall time s",
+    "subspace update s",
+    "x galore",
+    "optimizer state B",
+    "x adamw",
+    "peak memory B",
+)
 #: one colour per method in every plot (tab10, in the order of the presets); other names cycle through the rest
-COLORS = {"adamw": "tab:gray", "galore": "tab:blue", "fira": "tab:cyan", "subtrack": "tab:orange",
-          "subtrack++": "tab:red", "osd": "tab:green", "osd-code": "tab:olive", "adarank": "tab:purple",
-          "grasswalk": "tab:brown", "grassjump": "tab:pink"}
+COLORS = {
+    "adamw": "tab:gray",
+    "galore": "tab:blue",
+    "fira": "tab:cyan",
+    "subtrack": "tab:orange",
+    "subtrack++": "tab:red",
+    "osd": "tab:green",
+    "osd-code": "tab:olive",
+    "adarank": "tab:purple",
+    "grasswalk": "tab:brown",
+    "grassjump": "tab:pink",
+}
 _SPARE = ("#1f3b73", "#7f6000", "#006d5b", "#8b0000", "#4b0082")
 
 
@@ -42,30 +61,40 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
     for method, r in results.items():
         key = r["metric"] if r.get("metric") else "val_loss"
         diff = f"{r[key] - ref[key]:+.4f}" if ref and method != "adamw" else "-"
-        quality = ([f"{r[key]:.4f}", diff, f"{r['val_loss']:.4f}"] if r.get("metric")
-                   else [f"{r[key]:.4f}", diff, f"{r['val_ppl']:.2f}"])
-        rows.append([
-            method,
-            *quality,
-            f"{r['wall_time']:.1f}",
-            f"{r['update_seconds']:.2f}",
-            _ratio(r["update_seconds"], svd) if method != "adamw" else "-",
-            f"{r['state_bytes']:,}",
-            _ratio(r["state_bytes"], ref and ref["state_bytes"]),
-            f"{r['peak_memory']:,}",
-        ])
+        quality = (
+            [f"{r[key]:.4f}", diff, f"{r['val_loss']:.4f}"]
+            if r.get("metric")
+            else [f"{r[key]:.4f}", diff, f"{r['val_ppl']:.2f}"]
+        )
+        rows.append(
+            [
+                method,
+                *quality,
+                f"{r['wall_time']:.1f}",
+                f"{r['update_seconds']:.2f}",
+                _ratio(r["update_seconds"], svd) if method != "adamw" else "-",
+                f"{r['state_bytes']:,}",
+                _ratio(r["state_bytes"], ref and ref["state_bytes"]),
+                f"{r['peak_memory']:,}",
+            ]
+        )
     return rows
 
 
-def markdown_table(results: dict[str, dict[str, Any]]) -> str:
-    cols = columns(results)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(results)]
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    """The one markdown table of the project (reports and benchmarks): first column left, the others right;
+    floats with 4 significant digits."""
+
+    def fmt(x: object) -> str:
+        return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def text_table(results: dict[str, dict[str, Any]]) -> str:
-    rows = [list(columns(results))] + table_rows(results)
+    rows = [list(columns(results)), *table_rows(results)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
     for n, row in enumerate(rows):
@@ -79,8 +108,12 @@ def _short(name: str) -> str:
     """``model.layers.3.self_attn.q_proj.weight`` -> ``L3.q_proj``; ``bert.encoder.layer.3.attention.self.query``
     -> ``L3.query``."""
     name = re.sub(r"^.*?layers?\.(\d+)\.", r"L\1.", name)
-    for part, short in ((".self_attn.", "."), (".mlp.", "."), (".attention.self.", "."),
-                        (".attention.output.", ".attn_out.")):
+    for part, short in (
+        (".self_attn.", "."),
+        (".mlp.", "."),
+        (".attention.self.", "."),
+        (".attention.output.", ".attn_out."),
+    ):
         name = name.replace(part, short)
     return name.replace(".weight", "")
 
@@ -97,11 +130,23 @@ def write_plots(folder: Path, results: dict[str, dict[str, Any]]) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, r in results.items():
         c = color(method, results)
-        ax.plot([h["step"] for h in r["history"]], [h["loss"] for h in r["history"]], label=method, linewidth=1,
-                color=c, alpha=0.8)
+        ax.plot(
+            [h["step"] for h in r["history"]],
+            [h["loss"] for h in r["history"]],
+            label=method,
+            linewidth=1,
+            color=c,
+            alpha=0.8,
+        )
         if r.get("evals"):
-            ax.plot([e["step"] for e in r["evals"]], [e["val_loss"] for e in r["evals"]], "o-", markersize=3,
-                    linewidth=0.8, color=c)
+            ax.plot(
+                [e["step"] for e in r["evals"]],
+                [e["val_loss"] for e in r["evals"]],
+                "o-",
+                markersize=3,
+                linewidth=0.8,
+                color=c,
+            )
     ax.set(xlabel="step", ylabel="loss (thin: train, dots: validation)", title="Loss")
     ax.legend()
     fig.tight_layout()
@@ -136,10 +181,20 @@ def write_plots(folder: Path, results: dict[str, dict[str, Any]]) -> list[str]:
         width = 0.8 / len(projected)
         for i, (method, ws) in enumerate(projected.items()):
             values = [(ws.get(w) or {}).get(key) for w in layers]
-            ax.bar([j + i * width for j in range(len(layers))], [v if v is not None else 0 for v in values],
-                   width, label=method, color=color(method, results))
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], [_short(w) for w in layers],
-                      rotation=60, ha="right", fontsize=7)
+            ax.bar(
+                [j + i * width for j in range(len(layers))],
+                [v if v is not None else 0 for v in values],
+                width,
+                label=method,
+                color=color(method, results),
+            )
+        ax.set_xticks(
+            [j + 0.4 - width / 2 for j in range(len(layers))],
+            [_short(w) for w in layers],
+            rotation=60,
+            ha="right",
+            fontsize=7,
+        )
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.set(ylabel=label, title=f"Per-layer {label} at the end of training")
         fig.tight_layout()
@@ -154,28 +209,33 @@ def write_report(folder: str | Path, results: dict[str, dict[str, Any]], config:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     plots = write_plots(folder, results)
-    (folder / "metrics.json").write_text(json.dumps({"config": config, "results": results}, indent=1,
-                                                    default=str))
+    (folder / "metrics.json").write_text(json.dumps({"config": config, "results": results}, indent=1, default=str))
     if "task" in config:
-        setting = (f"`{config['model']}` fine-tuned on `{config['task']}`, {config['steps']} steps, batch "
-                   f"{config['batch_size']} (max length {config['max_length']}, x{config['grad_accum']} "
-                   "accumulation)")
+        setting = (
+            f"`{config['model']}` fine-tuned on `{config['task']}`, {config['steps']} steps, batch "
+            f"{config['batch_size']} (max length {config['max_length']}, x{config['grad_accum']} "
+            "accumulation)"
+        )
     else:
-        setting = (f"LLaMA-{config['preset']} on `{config['dataset']}`, {config['steps']} steps, batch "
-                   f"{config['batch_size']} x {config['seq_len']} tokens (x{config['grad_accum']} accumulation)")
+        setting = (
+            f"LLaMA-{config['preset']} on `{config['dataset']}`, {config['steps']} steps, batch "
+            f"{config['batch_size']} x {config['seq_len']} tokens (x{config['grad_accum']} accumulation)"
+        )
     lines = [
         "# gradspace compare",
         "",
         f"{setting}, seed {config['seed']}, device {config['device']}, dtype {config['dtype']}.",
         "",
-        markdown_table(results),
+        markdown_table(list(columns(results)), table_rows(results)),
         "",
-        ("Each method runs in its own process: peak memory is that process's maximum resident set size on CPU, "
-         "`torch.cuda.max_memory_allocated` on GPU. `vs adamw`: the headline metric minus AdamW's (for a loss, "
-         "negative is better); one seed, so a difference smaller than the run-to-run spread is noise. "
-         "Subspace-update time is `optimizer.diagnostics()['update_seconds']` (basis computations and moves, with "
-         "the moment transport); `x galore` divides it by GaLore's, whose updates are its SVDs. `x adamw`: "
-         "optimizer state over AdamW's."),
+        (
+            "Each method runs in its own process: peak memory is that process's maximum resident set size on CPU, "
+            "`torch.cuda.max_memory_allocated` on GPU. `vs adamw`: the headline metric minus AdamW's (for a loss, "
+            "negative is better); one seed, so a difference smaller than the run-to-run spread is noise. "
+            "Subspace-update time is `optimizer.diagnostics()['update_seconds']` (basis computations and moves, with "
+            "the moment transport); `x galore` divides it by GaLore's, whose updates are its SVDs. `x adamw`: "
+            "optimizer state over AdamW's."
+        ),
         "",
         *[f"![{p[:-4]}]({p})" for p in plots],
         "",

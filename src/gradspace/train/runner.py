@@ -15,6 +15,7 @@ from .interrupt import StopFlag
 from .parallel import Parallel, load_parallel, save_parallel
 from .streams import Data
 
+
 def _peak_memory(device) -> int:
     import torch
 
@@ -27,19 +28,33 @@ def _peak_memory(device) -> int:
 def _tensorboard(folder: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # noqa: BLE001 - optional: tensorboard missing or broken
+    except Exception:
         return None
     try:
         return SummaryWriter(str(folder / "tensorboard"))
-    except Exception:  # noqa: BLE001 - optional
+    except Exception:
         return None
 
 
-def run_training(cfg: dict[str, Any], out: Path, *, command: str, model, optimizer, scheduler, stream,
-                 evaluate_fn, settings: dict[str, Any], resume: dict | None = None, stop_after: int | None = None,
-                 label: str | None = None, no_eval: dict[str, float] | None = None,
-                 extra: dict[str, Any] | None = None, parallel: Parallel | None = None,
-                 inner=None) -> dict[str, Any]:
+def run_training(
+    cfg: dict[str, Any],
+    out: Path,
+    *,
+    command: str,
+    model,
+    optimizer,
+    scheduler,
+    stream,
+    evaluate_fn,
+    settings: dict[str, Any],
+    resume: dict | None = None,
+    stop_after: int | None = None,
+    label: str | None = None,
+    no_eval: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
+    parallel: Parallel | None = None,
+    inner=None,
+) -> dict[str, Any]:
     """The run machinery shared by ``pretrain`` and ``finetune``; returns the run's summary.
 
     Restores a checkpoint (model, optimizer, scheduler, data position, RNG), then creates the run folder (only now,
@@ -63,8 +78,10 @@ def run_training(cfg: dict[str, Any], out: Path, *, command: str, model, optimiz
     if resume is not None:
         start = int(resume["step"])
         if start >= cfg["steps"]:
-            raise UsageError(f"the checkpoint is at step {start}, the run has {cfg['steps']} steps: nothing to do "
-                             "(give a larger --steps to continue)")
+            raise UsageError(
+                f"the checkpoint is at step {start}, the run has {cfg['steps']} steps: nothing to do "
+                "(give a larger --steps to continue)"
+            )
         error = None
         try:
             load_parallel(resume, parallel, model, inner, optimizer)
@@ -88,8 +105,9 @@ def run_training(cfg: dict[str, Any], out: Path, *, command: str, model, optimiz
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg, indent=1))
         if start and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
-            kept = [ln for ln in metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["step"] <= start]
+            kept = [
+                ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start
+            ]
             metrics_path.write_text("".join(ln + "\n" for ln in kept))
         elif not start:
             metrics_path.write_text("")
@@ -113,11 +131,27 @@ def run_training(cfg: dict[str, Any], out: Path, *, command: str, model, optimiz
         log({"type": "eval", **e})
 
     def save(step: int) -> Path:
-        return save_parallel(ckpt_dir, step, parallel, model=model, inner=inner, optimizer=optimizer,
-                              scheduler=scheduler, stream=stream, config=cfg)
+        return save_parallel(
+            ckpt_dir,
+            step,
+            parallel,
+            model=model,
+            inner=inner,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            stream=stream,
+            config=cfg,
+        )
 
-    bar = tqdm(total=cfg["steps"], initial=start, desc=label or cfg["method"], unit="step", dynamic_ncols=True,
-               file=sys.stderr, disable=not main)
+    bar = tqdm(
+        total=cfg["steps"],
+        initial=start,
+        desc=label or cfg["method"],
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        disable=not main,
+    )
 
     last: list[dict] = []
 
@@ -127,10 +161,20 @@ def run_training(cfg: dict[str, Any], out: Path, *, command: str, model, optimiz
             r["tokens_per_s"] *= parallel.world
         last[:] = [r]
         if r["step"] % cfg["log_every"] == 0 or r["step"] == cfg["steps"]:
-            log({"type": "train", "step": r["step"], "loss": r["loss"], "lr": r["lr"],
-                 "tokens_per_s": r["tokens_per_s"], "step_time": r["step_time"], "grad_norm": r["grad_norm"]})
+            log(
+                {
+                    "type": "train",
+                    "step": r["step"],
+                    "loss": r["loss"],
+                    "lr": r["lr"],
+                    "tokens_per_s": r["tokens_per_s"],
+                    "step_time": r["step_time"],
+                    "grad_norm": r["grad_norm"],
+                }
+            )
 
     with StopFlag(grace=2.0 if parallel.world > 1 else 0.0) as flag:
+
         def hook(step: int) -> bool:
             bar.update(step - bar.n)
             if last:
@@ -144,14 +188,26 @@ def run_training(cfg: dict[str, Any], out: Path, *, command: str, model, optimiz
             return parallel.any(flag.requested)  # every rank stops at the same step
 
         try:
-            result = train(model, optimizer, stream, cfg["steps"], scheduler=scheduler, start_step=start,
-                           grad_accum=cfg["grad_accum"], grad_clip=cfg["grad_clip"], callback=on_step_record,
-                           log_every=1, step_hook=hook)
+            result = train(
+                model,
+                optimizer,
+                stream,
+                cfg["steps"],
+                scheduler=scheduler,
+                start_step=start,
+                grad_accum=cfg["grad_accum"],
+                grad_clip=cfg["grad_clip"],
+                callback=on_step_record,
+                log_every=1,
+                step_hook=hook,
+            )
         except KeyboardInterrupt:
             bar.close()
             metrics.close()
-            raise UsageError("aborted by a second Ctrl-C without saving; resume from the last checkpoint with "
-                             f"`gradspace {command} --resume {out}`") from None
+            raise UsageError(
+                "aborted by a second Ctrl-C without saving; resume from the last checkpoint with "
+                f"`gradspace {command} --resume {out}`"
+            ) from None
         except FloatingPointError as err:
             bar.close()
             metrics.close()
@@ -161,8 +217,12 @@ def run_training(cfg: dict[str, Any], out: Path, *, command: str, model, optimiz
         path = save(result["stopped_at"])
         metrics.close()
         if main:
-            print(f"gradspace: interrupted at step {result['stopped_at']} of {cfg['steps']}; checkpoint saved to "
-                  f"{path}\nresume with: gradspace {command} --resume {out}", file=sys.stderr, flush=True)
+            print(
+                f"gradspace: interrupted at step {result['stopped_at']} of {cfg['steps']}; checkpoint saved to "
+                f"{path}\nresume with: gradspace {command} --resume {out}",
+                file=sys.stderr,
+                flush=True,
+            )
         parallel.barrier()  # torchrun stops the other ranks when one exits: rank 0 has said everything by now
         raise SystemExit(130)
     do_eval(cfg["steps"])
@@ -186,8 +246,10 @@ def run_training(cfg: dict[str, Any], out: Path, *, command: str, model, optimiz
         "peak_memory": _peak_memory(device),
         "history": [{"step": r["step"], "loss": r["loss"]} for r in result["history"]],
         "evals": evals,
-        "weights": {name: {"rank": w["rank"], "energy": w["energy"], "updates": w["updates"],
-                           "state_bytes": w["state_bytes"]} for name, w in diag["weights"].items()},
+        "weights": {
+            name: {"rank": w["rank"], "energy": w["energy"], "updates": w["updates"], "state_bytes": w["state_bytes"]}
+            for name, w in diag["weights"].items()
+        },
         **settings,
         **(extra or {}),
     }
@@ -205,9 +267,16 @@ def _make_optimizer(cfg: dict[str, Any], model, settings: dict[str, Any], **extr
         raise UsageError(str(err)) from None
 
 
-def run_pretrain(cfg: dict[str, Any], out: Path, *, data: Data | None = None, resume: dict | None = None,
-                 stop_after: int | None = None, label: str | None = None,
-                 parallel: Parallel | None = None) -> dict[str, Any]:
+def run_pretrain(
+    cfg: dict[str, Any],
+    out: Path,
+    *,
+    data: Data | None = None,
+    resume: dict | None = None,
+    stop_after: int | None = None,
+    label: str | None = None,
+    parallel: Parallel | None = None,
+) -> dict[str, Any]:
     """Train one run into ``out`` (created only once everything is set up); returns its summary."""
     import torch
 
@@ -224,10 +293,23 @@ def run_pretrain(cfg: dict[str, Any], out: Path, *, data: Data | None = None, re
     settings = PRETRAIN.settings(cfg)
     optimizer = _make_optimizer(cfg, inner, settings, **_distributed_option(parallel))
     evaluate_fn = (lambda: evaluate(model, data.eval_batches)) if data.eval_batches else None
-    return run_training(cfg, out, command="pretrain", model=model, optimizer=optimizer,
-                        scheduler=warmup_cosine(optimizer, cfg["steps"]), stream=stream, evaluate_fn=evaluate_fn,
-                        settings=settings, resume=resume, stop_after=stop_after, label=label,
-                        no_eval={"val_loss": float("nan"), "val_ppl": float("nan")}, parallel=parallel, inner=inner)
+    return run_training(
+        cfg,
+        out,
+        command="pretrain",
+        model=model,
+        optimizer=optimizer,
+        scheduler=warmup_cosine(optimizer, cfg["steps"]),
+        stream=stream,
+        evaluate_fn=evaluate_fn,
+        settings=settings,
+        resume=resume,
+        stop_after=stop_after,
+        label=label,
+        no_eval={"val_loss": float("nan"), "val_ppl": float("nan")},
+        parallel=parallel,
+        inner=inner,
+    )
 
 
 def _placement(cfg: dict[str, Any], parallel: Parallel | None):
@@ -264,21 +346,31 @@ class FinetuneSetup:
             raise UsageError(str(err)) from None
         top = max_rank(self.model, self.targets)
         if METHODS[cfg["method"]] is not None and cfg.get("rank") is not None and cfg["rank"] > top:
-            raise UsageError(f"rank {cfg['rank']} does not fit model {cfg['model']}: the maximum allowed is {top} "
-                             "(its smallest projected weight dimension)")
+            raise UsageError(
+                f"rank {cfg['rank']} does not fit model {cfg['model']}: the maximum allowed is {top} "
+                "(its smallest projected weight dimension)"
+            )
         positions = getattr(self.model.config, "max_position_embeddings", None) or 512
         limit = min(positions, getattr(self.tokenizer, "model_max_length", positions) or positions)
         if cfg["max_length"] > limit:
             raise UsageError(f"max-length {cfg['max_length']} exceeds model {cfg['model']}'s {limit} positions")
         t = self.task
         kind = "regression" if t.regression else f"{t.num_labels} classes"
-        self.info = (f"{t.name}: {len(t.train):,} train / {len(t.validation):,} validation examples, {kind}, "
-                     f"metric {t.metric}")
+        self.info = (
+            f"{t.name}: {len(t.train):,} train / {len(t.validation):,} validation examples, {kind}, metric {t.metric}"
+        )
 
 
-def run_finetune(cfg: dict[str, Any], out: Path, *, setup: FinetuneSetup | None = None, resume: dict | None = None,
-                 stop_after: int | None = None, label: str | None = None,
-                 parallel: Parallel | None = None) -> dict[str, Any]:
+def run_finetune(
+    cfg: dict[str, Any],
+    out: Path,
+    *,
+    setup: FinetuneSetup | None = None,
+    resume: dict | None = None,
+    stop_after: int | None = None,
+    label: str | None = None,
+    parallel: Parallel | None = None,
+) -> dict[str, Any]:
     """Fine-tune ``cfg["model"]`` on ``cfg["task"]`` into ``out``; returns the summary (with the final metrics)."""
     import torch
 
@@ -297,9 +389,20 @@ def run_finetune(cfg: dict[str, Any], out: Path, *, setup: FinetuneSetup | None 
     collate = collate_fn(setup.tokenizer, cfg["max_length"], dtype if task.regression else torch.long)
     stream = parallel.shard(ExampleStream(task.train, collate, cfg["batch_size"], seed=cfg["seed"]))
     batches = eval_batches(task.validation, collate, EVAL_BATCH, cfg["eval_batches"] * EVAL_BATCH)
-    return run_training(cfg, out, command="finetune", model=model, optimizer=optimizer,
-                        scheduler=warmup_cosine(optimizer, cfg["steps"]), stream=stream,
-                        evaluate_fn=lambda: evaluate_task(model, batches, task.num_labels, task.regression),
-                        settings=settings, resume=resume, stop_after=stop_after, label=label,
-                        extra={"task": task.name, "model": cfg["model"], "metric": task.metric}, parallel=parallel,
-                        inner=inner)
+    return run_training(
+        cfg,
+        out,
+        command="finetune",
+        model=model,
+        optimizer=optimizer,
+        scheduler=warmup_cosine(optimizer, cfg["steps"]),
+        stream=stream,
+        evaluate_fn=lambda: evaluate_task(model, batches, task.num_labels, task.regression),
+        settings=settings,
+        resume=resume,
+        stop_after=stop_after,
+        label=label,
+        extra={"task": task.name, "model": cfg["model"], "metric": task.metric},
+        parallel=parallel,
+        inner=inner,
+    )

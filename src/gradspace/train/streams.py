@@ -9,6 +9,7 @@ from typing import Any
 
 from .config import UsageError
 
+
 class HFStream:
     """Batches packed from a streamed Hugging Face dataset's ``text`` field (GPT-2 BPE); resumes by skipping.
 
@@ -22,8 +23,10 @@ class HFStream:
         try:
             import datasets
         except ImportError:
-            raise UsageError(f"dataset {name!r} is a Hugging Face dataset: run `pip install datasets` (and it needs "
-                             "network access to the Hugging Face hub)") from None
+            raise UsageError(
+                f"dataset {name!r} is a Hugging Face dataset: run `pip install datasets` (and it needs "
+                "network access to the Hugging Face hub)"
+            ) from None
         self.name, self.split, self.batch_size, self.seq_len, self.tok = name, split, batch_size, seq_len, tokenizer
         self.step, self.epoch = 0, 0
 
@@ -75,8 +78,10 @@ class Data:
         self.cfg = cfg
         local = name in CORPORA or Path(name).expanduser().exists()
         if not local and not cfg.get("streaming"):
-            raise UsageError(f"unknown dataset {name!r}: not one of {', '.join(CORPORA)} and no such file or folder "
-                             "(for a Hugging Face dataset add --streaming)")
+            raise UsageError(
+                f"unknown dataset {name!r}: not one of {', '.join(CORPORA)} and no such file or folder "
+                "(for a Hugging Face dataset add --streaming)"
+            )
         self.hf = not local
         if self.hf:
             from . import assets
@@ -90,7 +95,7 @@ class Data:
                 self.eval_batches = [next(val) for _ in range(cfg["eval_batches"])]
             except UsageError:
                 raise
-            except Exception as err:  # noqa: BLE001 - no validation split: train loss only
+            except Exception as err:
                 print(f"gradspace: no validation batches from {name} ({type(err).__name__})", file=sys.stderr)
             self.info = f"streaming {name} (GPT-2 vocabulary)"
             return
@@ -105,12 +110,16 @@ class Data:
         self.vocab_size = self.dataset.vocab_size
         for split, n in (("train", self.dataset.train.numel()), ("val", self.dataset.val.numel())):
             if n < cfg["seq_len"]:
-                raise UsageError(f"seq-len {cfg['seq_len']} does not fit the data: the {split} split of {name} has "
-                                 f"only {n} tokens")
-        self.eval_batches = self.dataset.fixed_batches("val", cfg["eval_batches"], cfg["batch_size"],
-                                                       cfg["seq_len"], seed=1234)
-        self.info = (f"{name}: {self.dataset.train.numel():,} train / {self.dataset.val.numel():,} validation "
-                     f"tokens, vocabulary {self.vocab_size:,}")
+                raise UsageError(
+                    f"seq-len {cfg['seq_len']} does not fit the data: the {split} split of {name} has only {n} tokens"
+                )
+        self.eval_batches = self.dataset.fixed_batches(
+            "val", cfg["eval_batches"], cfg["batch_size"], cfg["seq_len"], seed=1234
+        )
+        self.info = (
+            f"{name}: {self.dataset.train.numel():,} train / {self.dataset.val.numel():,} validation "
+            f"tokens, vocabulary {self.vocab_size:,}"
+        )
 
     def stream(self):
         cfg = self.cfg

