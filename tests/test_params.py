@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gradspace import SubspaceOptimizer, create_optimizer, select_params
@@ -96,3 +97,71 @@ def test_full_rank_method_rejects_projection_options(llama):
         create_optimizer("adamw", llama, rank=4)
     opt = create_optimizer("adamw", llama, lr=1e-3)
     assert all("rank" not in g for g in opt.param_groups)
+
+
+# ------------------------------------------------------------------------------------ transformers' Conv1D (GPT-2)
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32))
+
+
+def test_gpt2_conv1d_weights_are_selected_by_all_linear_substrings_and_regexes():
+    gpt2 = tiny_gpt2()
+    (proj, rest) = select_params(gpt2, "all-linear")
+    assert proj["transposed"] and sorted({n.split(".")[-2] for n in proj["param_names"]}) == ["c_attn", "c_fc", "c_proj"]
+    assert len(proj["param_names"]) == 2 * 4 and not any("lm_head" in n or "wte" in n for n in proj["param_names"])
+    assert names(select_params(gpt2, "attn")[0]) == {f"transformer.h.{i}.attn.{m}.weight" for i in (0, 1)
+                                                     for m in ("c_attn", "c_proj")}
+    assert names(select_params(gpt2, re.compile(r"h\.1\.mlp\.c_fc"))[0]) == {"transformer.h.1.mlp.c_fc.weight"}
+    with pytest.raises(ValueError, match="c_attn, c_fc, c_proj"):
+        select_params(gpt2, ["q_proj", "v_proj"])  # LLaMA's names on a GPT-2: the error says what exists
+
+
+class Pair(nn.Module):
+    """The same three layers as nn.Linear (out, in) or as transformers' Conv1D (in, out, stored transposed)."""
+
+    def __init__(self, conv: bool):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        torch.manual_seed(0)
+        shapes = [(24, 40), (40, 40), (40, 8)]  # in -> out: wide, square, narrow
+        lins = [nn.Linear(i, o) for i, o in shapes]
+        if conv:
+            convs = []
+            for lin, (i, o) in zip(lins, shapes):
+                c = Conv1D(o, i)
+                c.weight.data.copy_(lin.weight.data.T)
+                c.bias.data.copy_(lin.bias.data)
+                convs.append(c)
+            lins = convs
+        self.layers = nn.ModuleList(lins)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+@pytest.mark.parametrize("proj_type", ["std", "left", "right", "reverse_std"])
+def test_conv1d_weights_train_exactly_as_their_linear_transposes(proj_type):
+    from gradspace import create_optimizer
+
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 24, generator=g), torch.randn(16, 8, generator=g)) for _ in range(12)]
+    runs = []
+    for conv in (False, True):
+        model = Pair(conv)
+        opt = create_optimizer("galore", model, lr=1e-2, rank=4, update_proj_gap=5, proj_type=proj_type,
+                               target_modules="all-linear")
+        for x, y in data:
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        runs.append(model)
+    for lin, conv in zip(runs[0].layers, runs[1].layers):
+        torch.testing.assert_close(conv.weight.T, lin.weight, rtol=1e-5, atol=1e-6)
+    moved = [float((a.weight - b.weight).abs().max()) for a, b in zip(runs[0].layers, Pair(False).layers)]
+    assert min(moved) > 1e-3  # every layer trained

@@ -199,7 +199,7 @@ def shard_updates(opt, work: list, group=None) -> dict[torch.Tensor, torch.Tenso
     for (g, p, right, tracker), owner, grad in zip(due, who, full):
         if owner == me:
             t0 = time.perf_counter()
-            new[p] = tracker.update(oriented(grad, right), opt.state[p], g, opt._context(p, right))
+            new[p] = tracker.update(oriented(grad, right), opt.state[p], g, opt._context(p, right, g))
             new[p] = new[p].float().contiguous()
             diag = opt._diag.setdefault(p, {"update_seconds": 0.0, "angle": None})
             diag["update_seconds"] += time.perf_counter() - t0  # this rank's share of the update time

@@ -43,6 +43,7 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
     "tracker": "svd",
     "moments": "keep",
     "recovery": False,
+    "transposed": False,  # weights stored (in, out), as transformers' Conv1D: projected as their transpose
     **RECOVERY_DEFAULTS,
 }
 
@@ -234,6 +235,8 @@ class SubspaceOptimizer(Optimizer):
             raise RuntimeError(dist_support.flattened_message(self._name(group, p), tuple(p.shape)))
         if group["rank"] >= min(p.shape):
             return None
+        if group.get("transposed"):  # stored (in, out) like transformers' Conv1D: project it as its (out, in) transpose
+            return not basis_on_right(tuple(p.shape[::-1]), group["proj_type"]), group["rank"]
         return basis_on_right(tuple(p.shape), group["proj_type"]), group["rank"]
 
     def _param_index(self, p: torch.Tensor) -> int:
@@ -367,8 +370,10 @@ class SubspaceOptimizer(Optimizer):
         if group["weight_decay"] > 0.0:
             torch._foreach_add_(params, params, alpha=-float(group["lr"]) * group["weight_decay"])
 
-    def _context(self, p: torch.Tensor, right: bool) -> Context:
-        return Context(index=self._param_index(p), right=right, seed=self.seed)
+    def _context(self, p: torch.Tensor, right: bool, group: dict) -> Context:
+        """``right`` in the layout of the weight as a linear map (out, in): a Conv1D weight's SVD is then taken of
+        the same matrix as its ``nn.Linear`` twin's, with the same singular-vector signs."""
+        return Context(index=self._param_index(p), right=right != bool(group.get("transposed")), seed=self.seed)
 
     def _refresh_basis(self, group, p, state, rule, tracker, ctx, gn, full, rank: int, diag: dict) -> None:
         """The first basis on a weight's first step; later, the tracker's move when it is due (or the basis that
@@ -400,7 +405,7 @@ class SubspaceOptimizer(Optimizer):
 
     def _step_projected(self, group, p, state, rule, right: bool, rank: int, extra=None) -> None:
         tracker = get_tracker(group["tracker"])
-        ctx = self._context(p, right)
+        ctx = self._context(p, right, group)
         # gn is what is projected: the gradient, or under FSDP2 this rank's rows or the gathered full gradient;
         # full() is the full gradient the tracker reads (the same tensor unless gn is a shard)
         view = dist_support.param_view(p, right, gather=group["recovery"])

@@ -9,6 +9,16 @@ from typing import Any
 from torch import nn
 
 DEFAULT_TARGETS = ("attn", "mlp")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's ``c_attn``, ``c_proj``, ``c_fc``): a linear layer whose weight is stored
+    transposed, (in, out). Recognised by name so that the core never imports transformers."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
+
+
+def _linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 Target = str | re.Pattern
 
 
@@ -41,10 +51,12 @@ def select_params(
     """Param groups: ``[{"params": projected, "param_names": ..., "rank": ..., ...}, {"params": rest, ...}]``.
 
     ``target_modules`` is a substring, a regex (full match), a compiled pattern, a list of those, or
-    ``"all-linear"``. Only 2-D ``nn.Linear`` weights are projected; embeddings and the output head only when a target
-    names them exactly. A target that selects a module whose weight is not 2-D is an error. ``projection`` keys
-    (``rank``, ``update_proj_gap``, ``scale``, ``proj_type`` ...) go into the projected group; ``rank`` defaults
-    to 128 as in galore-torch.
+    ``"all-linear"``. Only 2-D weights of ``nn.Linear`` and transformers' ``Conv1D`` are projected; embeddings and
+    the output head only when a target names them exactly. A target that selects a module whose weight is not 2-D
+    is an error. ``projection`` keys (``rank``, ``update_proj_gap``, ``scale``, ``proj_type`` ...) go into the
+    projected group; ``rank`` defaults to 128 as in galore-torch. ``Conv1D`` weights (stored as (in, out)) get a
+    projected group of their own with ``"transposed": True``, so that they are projected exactly as the equivalent
+    ``nn.Linear`` weight (out, in) would be.
     """
     targets: list[Target] = [target_modules] if isinstance(target_modules, (str, re.Pattern)) else list(target_modules)
     if not targets:
@@ -59,7 +71,7 @@ def select_params(
         explicit = any(isinstance(t, str) and (t == mod_name or t == mod_name.rsplit(".", 1)[-1]) for t in targets)
         if mod_name in heads and not explicit:
             continue
-        hit = (all_linear and isinstance(module, nn.Linear)) or any(
+        hit = (all_linear and _linear(module)) or any(
             _matches(mod_name, t) for t in targets if t != "all-linear"
         )
         if not hit:
@@ -71,29 +83,44 @@ def select_params(
                     "can be projected; narrow target_modules (e.g. 'attn', 'mlp', or 'all-linear')"
                 )
             continue
-        if isinstance(module, (nn.Linear, nn.Embedding)) or explicit:
-            chosen.setdefault(id(weight), f"{mod_name}.weight")
+        if _linear(module) or isinstance(module, nn.Embedding) or explicit:
+            chosen.setdefault(id(weight), is_conv1d(module))
     if not chosen:
-        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
-        raise ValueError(
-            f"target_modules {targets!r} matched no 2-D linear weight; linear modules include: {', '.join(linear)}"
-        )
-    projected, projected_names, rest, rest_names = [], [], [], []
+        raise ValueError(f"target_modules {targets!r} matched no 2-D linear weight; {_candidates(model, heads)}")
+    linear: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}  # by "stored transposed"
+    rest, rest_names = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if id(p) in chosen:
-            projected.append(p)
-            projected_names.append(name)
+            params, names = linear[chosen[id(p)]]
+            params.append(p)
+            names.append(name)
         else:
             rest.append(p)
             rest_names.append(name)
-    group = {"params": projected, "param_names": projected_names, "rank": 128}
-    group.update(projection)
-    groups = [group]
+    groups = []
+    for transposed, (params, names) in linear.items():
+        if params:
+            group = {"params": params, "param_names": names, "rank": 128, **projection}
+            if transposed:
+                group["transposed"] = True
+            groups.append(group)
     if rest:
         groups.append({"params": rest, "param_names": rest_names})
     return groups
+
+
+def _candidates(model: nn.Module, heads: set[str]) -> str:
+    """What a target could have matched: the distinct names of the model's linear modules (the head apart)."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _linear(m) and n not in heads})
+    head = sorted(heads & {n for n, m in model.named_modules() if _linear(m)})
+    if not leaves:
+        return "the model has no linear module to project" + (f" except its head ({', '.join(head)})" if head else "")
+    return (
+        f"its linear modules are named {', '.join(leaves)} (targets match substrings, regexes or 'all-linear')"
+        + (f"; the head {', '.join(head)} is projected only when named exactly" if head else "")
+    )
 
 
 def as_groups(params: nn.Module | Iterable) -> list[dict[str, Any]]:

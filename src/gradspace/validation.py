@@ -47,6 +47,7 @@ STRUCTURAL_KEYS = (
     "base",
     "rank",
     "proj_type",
+    "transposed",
     "state_dtype",
 )
 

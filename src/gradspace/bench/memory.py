@@ -60,6 +60,11 @@ def variants() -> list[tuple[str, str, dict]]:
 
 
 # ---------------------------------------------------------------------------------------------- the formula
+def projected_names(model: torch.nn.Module) -> set[str]:
+    """Names of the weights the presets project by default (every projected group of ``select_params``)."""
+    return {n for g in select_params(model) if "rank" in g for n in g["param_names"]}
+
+
 def weight_bytes(shape, elem: int, method: str, rank: int, options: dict, clock=(1, 0)) -> int:
     """State bytes of one weight after its first step, from what each component declares: the inner rule's
     ``state_bytes`` for the (projected or full) gradient shape, the tracker's (basis included) for a projected
@@ -85,7 +90,7 @@ def formula_bytes(model: torch.nn.Module, method: str, rank: int, options: dict,
     ``ranks``/``clocks`` (by parameter name) give adarank's effective ranks and refresh clocks, which come from the
     data and no formula can know; by default every weight has ``rank`` and has taken one step.
     """
-    projected = set(select_params(model)[0]["param_names"]) if METHODS[method] is not None else set()
+    projected = projected_names(model) if METHODS[method] is not None else set()
     total = 0
     for name, p in model.named_parameters():
         r = (ranks or {}).get(name, rank) if name in projected else math.inf  # not projected: full rank
@@ -95,7 +100,7 @@ def formula_bytes(model: torch.nn.Module, method: str, rank: int, options: dict,
 
 def projected_grad_bytes(model: torch.nn.Module) -> int:
     """Bytes of the gradients of the weights the presets project (what layer-wise mode must at least save)."""
-    names = set(select_params(model)[0]["param_names"])
+    names = projected_names(model)
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n in names)
 
 
@@ -145,7 +150,7 @@ def state_table(configs=CONFIGS, vocab: int = 32000) -> tuple[list[dict], str]:
             formula = formula_bytes(model, method, rank, _options_for_formula(options))
             if not held == counted == formula:
                 raise AssertionError(f"{cfg} {label}: held {held}, counted {counted}, formula {formula} bytes")
-            proj = set(select_params(model)[0]["param_names"])
+            proj = projected_names(model)
             proj_bytes = sum(
                 weight_bytes(tuple(p.shape), p.element_size(), method, rank, options)
                 for n, p in model.named_parameters()
