@@ -9,6 +9,7 @@ gradspace compare --methods adamw,galore,subtrack --steps 150 --out runs/compare
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from .train.config import (
     FINETUNE,
     PRESET_NAMES,
     PRETRAIN,
+    SCHEDULERS,
     Command,
     UsageError,
     explicit_options,
@@ -44,11 +46,54 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--base", default=S, help="inner rule: adamw, adamw8bit, lion, adafactor, sgd")
         sp.add_argument("--rank", type=int, default=S, help="subspace rank (pretrain: by preset, tiny 16; finetune: 8)")
         sp.add_argument(
+            "--update-proj-gap",
             "--update-gap",
+            dest="update_gap",
             type=int,
             default=S,
             help="steps between subspace updates (pretrain: by preset; finetune: 100)",
         )
+        sp.add_argument(
+            "--proj-type",
+            default=S,
+            choices=("std", "reverse_std", "left", "right"),
+            help="which side of each weight is projected (std: the smaller)",
+        )
+        sp.add_argument(
+            "--target-modules",
+            type=_names,
+            default=S,
+            help="comma-separated module names, substrings or regexes to project, or all-linear "
+            "(pretrain: attention and MLP linears)",
+        )
+        sp.add_argument(
+            "--optim-args",
+            default=S,
+            help="tracker and inner-rule options, key=value,... "
+            "(e.g. eta=1.0 for subtrack, eta_th=0.02 for adarank, betas are not supported here)",
+        )
+        sp.add_argument("--weight-decay", type=float, default=S, help="decoupled weight decay (0)")
+        sp.add_argument("--warmup", type=int, default=S, help="warm-up steps (10%% of --steps)")
+        sp.add_argument(
+            "--scheduler",
+            default=S,
+            choices=SCHEDULERS,
+            help="transformers.get_scheduler schedule (cosine_with_min_lr: cosine to 10%% of lr)",
+        )
+        sp.add_argument("--grad-clip", type=float, default=S, help="clip the gradient's global norm (1.0; 0: off)")
+        sp.add_argument(
+            "--layerwise",
+            action="store_true",
+            default=S,
+            help="step each weight inside backward and free its gradient at once (needs --grad-clip 0)",
+        )
+        sp.add_argument(
+            "--grad-checkpointing",
+            action="store_true",
+            default=S,
+            help="recompute activations in backward instead of keeping them",
+        )
+        sp.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
         sp.add_argument(
             "--scale", type=float, default=S, help="GaLore scale of projected updates (pretrain 0.25, finetune 2)"
         )
@@ -257,8 +302,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _suggest(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """An unknown option is an error that names the closest known one (argparse alone only says "unrecognized")."""
+    sub = next((a for a in argv if a in parser._subparsers._group_actions[0].choices), None)
+    if sub is None:
+        return
+    options = list(parser._subparsers._group_actions[0].choices[sub]._option_string_actions)
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and not any(o == name or o.startswith(name) for o in options):
+            close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else f"; see `gradspace {sub} --help`"
+            parser.exit(2, f"gradspace {sub}: error: unknown option {name}{hint}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _suggest(parser, argv)
     args = parser.parse_args(argv)
     from .train.checkpoint import CheckpointError
 

@@ -19,6 +19,8 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def _linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 Target = str | re.Pattern
 
 
@@ -71,9 +73,7 @@ def select_params(
         explicit = any(isinstance(t, str) and (t == mod_name or t == mod_name.rsplit(".", 1)[-1]) for t in targets)
         if mod_name in heads and not explicit:
             continue
-        hit = (all_linear and _linear(module)) or any(
-            _matches(mod_name, t) for t in targets if t != "all-linear"
-        )
+        hit = (all_linear and _linear(module)) or any(_matches(mod_name, t) for t in targets if t != "all-linear")
         if not hit:
             continue
         if weight.dim() != 2:
@@ -117,9 +117,8 @@ def _candidates(model: nn.Module, heads: set[str]) -> str:
     head = sorted(heads & {n for n, m in model.named_modules() if _linear(m)})
     if not leaves:
         return "the model has no linear module to project" + (f" except its head ({', '.join(head)})" if head else "")
-    return (
-        f"its linear modules are named {', '.join(leaves)} (targets match substrings, regexes or 'all-linear')"
-        + (f"; the head {', '.join(head)} is projected only when named exactly" if head else "")
+    return f"its linear modules are named {', '.join(leaves)} (targets match substrings, regexes or 'all-linear')" + (
+        f"; the head {', '.join(head)} is projected only when named exactly" if head else ""
     )
 
 

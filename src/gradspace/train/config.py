@@ -42,6 +42,8 @@ def read_config_file(path: str, defaults: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError(f"config file {file} must hold a mapping of option names to values")
     out = {str(k).replace("-", "_"): v for k, v in data.items()}
+    if "update_proj_gap" in out:  # the ecosystem's name, as the flag --update-proj-gap
+        out["update_gap"] = out.pop("update_proj_gap")
     allowed = set(defaults) | {"methods"}
     unknown = sorted(set(out) - allowed)
     if unknown:
@@ -147,6 +149,7 @@ class Command:
 
     def validate(self, cfg: dict[str, Any]) -> None:
         _validate_shared(cfg, self.positive, self.non_negative)
+        _check_training_options(cfg)
         self.extra_checks(cfg)
 
     def settings(self, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -156,6 +159,106 @@ class Command:
             rank, gap = self.projection(cfg)
             out.update(rank=cfg.get("rank") or rank, update_proj_gap=cfg.get("update_gap") or gap, scale=cfg["scale"])
         return out
+
+
+#: training options both commands share (flags of the same names); ``None`` means "the command's default"
+TRAINING_OPTIONS: dict[str, Any] = {
+    "weight_decay": 0.0,
+    "warmup": None,  # steps of linear warm-up; None: 10% of the run
+    "scheduler": "cosine_with_min_lr",  # a transformers.get_scheduler name
+    "target_modules": None,  # None: the command's (pretrain: attention and MLP linears; finetune: the encoder's)
+    "proj_type": "std",
+    "optim_args": None,  # tracker and rule options, {"eta": 1.0} or "eta=1.0,alpha=5"
+    "layerwise": False,
+    "grad_checkpointing": False,
+    "compile": False,
+}
+#: of those, what fixes a run's trajectory: a resumed run must keep them
+TRAINING_IDENTITY = (
+    "lr",
+    "weight_decay",
+    "warmup",
+    "scheduler",
+    "target_modules",
+    "proj_type",
+    "optim_args",
+    "layerwise",
+)
+SCHEDULERS = (
+    "cosine_with_min_lr",
+    "cosine",
+    "linear",
+    "constant",
+    "constant_with_warmup",
+    "polynomial",
+    "cosine_with_restarts",
+    "inverse_sqrt",
+    "warmup_stable_decay",
+)
+
+
+def parse_optim_args(value: Any) -> dict[str, Any]:
+    """``"eta=1.0,accumulate=false"`` (or a mapping, from a config file) -> ``{"eta": 1.0, "accumulate": False}``."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    if not isinstance(value, str):
+        raise UsageError(f"optim-args must be key=value pairs separated by commas, got {value!r}")
+    out = {}
+    for item in filter(None, (x.strip() for x in value.split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"optim-args: {item!r} is not key=value (e.g. --optim-args eta=1.0,accumulate=false)")
+        out[key.strip()] = _literal(raw.strip())
+    return out
+
+
+def _literal(raw: str) -> Any:
+    lowered = raw.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def _check_training_options(cfg: dict[str, Any]) -> None:
+    def number(key: str, low: float, integer: bool = False, allow_none: bool = False) -> None:
+        value = cfg.get(key)
+        if value is None and allow_none:
+            return
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not value >= low:
+            what = "an integer" if integer else "a number"
+            raise UsageError(f"{key.replace('_', '-')} must be {what} >= {low:g}, got {value!r}")
+
+    number("weight_decay", 0.0)
+    number("grad_clip", 0.0)
+    number("warmup", 0, integer=True, allow_none=True)
+    if cfg.get("warmup") is not None and cfg["warmup"] >= cfg["steps"]:
+        raise UsageError(f"warmup ({cfg['warmup']} steps) must be shorter than the run ({cfg['steps']} steps)")
+    if cfg["scheduler"] not in SCHEDULERS:
+        raise UsageError(f"unknown scheduler {cfg['scheduler']!r}; choose one of {', '.join(SCHEDULERS)}")
+    if cfg["proj_type"] not in ("std", "reverse_std", "left", "right"):
+        raise UsageError(f"unknown proj-type {cfg['proj_type']!r}; choose std, reverse_std, left or right")
+    targets = cfg.get("target_modules")
+    if targets is not None and (not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets)):
+        raise UsageError(f"target-modules must be module names or patterns, comma-separated, got {targets!r}")
+    parse_optim_args(cfg.get("optim_args"))
+    for key in ("layerwise", "grad_checkpointing", "compile"):
+        if not isinstance(cfg.get(key), bool):
+            raise UsageError(f"{key.replace('_', '-')} must be true or false, got {cfg.get(key)!r}")
+    if cfg["layerwise"] and cfg["grad_clip"]:
+        raise UsageError(
+            "--layerwise steps every weight inside backward, before the whole gradient exists, so the gradient "
+            "cannot be clipped by its global norm: add --grad-clip 0"
+        )
 
 
 PRETRAIN = Command(
@@ -185,6 +288,7 @@ PRETRAIN = Command(
         "full_vocab": False,
         "grad_clip": 1.0,
         "tokenizer": "gpt2",
+        **TRAINING_OPTIONS,
     },
     identity=(
         "preset",
@@ -202,6 +306,7 @@ PRETRAIN = Command(
         "full_vocab",
         "streaming",
         "tokenizer",
+        *TRAINING_IDENTITY,
     ),
     positive=("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"),
     non_negative=("eval_every", "save_every", "threads"),
@@ -238,6 +343,7 @@ FINETUNE = Command(
         "log_every": 10,
         "threads": 0,
         "grad_clip": 1.0,
+        **TRAINING_OPTIONS,
     },
     identity=(
         "task",
@@ -252,6 +358,7 @@ FINETUNE = Command(
         "grad_accum",
         "seed",
         "dtype",
+        *TRAINING_IDENTITY,
     ),
     positive=("steps", "batch_size", "max_length", "grad_accum", "log_every"),
     non_negative=("eval_every", "eval_batches", "save_every", "threads"),

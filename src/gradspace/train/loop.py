@@ -12,30 +12,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def warmup_cosine(
-    optimizer: torch.optim.Optimizer,
-    total_steps: int,
-    warmup_steps: int | None = None,
-    min_ratio: float = 0.1,
-) -> LambdaLR:
-    """Linear warmup to the optimizer's lr, then cosine decay to ``min_ratio`` of it at ``total_steps``.
-
-    ``warmup_steps`` defaults to 10% of the run, as in the GaLore recipes.
-    """
-    warmup = max(1, total_steps // 10) if warmup_steps is None else warmup_steps
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return LambdaLR(optimizer, factor)
 
 
 def _device(model: torch.nn.Module) -> torch.device:

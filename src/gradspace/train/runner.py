@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..methods import METHODS
-from .config import EVAL_BATCH, FINETUNE, PRETRAIN, UsageError
+from .config import EVAL_BATCH, FINETUNE, PRETRAIN, UsageError, parse_optim_args
 from .interrupt import StopFlag
 from .parallel import Parallel, load_parallel, save_parallel
 from .streams import Data
@@ -258,13 +258,71 @@ def run_training(
     return summary
 
 
-def _make_optimizer(cfg: dict[str, Any], model, settings: dict[str, Any], **extra):
-    from .. import create_optimizer
+def _make_optimizer(cfg: dict[str, Any], model, settings: dict[str, Any], default_targets, **extra):
+    """The method's optimizer with the run's options, its schedule (``transformers.get_scheduler``), and
+    layer-wise mode when asked for; bad options are one-line errors."""
+    from transformers import get_scheduler
 
+    from .. import create_optimizer
+    from ..layerwise import Layerwise
+    from ..params import DEFAULT_TARGETS
+
+    projection = (
+        {}
+        if METHODS[cfg["method"]] is None
+        else {
+            "proj_type": cfg["proj_type"],
+            "target_modules": cfg.get("target_modules") or default_targets or DEFAULT_TARGETS,
+        }
+    )
     try:
-        return create_optimizer(cfg["method"], model, base=cfg["base"], weight_decay=0.0, **settings, **extra)
-    except ValueError as err:
+        optimizer = create_optimizer(
+            cfg["method"],
+            model,
+            base=cfg["base"],
+            weight_decay=cfg["weight_decay"],
+            **settings,
+            **projection,
+            **parse_optim_args(cfg.get("optim_args")),
+            **extra,
+        )
+    except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
+    warmup = cfg["warmup"] if cfg.get("warmup") is not None else max(1, cfg["steps"] // 10)
+    kwargs = {"min_lr_rate": 0.1} if "min_lr" in cfg["scheduler"] else {}
+    if cfg["scheduler"] == "warmup_stable_decay":
+        kwargs = {"num_decay_steps": max(1, cfg["steps"] // 10)}
+    scheduler = get_scheduler(
+        cfg["scheduler"],
+        optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=cfg["steps"],
+        scheduler_specific_kwargs=kwargs,
+    )
+    layerwise = Layerwise(optimizer, accumulation_steps=cfg["grad_accum"]) if cfg["layerwise"] else None
+    return optimizer, scheduler, layerwise
+
+
+def _prepare_model(cfg: dict[str, Any], model, parallel: Parallel):
+    """Gradient checkpointing and torch.compile, as asked; layer-wise mode needs one process."""
+    if cfg["layerwise"] and parallel.world > 1:
+        raise UsageError(
+            "--layerwise runs in one process for now; drop it under torchrun (DDP/FSDP2 keep all "
+            "gradients until the step)"
+        )
+    if cfg["grad_checkpointing"]:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise UsageError("--grad-checkpointing needs a Hugging Face model (gradient_checkpointing_enable)")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False
+    return model
+
+
+def _compiled(cfg: dict[str, Any], model):
+    import torch
+
+    return torch.compile(model) if cfg["compile"] else model
 
 
 def run_pretrain(
@@ -280,7 +338,7 @@ def run_pretrain(
     """Train one run into ``out`` (created only once everything is set up); returns its summary."""
     import torch
 
-    from .loop import evaluate, warmup_cosine
+    from .loop import evaluate
     from .models import build_llama
 
     PRETRAIN.validate(cfg)
@@ -289,9 +347,10 @@ def run_pretrain(
     stream = parallel.shard(data.stream())
     torch.manual_seed(cfg["seed"])
     model = build_llama(cfg["preset"], vocab_size=data.vocab_size).to(device=device, dtype=dtype)
-    model, inner = parallel.wrap(model, blocks=model.model.layers)
+    model, inner = parallel.wrap(_prepare_model(cfg, model, parallel), blocks=model.model.layers)
     settings = PRETRAIN.settings(cfg)
-    optimizer = _make_optimizer(cfg, inner, settings, **_distributed_option(parallel))
+    optimizer, scheduler, _layerwise = _make_optimizer(cfg, inner, settings, None, **_distributed_option(parallel))
+    model = _compiled(cfg, model)
     evaluate_fn = (lambda: evaluate(model, data.eval_batches)) if data.eval_batches else None
     return run_training(
         cfg,
@@ -299,7 +358,7 @@ def run_pretrain(
         command="pretrain",
         model=model,
         optimizer=optimizer,
-        scheduler=warmup_cosine(optimizer, cfg["steps"]),
+        scheduler=scheduler,
         stream=stream,
         evaluate_fn=evaluate_fn,
         settings=settings,
@@ -375,7 +434,6 @@ def run_finetune(
     import torch
 
     from .encoder import evaluate_task
-    from .loop import warmup_cosine
     from .tasks import ExampleStream, collate_fn, eval_batches
 
     FINETUNE.validate(cfg)
@@ -383,9 +441,13 @@ def run_finetune(
     setup = setup or FinetuneSetup(cfg)
     task = setup.task
     model = setup.model.to(device=device, dtype=dtype)
-    model, inner = parallel.wrap(model, blocks=model.bert.encoder.layer if hasattr(model, "bert") else ())
+    blocks = model.bert.encoder.layer if hasattr(model, "bert") else ()
+    model, inner = parallel.wrap(_prepare_model(cfg, model, parallel), blocks=blocks)
     settings = FINETUNE.settings(cfg)
-    optimizer = _make_optimizer(cfg, inner, settings, target_modules=setup.targets, **_distributed_option(parallel))
+    optimizer, scheduler, _layerwise = _make_optimizer(
+        cfg, inner, settings, setup.targets, **_distributed_option(parallel)
+    )
+    model = _compiled(cfg, model)
     collate = collate_fn(setup.tokenizer, cfg["max_length"], dtype if task.regression else torch.long)
     stream = parallel.shard(ExampleStream(task.train, collate, cfg["batch_size"], seed=cfg["seed"]))
     batches = eval_batches(task.validation, collate, EVAL_BATCH, cfg["eval_batches"] * EVAL_BATCH)
@@ -395,7 +457,7 @@ def run_finetune(
         command="finetune",
         model=model,
         optimizer=optimizer,
-        scheduler=warmup_cosine(optimizer, cfg["steps"]),
+        scheduler=scheduler,
         stream=stream,
         evaluate_fn=lambda: evaluate_task(model, batches, task.num_labels, task.regression),
         settings=settings,
