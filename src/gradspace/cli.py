@@ -30,6 +30,7 @@ from .train.config import (
     read_config_file,
 )
 from .train.parallel import Parallel
+from .train.runfolder import refuse_existing
 from .train.runner import FinetuneSetup, run_finetune, run_pretrain
 from .train.streams import Data
 
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="recompute activations in backward instead of keeping them",
         )
         sp.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
+        sp.add_argument("--overwrite", action="store_true", help="replace the run that --out already holds")
         sp.add_argument(
             "--scale", type=float, default=S, help="GaLore scale of projected updates (pretrain 0.25, finetune 2)"
         )
@@ -233,6 +235,8 @@ def _resolve_run(args: argparse.Namespace, command: Command, name) -> tuple[dict
 def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg, out, resume = _resolve_run(args, PRETRAIN, lambda c: f"{c['preset']}-{c['method']}")
     PRETRAIN.validate(cfg)
+    if resume is None:
+        refuse_existing(out, "pretrain", args.overwrite)
     parallel = Parallel(args.fsdp, args.shard_updates, cfg["device"])
     try:
         data = parallel.first(lambda: Data(cfg))
@@ -242,7 +246,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                 f"folder {out}" + (f"; resuming at step {resume['step']}" if resume else "") + _ranks(parallel),
                 file=sys.stderr,
             )
-        s = run_pretrain(cfg, out, data=data, resume=resume, stop_after=args.stop_after, parallel=parallel)
+        s = run_pretrain(
+            cfg, out, data=data, resume=resume, stop_after=args.stop_after, parallel=parallel, overwrite=args.overwrite
+        )
     finally:
         parallel.close()
     if parallel.main:
@@ -264,6 +270,8 @@ def _task_slug(task: str) -> str:
 def cmd_finetune(args: argparse.Namespace) -> int:
     cfg, out, resume = _resolve_run(args, FINETUNE, lambda c: f"{_task_slug(c['task'])}-{c['method']}")
     FINETUNE.validate(cfg)
+    if resume is None:
+        refuse_existing(out, "finetune", args.overwrite)
     parallel = Parallel(args.fsdp, args.shard_updates, cfg["device"])
     try:
         setup = parallel.first(lambda: FinetuneSetup(cfg))
@@ -273,7 +281,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 f"{out}" + (f"; resuming at step {resume['step']}" if resume else "") + _ranks(parallel),
                 file=sys.stderr,
             )
-        s = run_finetune(cfg, out, setup=setup, resume=resume, stop_after=args.stop_after, parallel=parallel)
+        s = run_finetune(
+            cfg,
+            out,
+            setup=setup,
+            resume=resume,
+            stop_after=args.stop_after,
+            parallel=parallel,
+            overwrite=args.overwrite,
+        )
     finally:
         parallel.close()
     if parallel.main:
@@ -298,7 +314,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods if args.methods is not None else file_cfg.get("methods", DEFAULT_COMPARE))
     cfg = {**defaults, **explicit}
     out = Path(args.out) if args.out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_compare(cfg, methods, out, stop_after=args.stop_after)
+    refuse_existing(out, "compare", args.overwrite)
+    run_compare(cfg, methods, out, stop_after=args.stop_after, overwrite=args.overwrite)
     return 0
 
 

@@ -29,7 +29,9 @@ def parse_methods(value) -> list[str]:
     return methods
 
 
-def _run_child(command: str, cfg: dict[str, Any], out: Path, stop_after: int | None) -> dict[str, Any]:
+def _run_child(
+    command: str, cfg: dict[str, Any], out: Path, stop_after: int | None, overwrite: bool = False
+) -> dict[str, Any]:
     """``python -m gradspace <command>`` in a fresh process, so its peak memory is its own; returns its summary."""
     src = str(Path(__file__).resolve().parent.parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
@@ -39,6 +41,8 @@ def _run_child(command: str, cfg: dict[str, Any], out: Path, stop_after: int | N
         argv = [sys.executable, "-m", "gradspace", command, "--config", str(config), "--out", str(out)]
         if stop_after is not None:
             argv += ["--stop-after", str(stop_after)]
+        if overwrite:
+            argv.append("--overwrite")
         with ChildHandlesInterrupt():
             code = subprocess.run(argv, env=env, check=False).returncode
     if code == 130:
@@ -49,7 +53,9 @@ def _run_child(command: str, cfg: dict[str, Any], out: Path, stop_after: int | N
     return json.loads((out / "summary.json").read_text())
 
 
-def run_compare(cfg: dict[str, Any], methods: list[str], out: Path, stop_after: int | None = None) -> dict:
+def run_compare(
+    cfg: dict[str, Any], methods: list[str], out: Path, stop_after: int | None = None, overwrite: bool = False
+) -> dict:
     """Every method on the same data, seed and budget, each in its own process and subfolder; then the report."""
     from .report import text_table, write_report
 
@@ -65,7 +71,8 @@ def run_compare(cfg: dict[str, Any], methods: list[str], out: Path, stop_after: 
     else:
         what = f"llama-{cfg['preset']}, {Data(runs[methods[0]]).info}"
     print(f"gradspace compare: {', '.join(methods)}; {what}; report in {out}", file=sys.stderr)
-    results = {m: _run_child("finetune" if finetune else "pretrain", runs[m], out / m, stop_after) for m in methods}
+    command = "finetune" if finetune else "pretrain"
+    results = {m: _run_child(command, runs[m], out / m, stop_after, overwrite) for m in methods}
     write_report(out, results, {**cfg, "methods": methods})
     print(f"\n{text_table(results)}\n\nreport: {out / 'report.md'}")
     return results

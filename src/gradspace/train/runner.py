@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -10,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from ..methods import METHODS
+from . import runfolder
 from .config import EVAL_BATCH, FINETUNE, PRETRAIN, UsageError, parse_optim_args
 from .interrupt import StopFlag
 from .parallel import Parallel, load_parallel, save_parallel
+from .runfolder import RunLock
 from .streams import Data
 
 
@@ -36,7 +39,15 @@ def _tensorboard(folder: Path):
         return None
 
 
-def run_training(
+def run_training(cfg: dict[str, Any], out: Path, **kwargs) -> dict[str, Any]:
+    """The run machinery shared by ``pretrain`` and ``finetune`` (see :func:`_run_training`); the run folder's lock
+    is released however the run ends."""
+    with contextlib.ExitStack() as stack:
+        return _run_training(stack, cfg, out, **kwargs)
+
+
+def _run_training(
+    stack: contextlib.ExitStack,
     cfg: dict[str, Any],
     out: Path,
     *,
@@ -54,8 +65,9 @@ def run_training(
     extra: dict[str, Any] | None = None,
     parallel: Parallel | None = None,
     inner=None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """The run machinery shared by ``pretrain`` and ``finetune``; returns the run's summary.
+    """Restore, train, evaluate, checkpoint; returns the run's summary.
 
     Restores a checkpoint (model, optimizer, scheduler, data position, RNG), then creates the run folder (only now,
     so bad input leaves nothing behind), trains with metrics.jsonl lines, periodic ``evaluate_fn()`` and
@@ -103,6 +115,9 @@ def run_training(
     metrics_path = out / "metrics.jsonl"
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        stack.enter_context(RunLock(out))
+        if overwrite and not start:
+            runfolder.clear(out)
         (out / "config.json").write_text(json.dumps(cfg, indent=1))
         if start and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
             kept = [
@@ -334,6 +349,7 @@ def run_pretrain(
     stop_after: int | None = None,
     label: str | None = None,
     parallel: Parallel | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train one run into ``out`` (created only once everything is set up); returns its summary."""
     import torch
@@ -368,6 +384,7 @@ def run_pretrain(
         no_eval={"val_loss": float("nan"), "val_ppl": float("nan")},
         parallel=parallel,
         inner=inner,
+        overwrite=overwrite,
     )
 
 
@@ -429,6 +446,7 @@ def run_finetune(
     stop_after: int | None = None,
     label: str | None = None,
     parallel: Parallel | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune ``cfg["model"]`` on ``cfg["task"]`` into ``out``; returns the summary (with the final metrics)."""
     import torch
@@ -467,4 +485,5 @@ def run_finetune(
         extra={"task": task.name, "model": cfg["model"], "metric": task.metric},
         parallel=parallel,
         inner=inner,
+        overwrite=overwrite,
     )

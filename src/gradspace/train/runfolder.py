@@ -1,0 +1,93 @@
+"""A run folder is never lost: a new run into a folder that holds one is refused unless asked to overwrite, and
+two processes never write one folder at once (a lock file holding the writer's pid)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .config import UsageError
+
+#: what a run writes into its folder (a compare also writes report.md, metrics.json and plots)
+RUN_ARTEFACTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard")
+COMPARE_ARTEFACTS = ("report.md", "metrics.json")
+LOCK = ".gradspace.lock"
+
+
+def holds_run(folder: Path) -> bool:
+    return any((folder / name).exists() for name in RUN_ARTEFACTS)
+
+
+def holds_compare(folder: Path) -> bool:
+    if any((folder / name).exists() for name in COMPARE_ARTEFACTS):
+        return True
+    return folder.is_dir() and any(holds_run(sub) for sub in folder.iterdir() if sub.is_dir())
+
+
+def refuse_existing(folder: Path, command: str, overwrite: bool) -> None:
+    """Exit 2 (nothing touched) when ``folder`` already holds a run and ``overwrite`` was not asked for."""
+    held = holds_compare(folder) if command == "compare" else holds_run(folder)
+    if held and not overwrite:
+        resume = "" if command == "compare" else f"resume it with `gradspace {command} --resume {folder}`, "
+        raise UsageError(
+            f"{folder} already holds a {'comparison' if command == 'compare' else 'run'}: {resume}choose another "
+            "--out, or pass --overwrite to replace it"
+        )
+
+
+def clear(folder: Path) -> None:
+    """Remove what an earlier run wrote (only gradspace's own files: anything else in the folder stays)."""
+    for name in (*RUN_ARTEFACTS, *COMPARE_ARTEFACTS):
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+class RunLock:
+    """``folder/.gradspace.lock`` while a process writes the folder. A lock whose process is gone (a killed run) is
+    taken over; a live one is an error naming its pid."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK
+        self.held = False
+
+    def __enter__(self) -> RunLock:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise UsageError(
+                        f"another gradspace process (pid {pid}) is writing {self.path.parent}; wait for it to end, "
+                        f"or choose another --out (if no such run exists, delete {self.path})"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.held = True
+            return self
+        raise UsageError(f"could not take the lock {self.path}; delete it if no run is writing the folder")
+
+    def __exit__(self, *exc) -> bool:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+        return False
