@@ -45,3 +45,91 @@ def test_compare_refuses_a_used_folder_unless_overwrite(tmp_path, capsys):
     assert run(*args) == 0
     assert_clean_error(capsys, run(*args), "already holds a comparison", "--overwrite")
     assert run(*args, "--overwrite") == 0
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("pretrain", *SMALL, "--save-every", "2", "--out", out) == 0
+    ckpts = sorted((out / "checkpoints").glob("ckpt-*.pt"))
+    assert [p.name for p in ckpts] == ["ckpt-0000004.pt", "ckpt-0000006.pt"]
+    ckpts[-1].write_bytes(ckpts[-1].read_bytes()[:1000])  # truncated, as by a full disk
+    orphan = out / "checkpoints" / ".ckpt-0000008.pt.999999999.tmp"
+    orphan.write_bytes(b"half")
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"type": "train", "st')  # a killed run's half-written line
+    assert run("pretrain", "--resume", out, "--steps", "8", "--threads", "1") == 0
+    err = capsys.readouterr().err
+    assert "ckpt-0000006.pt is corrupt" in err and "resuming from ckpt-0000004.pt" in err
+    assert not orphan.exists() and "removed" in err
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert steps == sorted(steps) and steps[-1] == 8
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    argv = [
+        sys.executable,
+        "-m",
+        "gradspace",
+        "pretrain",
+        *SMALL,
+        "--steps",
+        "400",
+        "--eval-every",
+        "0",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-500:]
+    saved = sorted((out / "checkpoints").glob("ckpt-*.pt"))
+    assert saved and not (out / LOCK).exists() and "interrupt received" in err
+    step = int(saved[-1].stem.split("-")[1])
+    assert 1 <= step < 400
+    assert run("pretrain", "--resume", out, "--steps", str(step + 2), "--threads", "1") == 0  # it resumes
+
+
+def test_a_diverging_run_ends_with_exit_3_and_everything_saved(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = run(
+        "pretrain",
+        *SMALL,
+        "--method",
+        "adamw",
+        "--lr",
+        "50",
+        "--grad-clip",
+        "0",
+        "--warmup",
+        "0",
+        "--scheduler",
+        "constant",
+        "--nonfinite",
+        "skip",
+        "--out",
+        out,
+    )
+    err = capsys.readouterr().err
+    assert code == 3 and "diverged" in err and "lower --lr" in err, err[-400:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["diverged"] is True and list((out / "checkpoints").glob("ckpt-*.pt"))
+
+
+def test_config_values_of_the_wrong_type_name_the_key(tmp_path, capsys):
+    for text, key in (("steps: true\n", "steps"), ('lr: "1e-3"\n', "lr"), ("grad_clip: yes\n", "grad-clip")):
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(text)
+        code = run("pretrain", "--config", cfg, "--threads", "1", "--out", tmp_path / "bad")
+        assert_clean_error(capsys, code, key)
+        assert not (tmp_path / "bad").exists()

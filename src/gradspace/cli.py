@@ -31,7 +31,7 @@ from .train.config import (
 )
 from .train.parallel import Parallel
 from .train.runfolder import refuse_existing
-from .train.runner import FinetuneSetup, run_finetune, run_pretrain
+from .train.runner import FinetuneSetup, RunDiverged, run_finetune, run_pretrain
 from .train.streams import Data
 
 
@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
         sp.add_argument("--overwrite", action="store_true", help="replace the run that --out already holds")
+        sp.add_argument(
+            "--nonfinite",
+            default=S,
+            choices=("error", "skip"),
+            help="a non-finite loss or gradient: stop with an error (default) or skip that step",
+        )
         sp.add_argument(
             "--scale", type=float, default=S, help="GaLore scale of projected updates (pretrain 0.25, finetune 2)"
         )
@@ -215,9 +221,8 @@ def _resolve_run(args: argparse.Namespace, command: Command, name) -> tuple[dict
         cfg = {**defaults, **explicit}
         stamp = time.strftime("%Y%m%d-%H%M%S")
         return cfg, Path(args.out) if args.out else Path("runs") / f"{name(cfg)}-{stamp}", None
-    path = ck.find_checkpoint(args.resume)
-    resume = ck.load_checkpoint(path)
-    resume["path"] = str(path)
+    resume = ck.load_newest_good(args.resume)
+    path = Path(resume["path"])
     saved = resume["config"]
     if ("task" in saved) != (command is FINETUNE):
         other = "finetune" if "task" in saved else "pretrain"
@@ -349,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except (UsageError, CheckpointError) as err:
         parser.exit(2, f"gradspace: error: {err}\n")
+    except RunDiverged as err:
+        parser.exit(3, f"gradspace: error: {err}\n")
     except KeyboardInterrupt:  # before training started: nothing to save
         parser.exit(130, "gradspace: interrupted before training started; nothing was saved\n")
     except (ValueError, RuntimeError, OSError) as err:

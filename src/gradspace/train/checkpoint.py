@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,52 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := NAME.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def remove_orphans(folder: str | Path) -> list[Path]:
+    """Delete ``.*.tmp`` files that a killed save left behind (a file whose writer, the pid in its name, is still
+    alive is kept)."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for tmp in folder.glob(".*.tmp"):
+        pid = next((int(x) for x in reversed(tmp.name.split(".")) if x.isdigit()), 0)
+        if pid and pid != os.getpid() and _alive(pid):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def load_newest_good(path: str | Path) -> dict[str, Any]:
+    """``load_checkpoint`` of ``find_checkpoint(path)`` (with its ``path``); for a run folder, a corrupt newest
+    checkpoint falls back to the previous one with a warning (a file named explicitly must load)."""
+    path = Path(path).expanduser()
+    chosen = find_checkpoint(path)
+    if path.is_file():
+        return {**load_checkpoint(chosen), "path": str(chosen)}
+    errors = []
+    for candidate in list_checkpoints(chosen.parent)[::-1]:
+        try:
+            ckpt = load_checkpoint(candidate)
+        except CheckpointError as err:
+            errors.append(str(err))
+            continue
+        for message in errors:
+            print(f"gradspace: warning: {message}; resuming from {candidate.name} instead", file=sys.stderr)
+        return {**ckpt, "path": str(candidate)}
+    raise CheckpointError(errors[0] if len(errors) == 1 else f"no readable checkpoint in {chosen.parent}: {errors[0]}")
 
 
 def find_checkpoint(path: str | Path) -> Path:

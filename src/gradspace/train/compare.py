@@ -45,10 +45,12 @@ def _run_child(
             argv.append("--overwrite")
         with ChildHandlesInterrupt():
             code = subprocess.run(argv, env=env, check=False).returncode
-    if code == 130:
+    if code in (130, 143):
         print(f"gradspace: compare stopped during {cfg['method']}; no report written", file=sys.stderr)
-        raise SystemExit(130)
-    if code != 0:
+        raise SystemExit(code)
+    if code == 3:  # diverged: the run is saved and its summary says so; the comparison goes on and reports it
+        print(f"gradspace: {cfg['method']} diverged; the report marks it", file=sys.stderr)
+    elif code != 0:
         raise SystemExit(code)  # the child has printed its one-line error
     return json.loads((out / "summary.json").read_text())
 

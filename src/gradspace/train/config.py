@@ -75,17 +75,17 @@ def _validate_shared(cfg: dict[str, Any], positive: tuple[str, ...], non_negativ
     if cfg["dtype"] not in ("float32", "bfloat16"):
         raise UsageError(f"unknown dtype {cfg['dtype']!r}; choose float32 or bfloat16")
     for key in positive:
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise UsageError(f"{key.replace('_', '-')} must be a positive integer, got {cfg[key]!r}")
     for key in non_negative:
-        if not isinstance(cfg[key], int) or cfg[key] < 0:
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 0:
             raise UsageError(f"{key.replace('_', '-')} must be a non-negative integer, got {cfg[key]!r}")
     if METHODS[cfg["method"]] is None:
         for key in ("rank", "update_gap"):
             if cfg.get(key) is not None:
                 raise UsageError(f"--{key.replace('_', '-')} does not apply to method adamw (full rank)")
     for key in ("rank", "update_gap"):
-        if cfg.get(key) is not None and (not isinstance(cfg[key], int) or cfg[key] < 1):
+        if cfg.get(key) is not None and (not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1):
             raise UsageError(f"{key.replace('_', '-')} must be a positive integer, got {cfg[key]!r}")
     device = str(cfg["device"])
     if device.startswith("cuda"):
@@ -172,6 +172,7 @@ TRAINING_OPTIONS: dict[str, Any] = {
     "layerwise": False,
     "grad_checkpointing": False,
     "compile": False,
+    "nonfinite": "error",  # or "skip": a step with a non-finite loss or gradient is skipped and counted
 }
 #: of those, what fixes a run's trajectory: a resumed run must keep them
 TRAINING_IDENTITY = (
@@ -251,6 +252,8 @@ def _check_training_options(cfg: dict[str, Any]) -> None:
     if targets is not None and (not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets)):
         raise UsageError(f"target-modules must be module names or patterns, comma-separated, got {targets!r}")
     parse_optim_args(cfg.get("optim_args"))
+    if cfg["nonfinite"] not in ("error", "skip"):
+        raise UsageError(f"nonfinite must be error or skip, got {cfg['nonfinite']!r}")
     for key in ("layerwise", "grad_checkpointing", "compile"):
         if not isinstance(cfg.get(key), bool):
             raise UsageError(f"{key.replace('_', '-')} must be true or false, got {cfg.get(key)!r}")

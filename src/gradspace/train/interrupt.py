@@ -11,18 +11,22 @@ import time
 
 
 class StopFlag:
-    """First Ctrl-C: finish the current step, save, exit 130. Second Ctrl-C: abort at once."""
+    """First Ctrl-C (or SIGTERM, as a scheduler or ``kill`` sends): finish the current step, save, exit 130 (143 for
+    SIGTERM). Second Ctrl-C: abort at once."""
 
     def __init__(self, grace: float = 0.0):
         self.requested = False
         self.installed = False
         self._previous = None
+        self._previous_term = None
+        self.signal = signal.SIGINT
         self.grace = grace  # torchrun forwards the terminal's Ctrl-C: a second SIGINT this soon is the same one
         self._when = 0.0
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous_term = signal.signal(signal.SIGTERM, self._handle)
             self.installed = True
         return self
 
@@ -32,6 +36,7 @@ class StopFlag:
                 return
             raise KeyboardInterrupt
         self.requested = True
+        self.signal = signum
         self._when = time.monotonic()
         print(
             "\ngradspace: interrupt received; stopping after this step and saving a checkpoint "
@@ -48,6 +53,7 @@ class StopFlag:
     def __exit__(self, *exc):
         if self.installed:
             signal.signal(signal.SIGINT, self._previous)
+            signal.signal(signal.SIGTERM, self._previous_term)
         return False
 
 

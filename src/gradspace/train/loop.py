@@ -54,6 +54,7 @@ def train(
     start_step: int = 0,
     grad_accum: int = 1,
     step_hook: Callable[[int], bool | None] | None = None,
+    skip_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` for ``steps`` optimizer steps on ``batches`` (e.g. a :class:`~gradspace.train.data.BatchStream`
     of ``(input_ids, labels)``, or a :class:`~gradspace.train.tasks.ExampleStream` of input dicts).
@@ -63,7 +64,8 @@ def train(
 
     Returns ``{"history": [per-step dicts], "train_loss": mean of the last 10% of steps (at most 10), "wall_time":
     seconds, "tokens": count (not padding), "stopped_at": step or None}``. Evaluation is the caller's, from
-    ``step_hook``. A non-finite loss raises ``FloatingPointError``.
+    ``step_hook``. A non-finite loss raises
+    ``FloatingPointError``, or with ``skip_nonfinite`` skips that optimizer step (counted in ``skipped_steps``).
 
     Resuming: ``start_step`` is the number of steps already done (the model, optimizer, scheduler and batches
     restored by the caller); steps ``start_step + 1 .. steps`` run. ``grad_accum`` micro-batches are averaged per
@@ -82,24 +84,35 @@ def train(
     tokens = 0
     start = time.perf_counter()
     stopped_at = None
+    skipped = 0
     for step in range(start_step + 1, steps + 1):
         t0 = time.perf_counter()
         step_tokens = 0
         total_loss = 0.0
+        finite = True
         for _ in range(grad_accum):
             inputs = _model_inputs(next(batches), device)
             loss = model(**inputs).loss
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower the learning rate")
+                if not skip_nonfinite:
+                    raise FloatingPointError(
+                        f"loss is {loss.item()} at step {step}; lower the learning rate, or pass --nonfinite skip "
+                        "to skip such steps"
+                    )
+                finite = False  # the rest of the window is still drawn, so the data position stays the same
+                continue
             (loss / grad_accum if grad_accum > 1 else loss).backward()
             total_loss += loss.item()
             mask = inputs.get("attention_mask")
             step_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         grad_norm = None
-        if grad_clip:
+        if grad_clip and finite:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
+        if finite:
+            optimizer.step()
+        else:
+            skipped += 1
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler.step()
@@ -107,7 +120,7 @@ def train(
         tokens += step_tokens
         record = {
             "step": step,
-            "loss": total_loss / grad_accum,
+            "loss": total_loss / grad_accum if finite else float("nan"),
             "lr": lr,
             "grad_norm": grad_norm,
             "step_time": step_time,
@@ -120,10 +133,11 @@ def train(
             stopped_at = step
             break
     wall_time = time.perf_counter() - start
-    tail = history[-max(1, min(10, len(history) // 10)) :]
+    tail = [r["loss"] for r in history[-max(1, min(10, len(history) // 10)) :] if math.isfinite(r["loss"])]
     result: dict[str, Any] = {
         "history": history,
-        "train_loss": sum(r["loss"] for r in tail) / len(tail),
+        "train_loss": sum(tail) / len(tail) if tail else float("nan"),
+        "skipped_steps": skipped,
         "wall_time": wall_time,
         "tokens": tokens,
         "tokens_per_s": tokens / wall_time,

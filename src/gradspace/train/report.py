@@ -68,7 +68,7 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
         )
         rows.append(
             [
-                method,
+                method + (" (diverged)" if r.get("diverged") else ""),
                 *quality,
                 f"{r['wall_time']:.1f}",
                 f"{r['update_seconds']:.2f}",

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import resource
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,13 +118,13 @@ def _run_training(
     if main:
         out.mkdir(parents=True, exist_ok=True)
         stack.enter_context(RunLock(out))
+        for orphan in ck.remove_orphans(out / "checkpoints"):
+            print(f"gradspace: removed {orphan}, left by a save that did not finish", file=sys.stderr)
         if overwrite and not start:
             runfolder.clear(out)
         (out / "config.json").write_text(json.dumps(cfg, indent=1))
         if start and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
-            kept = [
-                ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start
-            ]
+            kept = [ln for ln in metrics_path.read_text().splitlines() if _logged_by(ln, start)]
             metrics_path.write_text("".join(ln + "\n" for ln in kept))
         elif not start:
             metrics_path.write_text("")
@@ -215,6 +217,7 @@ def _run_training(
                 callback=on_step_record,
                 log_every=1,
                 step_hook=hook,
+                skip_nonfinite=cfg["nonfinite"] == "skip",
             )
         except KeyboardInterrupt:
             bar.close()
@@ -239,7 +242,7 @@ def _run_training(
                 flush=True,
             )
         parallel.barrier()  # torchrun stops the other ranks when one exits: rank 0 has said everything by now
-        raise SystemExit(130)
+        raise SystemExit(143 if flag.signal == signal.SIGTERM else 130)
     do_eval(cfg["steps"])
     save(cfg["steps"])
     metrics.close()
@@ -253,6 +256,8 @@ def _run_training(
         "start_step": start,
         "train_loss": result["train_loss"],
         "final_loss": result["history"][-1]["loss"],
+        "skipped_steps": result["skipped_steps"] + optimizer.skipped_steps,
+        "diverged": _diverged(result["history"], result["train_loss"]),
         **final,
         "wall_time": result["wall_time"],
         "tokens_per_s": result["tokens_per_s"],
@@ -270,7 +275,36 @@ def _run_training(
     }
     if main:
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    if summary["diverged"]:
+        first = next((r["loss"] for r in result["history"] if math.isfinite(r["loss"])), float("nan"))
+        raise RunDiverged(
+            f"the run diverged: train loss went from {first:.4f} to {result['train_loss']:.4f} (everything is saved "
+            f"in {out}); lower --lr (now {settings['lr']:g}), lengthen --warmup, or keep --grad-clip on"
+        )
     return summary
+
+
+class RunDiverged(Exception):
+    """The run finished and was saved, but its loss ended well above where it started (exit code 3)."""
+
+
+#: a run whose final train loss is this much above its first one (relatively) has diverged
+DIVERGENCE_MARGIN = 0.1
+
+
+def _diverged(history: list[dict[str, Any]], train_loss: float) -> bool:
+    first = next((r["loss"] for r in history if math.isfinite(r["loss"])), None)
+    if first is None:
+        return True  # no finite loss at all
+    return not math.isfinite(train_loss) or train_loss > first * (1 + DIVERGENCE_MARGIN)
+
+
+def _logged_by(line: str, step: int) -> bool:
+    """A metrics.jsonl line written at or before ``step`` (a half-written last line, from a killed run, is dropped)."""
+    try:
+        return json.loads(line)["step"] <= step
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def _make_optimizer(cfg: dict[str, Any], model, settings: dict[str, Any], default_targets, **extra):
@@ -296,6 +330,7 @@ def _make_optimizer(cfg: dict[str, Any], model, settings: dict[str, Any], defaul
             model,
             base=cfg["base"],
             weight_decay=cfg["weight_decay"],
+            nonfinite=cfg["nonfinite"],
             **settings,
             **projection,
             **parse_optim_args(cfg.get("optim_args")),
