@@ -133,3 +133,14 @@ def test_config_values_of_the_wrong_type_name_the_key(tmp_path, capsys):
         code = run("pretrain", "--config", cfg, "--threads", "1", "--out", tmp_path / "bad")
         assert_clean_error(capsys, code, key)
         assert not (tmp_path / "bad").exists()
+
+
+def test_the_divergence_rule():
+    from gradspace.train.runner import _diverged
+
+    rising = [{"loss": 2.0 + 0.1 * i} for i in range(30)]  # 2.0 -> 4.9: +145%
+    assert _diverged(rising, sum(r["loss"] for r in rising[-3:]) / 3)
+    flat = [{"loss": 2.0 + (0.3 if i % 2 else -0.3)} for i in range(30)]  # noisy but not rising
+    assert not _diverged(flat, 2.0)
+    assert not _diverged([{"loss": 1.0}, {"loss": 1.4}, {"loss": 1.8}], 1.8)  # 3 steps say nothing
+    assert _diverged([{"loss": float("nan")}] * 3, float("nan"))

@@ -199,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     shared(fine)
     parallel(fine)
     finetuning(fine)
+    smp = sub.add_parser("sample", help="print text that a pretrained run's model writes after a prompt")
+    smp.add_argument("run", help="a run folder (its model/ folder) or a Hugging Face model folder")
+    smp.add_argument("--prompt", default="\n", help="the text to continue")
+    smp.add_argument("--max-new-tokens", type=int, default=200)
+    smp.add_argument("--temperature", type=float, default=0.8)
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--threads", type=int, default=0)
     cmp_ = sub.add_parser(
         "compare",
         help="run several methods on identical data, seed and budget; write a report "
@@ -324,6 +331,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .train.export import MODEL_DIR, sample
+
+    folder = Path(args.run)
+    if not (folder / MODEL_DIR / "config.json").exists() and not (folder / "config.json").exists():
+        raise UsageError(
+            f"{folder} holds no model: give a run folder of a finished `gradspace pretrain` (it writes "
+            f"{folder / MODEL_DIR}) or a Hugging Face model folder"
+        )
+    if args.max_new_tokens < 1 or not args.temperature > 0:
+        raise UsageError("--max-new-tokens must be >= 1 and --temperature > 0")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    print(sample(folder, args.prompt, args.max_new_tokens, args.seed, temperature=args.temperature))
+    return 0
+
+
 def _names(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -349,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .train.checkpoint import CheckpointError
 
-    commands = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "compare": cmd_compare}
+    commands = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "compare": cmd_compare, "sample": cmd_sample}
     try:
         return commands[args.command](args)
     except (UsageError, CheckpointError) as err:

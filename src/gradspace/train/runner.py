@@ -15,6 +15,7 @@ from typing import Any
 from ..methods import METHODS
 from . import runfolder
 from .config import EVAL_BATCH, FINETUNE, PRETRAIN, UsageError, parse_optim_args
+from .export import export_causal_lm, export_classifier
 from .interrupt import StopFlag
 from .parallel import Parallel, load_parallel, save_parallel
 from .runfolder import RunLock
@@ -288,15 +289,21 @@ class RunDiverged(Exception):
     """The run finished and was saved, but its loss ended well above where it started (exit code 3)."""
 
 
-#: a run whose final train loss is this much above its first one (relatively) has diverged
-DIVERGENCE_MARGIN = 0.1
+#: a run whose last steps' mean train loss is this much above its first steps' (relatively) has diverged; runs
+#: shorter than DIVERGENCE_MIN_STEPS are judged only by non-finite losses (a few noisy batches say nothing)
+DIVERGENCE_MARGIN = 0.5
+DIVERGENCE_MIN_STEPS = 20
 
 
 def _diverged(history: list[dict[str, Any]], train_loss: float) -> bool:
-    first = next((r["loss"] for r in history if math.isfinite(r["loss"])), None)
-    if first is None:
-        return True  # no finite loss at all
-    return not math.isfinite(train_loss) or train_loss > first * (1 + DIVERGENCE_MARGIN)
+    finite = [r["loss"] for r in history if math.isfinite(r["loss"])]
+    if not finite or not math.isfinite(train_loss):
+        return True
+    if len(history) < DIVERGENCE_MIN_STEPS:
+        return False
+    window = max(1, min(10, len(history) // 10))
+    first = sum(finite[:window]) / len(finite[:window])
+    return train_loss > first * (1 + DIVERGENCE_MARGIN)
 
 
 def _logged_by(line: str, step: int) -> bool:
@@ -403,7 +410,7 @@ def run_pretrain(
     optimizer, scheduler, _layerwise = _make_optimizer(cfg, inner, settings, None, **_distributed_option(parallel))
     model = _compiled(cfg, model)
     evaluate_fn = (lambda: evaluate(model, data.eval_batches)) if data.eval_batches else None
-    return run_training(
+    summary = run_training(
         cfg,
         out,
         command="pretrain",
@@ -421,6 +428,28 @@ def run_pretrain(
         inner=inner,
         overwrite=overwrite,
     )
+    _export(
+        parallel,
+        out,
+        summary,
+        lambda: export_causal_lm(out, inner, getattr(data, "dataset", None), getattr(data, "_tok", None)),
+    )
+    return summary
+
+
+def _export(parallel: Parallel, out: Path, summary: dict[str, Any], export) -> None:
+    """Rank 0 writes ``RUN/model`` (a Hugging Face folder; see ``gradspace.train.export``)."""
+    if not parallel.main:
+        return
+    if parallel.strategy == "fsdp2":
+        print(
+            "gradspace: the Hugging Face model folder is not written under FSDP2 yet; the checkpoint has the full "
+            "model state",
+            file=sys.stderr,
+        )
+        return
+    summary["model_folder"] = str(export())
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
 
 
 def _placement(cfg: dict[str, Any], parallel: Parallel | None):
@@ -504,7 +533,7 @@ def run_finetune(
     collate = collate_fn(setup.tokenizer, cfg["max_length"], dtype if task.regression else torch.long)
     stream = parallel.shard(ExampleStream(task.train, collate, cfg["batch_size"], seed=cfg["seed"]))
     batches = eval_batches(task.validation, collate, EVAL_BATCH, cfg["eval_batches"] * EVAL_BATCH)
-    return run_training(
+    summary = run_training(
         cfg,
         out,
         command="finetune",
@@ -522,3 +551,5 @@ def run_finetune(
         inner=inner,
         overwrite=overwrite,
     )
+    _export(parallel, out, summary, lambda: export_classifier(out, inner, setup.tokenizer))
+    return summary
