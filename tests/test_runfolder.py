@@ -105,6 +105,10 @@ def test_a_diverging_run_ends_with_exit_3_and_everything_saved(tmp_path, capsys)
     code = run(
         "pretrain",
         *SMALL,
+        "--steps",
+        "24",
+        "--eval-every",
+        "0",
         "--method",
         "adamw",
         "--lr",
