@@ -326,3 +326,38 @@ def test_accelerate_layerwise_follows_accumulate():
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert opt.state[model.up.weight]["step"] == 4
+
+
+# ----------------------------------------------------------------------------- args.optim is honoured
+def test_the_trainers_optimizer_names_map_to_presets_and_others_are_errors():
+    from gradspace.integrations.hf import resolve_trainer_optim
+
+    assert resolve_trainer_optim("galore_adamw_8bit_layerwise", None, False, {"rank": 8}) == (
+        "galore",
+        True,
+        {"base": "adamw8bit", "rank": 8},
+    )
+    assert resolve_trainer_optim("galore_adafactor", None, False, {})[2]["base"] == "adafactor"
+    assert resolve_trainer_optim("adamw_torch", "subtrack++", False, {}) == ("subtrack++", False, {})
+    assert resolve_trainer_optim("adamw_torch", None, False, {})[0] == "galore"
+    for optim, words in (
+        ("lion_32bit", "cannot be honoured"),
+        ("apollo_adamw", "APOLLO"),
+        ("galore_adamw", "keep one"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            resolve_trainer_optim(optim, "subtrack" if optim == "galore_adamw" else None, False, {})
+
+
+def test_gradspace_trainer_honours_args_optim(tmp_path):
+    args = hf_args(tmp_path, max_steps=2, save_strategy="no", optim="galore_adamw_8bit")
+    trainer = GradspaceTrainer(model_init=tiny_llama, args=args, train_dataset=Tokens())
+    trainer.train()
+    opt = trainer.optimizer.optimizer
+    assert isinstance(opt, SubspaceOptimizer)
+    assert {g["base"] for g in opt.param_groups} == {"adamw8bit"} and any("rank" in g for g in opt.param_groups)
+
+
+def test_pytorch_optimizers_argument_order_gets_a_message():
+    with pytest.raises(TypeError, match="the method name comes first"):
+        create_optimizer(tiny_llama(), "galore")

@@ -59,6 +59,11 @@ def create_optimizer(
     With param groups, groups carrying ``rank`` are projected (Hugging Face Trainer / galore-torch style); the
     keyword ``rank``/``update_proj_gap``/``scale``/``proj_type`` fill what those groups leave out.
     """
+    if isinstance(name, nn.Module) or not isinstance(name, str):
+        raise TypeError(
+            "create_optimizer(name, model, ...): the method name comes first, e.g. create_optimizer('galore', model) "
+            f"(got a {type(name).__name__} as the name; pytorch-optimizer's order is the other way round)"
+        )
     key = name.lower()
     if key not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")

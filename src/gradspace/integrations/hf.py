@@ -171,15 +171,53 @@ def _attach_layerwise(opt: SubspaceOptimizer, args: Any) -> None:
     opt.layerwise = Layerwise(opt, sync=lambda: GradientState().sync_gradients)
 
 
+#: the Trainer's own names for GaLore (``TrainingArguments(optim=...)``) -> (gradspace preset, inner rule, layer-wise)
+TRAINER_OPTIM = {
+    "galore_adamw": ("galore", "adamw", False),
+    "galore_adamw_8bit": ("galore", "adamw8bit", False),
+    "galore_adafactor": ("galore", "adafactor", False),
+    "galore_adamw_layerwise": ("galore", "adamw", True),
+    "galore_adamw_8bit_layerwise": ("galore", "adamw8bit", True),
+    "galore_adafactor_layerwise": ("galore", "adafactor", True),
+}
+#: ``optim`` values that mean "the Trainer's default": GradspaceTrainer's own ``method`` decides
+DEFAULT_OPTIM = ("adamw_torch", "adamw_torch_fused")
+
+
+def resolve_trainer_optim(optim: Any, method: str | None, layerwise: bool, options: dict) -> tuple[str, bool, dict]:
+    """``(method, layerwise, options)`` from ``args.optim`` and GradspaceTrainer's own arguments; an ``optim``
+    that gradspace cannot honour is an error, never silently replaced."""
+    name = str(getattr(optim, "value", optim))
+    if name in TRAINER_OPTIM:
+        preset, base, lw = TRAINER_OPTIM[name]
+        if method is not None and method != preset:
+            raise ValueError(f"args.optim={name!r} asks for {preset}, but method={method!r} was given: keep one")
+        return preset, lw or layerwise, {"base": base, **options}
+    if name.startswith("apollo"):
+        raise ValueError(
+            f"args.optim={name!r}: APOLLO is not a gradspace preset yet; use method='galore' (or "
+            "another of " + ", ".join(m for m in METHODS if m != "adamw") + ")"
+        )
+    if name in DEFAULT_OPTIM:
+        return method or "galore", layerwise, options
+    raise ValueError(
+        f"GradspaceTrainer builds a gradspace optimizer, so args.optim={name!r} cannot be honoured: leave optim at "
+        f"its default and pass method= (one of {', '.join(METHODS)}), or use one of {', '.join(TRAINER_OPTIM)}"
+    )
+
+
 class GradspaceTrainer(Trainer):
     """A ``Trainer`` that builds a gradspace optimizer itself, from its own (possibly per-trial) arguments.
 
     ``GradspaceTrainer(model=..., args=..., method="galore", target_modules=..., layerwise=False,
     optim_options={"rank": 128})``: for ``model_init`` and FSDP, where ``optimizers=(opt, None)`` is refused.
-    It honours an overridden ``get_decay_parameter_names``.
+    ``args.optim`` is honoured: the Trainer's GaLore names (``galore_adamw``, ``galore_adamw_8bit``,
+    ``galore_adafactor`` and their ``_layerwise`` forms) map to gradspace's ``galore`` with that rule; at its
+    default (``adamw_torch``) ``method`` decides; any other value is an error. It honours an overridden
+    ``get_decay_parameter_names``.
     """
 
-    def __init__(self, *args, method="galore", target_modules=None, layerwise=False, optim_options=None, **kwargs):
+    def __init__(self, *args, method=None, target_modules=None, layerwise=False, optim_options=None, **kwargs):
         self.gradspace = {
             "method": method,
             "target_modules": target_modules,
@@ -192,14 +230,17 @@ class GradspaceTrainer(Trainer):
         if self.optimizer is None:
             model = self.model if model is None else model
             g = self.gradspace
+            method, layerwise, options = resolve_trainer_optim(
+                self.args.optim, g["method"], g["layerwise"], g["options"]
+            )
             self.optimizer = _build(
                 model,
                 self.args,
-                g["method"],
+                method,
                 g["target_modules"],
                 None,
-                g["layerwise"],
-                g["options"],
+                layerwise,
+                options,
                 set(self.get_decay_parameter_names(model)),
             )
         return self.optimizer
