@@ -156,9 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--tokenizer",
             default=S,
-            choices=("gpt2", "chars"),
-            help="gpt2 (BPE, default) or chars (the corpus's characters: a ~65-symbol vocabulary, so "
-            "the projected weights hold most of the model)",
+            help="gpt2 (BPE, default), chars (the corpus's characters: a ~65-symbol vocabulary, so "
+            "the projected weights hold most of the model), or a local tokenizer folder",
         )
 
     def finetuning(sp: argparse.ArgumentParser) -> None:
@@ -187,8 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
             help="under torchrun: compute each subspace update on one rank and broadcast it",
         )
 
-    pre = sub.add_parser("pretrain", help="pretrain a LLaMA preset from scratch")
+    pre = sub.add_parser("pretrain", help="pretrain a LLaMA preset, or your own causal LM (--model), on a corpus")
     pre.add_argument("--method", default=S, help=methods)
+    pre.add_argument(
+        "--model",
+        default=S,
+        help="a local Hugging Face causal-LM folder (LLaMA, GPT-2, Qwen, Mistral "
+        "...) or its config.json, instead of --preset: continued from its weights if it has them",
+    )
+    pre.add_argument(
+        "--fresh", action="store_true", default=S, help="with --model: initialise fresh, ignoring the folder's weights"
+    )
     pre.add_argument("--resume", default=None, help=resume)
     shared(pre)
     pretraining(pre)
@@ -254,7 +262,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         data = parallel.first(lambda: Data(cfg))
         if parallel.main:
             print(
-                f"gradspace pretrain: llama-{cfg['preset']}, {cfg['method']} ({cfg['base']}), {data.info}; run "
+                f"gradspace pretrain: {cfg.get('model') or 'llama-' + cfg['preset']}, {cfg['method']} "
+                f"({cfg['base']}), {data.info}; run "
                 f"folder {out}" + (f"; resuming at step {resume['step']}" if resume else "") + _ranks(parallel),
                 file=sys.stderr,
             )

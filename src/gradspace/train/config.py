@@ -100,18 +100,27 @@ def _validate_shared(cfg: dict[str, Any], positive: tuple[str, ...], non_negativ
 def _validate_pretrain(cfg: dict[str, Any]) -> None:
     if cfg["preset"] not in PRESET_NAMES:
         raise UsageError(f"unknown preset {cfg['preset']!r}; choose one of {', '.join(PRESET_NAMES)}")
-    if cfg.get("rank") is not None:
+    model = cfg.get("model")
+    if model is not None and not Path(str(model)).expanduser().exists():
+        raise UsageError(
+            f"--model {model}: no such folder or config file (a local Hugging Face causal-LM folder "
+            "with config.json, and weights to continue from them)"
+        )
+    if cfg.get("rank") is not None and model is None:
         top = max_rank(cfg["preset"])
         if cfg["rank"] > top:
             raise UsageError(
                 f"rank {cfg['rank']} does not fit preset {cfg['preset']}: the maximum allowed is {top} "
                 "(its smallest projected weight dimension)"
             )
-    if cfg.get("tokenizer", "gpt2") not in TOKENIZERS:
-        raise UsageError(f"unknown tokenizer {cfg['tokenizer']!r}; choose one of {', '.join(TOKENIZERS)}")
+    tok = cfg.get("tokenizer") or "gpt2"
+    if tok not in TOKENIZERS and not Path(str(tok)).expanduser().is_dir():
+        raise UsageError(f"unknown tokenizer {tok!r}: gpt2, chars, or a local tokenizer folder (tokenizer.json ...)")
+    if model is not None and tok == "chars":
+        raise UsageError("--tokenizer chars builds its own vocabulary, which a pretrained --model does not have")
     if cfg.get("tokenizer") == "chars" and (cfg.get("streaming") or cfg.get("full_vocab")):
         raise UsageError("--tokenizer chars reads a local corpus as characters: drop --streaming and --full-vocab")
-    if cfg["seq_len"] > 1024:
+    if cfg["seq_len"] > 1024 and model is None:
         raise UsageError(f"seq-len {cfg['seq_len']} exceeds the models' 1024 positions")
 
 
@@ -291,6 +300,8 @@ PRETRAIN = Command(
         "full_vocab": False,
         "grad_clip": 1.0,
         "tokenizer": "gpt2",
+        "model": None,  # a local Hugging Face causal-LM folder or config.json instead of --preset
+        "fresh": False,  # with --model: initialise fresh even if the folder has weights
         **TRAINING_OPTIONS,
     },
     identity=(
@@ -309,6 +320,8 @@ PRETRAIN = Command(
         "full_vocab",
         "streaming",
         "tokenizer",
+        "model",
+        "fresh",
         *TRAINING_IDENTITY,
     ),
     positive=("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"),

@@ -397,16 +397,18 @@ def run_pretrain(
     import torch
 
     from .loop import evaluate
-    from .models import build_llama
 
     PRETRAIN.validate(cfg)
     parallel, device, dtype = _placement(cfg, parallel)
     data = data or Data(cfg)
     stream = parallel.shard(data.stream())
     torch.manual_seed(cfg["seed"])
-    model = build_llama(cfg["preset"], vocab_size=data.vocab_size).to(device=device, dtype=dtype)
-    model, inner = parallel.wrap(_prepare_model(cfg, model, parallel), blocks=model.model.layers)
+    model = _causal_lm(cfg, data.vocab_size).to(device=device, dtype=dtype)
+    model, inner = parallel.wrap(_prepare_model(cfg, model, parallel), blocks=_blocks(model))
     settings = PRETRAIN.settings(cfg)
+    if cfg.get("model") and METHODS[cfg["method"]] is not None and cfg.get("rank") is None:
+        hidden = getattr(inner.config, "hidden_size", None) or getattr(inner.config, "n_embd", 512)
+        settings["rank"] = max(1, hidden // 4)  # rank d/4, the papers' ratio
     optimizer, scheduler, _layerwise = _make_optimizer(cfg, inner, settings, None, **_distributed_option(parallel))
     model = _compiled(cfg, model)
     evaluate_fn = (lambda: evaluate(model, data.eval_batches)) if data.eval_batches else None
@@ -450,6 +452,48 @@ def _export(parallel: Parallel, out: Path, summary: dict[str, Any], export) -> N
         return
     summary["model_folder"] = str(export())
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+
+
+def _causal_lm(cfg: dict[str, Any], vocab_size: int):
+    """The preset's LLaMA, or ``--model``: a local Hugging Face folder (its weights unless ``--fresh``) or config."""
+    if not cfg.get("model"):
+        from .models import build_llama
+
+        return build_llama(cfg["preset"], vocab_size=vocab_size)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(str(cfg["model"])).expanduser()
+    weights = path.is_dir() and any(
+        (path / f).exists()
+        for f in (
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
+        )
+    )
+    try:
+        if weights and not cfg.get("fresh"):
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        else:
+            config = AutoConfig.from_pretrained(path.parent if path.is_file() else path, local_files_only=True)
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError) as err:
+        raise UsageError(f"--model {path} does not load as a causal LM ({str(err).splitlines()[0][:200]})") from None
+    if model.get_input_embeddings().num_embeddings < vocab_size:
+        raise UsageError(
+            f"--model {path} has {model.get_input_embeddings().num_embeddings} token embeddings, fewer "
+            f"than the tokenizer's {vocab_size} tokens: give the model's own tokenizer with --tokenizer"
+        )
+    return model
+
+
+def _blocks(model):
+    """The model's list of transformer blocks (FSDP2 shards each): the largest ModuleList."""
+    from torch import nn
+
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return max(lists, key=len) if lists else ()
 
 
 def _placement(cfg: dict[str, Any], parallel: Parallel | None):

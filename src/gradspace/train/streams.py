@@ -68,6 +68,29 @@ class HFStream:
             next(self)
 
 
+def user_tokenizer(cfg: dict[str, Any]):
+    """``--tokenizer PATH``, else the ``--model`` folder's own tokenizer, else GPT-2's (full vocabulary)."""
+    from transformers import AutoTokenizer
+
+    from . import assets
+
+    tok = cfg.get("tokenizer") or "gpt2"
+    model = Path(str(cfg["model"])).expanduser() if cfg.get("model") else None
+    if (
+        tok == "gpt2"
+        and model is not None
+        and model.is_dir()
+        and any((model / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+    ):
+        tok = str(model)
+    if tok == "gpt2":
+        return assets.tokenizer()
+    try:
+        return AutoTokenizer.from_pretrained(str(Path(tok).expanduser()), local_files_only=True)
+    except Exception as err:
+        raise UsageError(f"tokenizer {tok} does not load ({str(err).splitlines()[0][:160]})") from None
+
+
 class Data:
     """The training stream factory and fixed validation batches of one config."""
 
@@ -99,9 +122,15 @@ class Data:
                 print(f"gradspace: no validation batches from {name} ({type(err).__name__})", file=sys.stderr)
             self.info = f"streaming {name} (GPT-2 vocabulary)"
             return
+        self._tok = None
         try:
             if cfg.get("tokenizer", "gpt2") == "chars":
                 self.dataset = TokenDataset.from_chars(name)
+            elif cfg.get("tokenizer", "gpt2") != "gpt2" or cfg.get("model"):
+                # a local tokenizer, or a pretrained model's: its whole vocabulary (a pretrained embedding cannot
+                # be compacted)
+                self._tok = user_tokenizer(cfg)
+                self.dataset = TokenDataset.from_corpus(name, tokenizer=self._tok, compact=False)
             else:
                 self.dataset = TokenDataset.from_corpus(name, compact=not cfg["full_vocab"])
         except ValueError as err:
