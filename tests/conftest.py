@@ -7,6 +7,7 @@ from torch import nn
 
 from gradspace import cli
 from gradspace.projection import largest_principal_angle
+from gradspace.trackers import Context
 from gradspace.trackers.base import orthonormalize
 
 # tiny models run faster on one thread, and CI machines have 2 cores shared with the test runner
@@ -83,6 +84,20 @@ def rotating_stream(steps, omega, k=30, l=60, r=4, noise=0.3, seed=0):
 def angle(basis, truth):
     """Largest principal angle between spans (online PCA's P is only near-orthonormal)."""
     return float(largest_principal_angle(orthonormalize(basis), truth))
+
+
+CTX = Context(index=0, right=False, seed=0)
+
+
+def with_spectrum(s: torch.Tensor, k: int, l: int, gen: torch.Generator) -> torch.Tensor:
+    """A k x l float32 matrix with singular values ``s`` and random orthonormal singular vectors."""
+    u = torch.linalg.qr(torch.randn(k, len(s), generator=gen, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(l, len(s), generator=gen, dtype=torch.float64)).Q
+    return ((u * s) @ v.mT).float()
+
+
+def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.arccos(torch.linalg.svdvals(a.double().mT @ b.double()).clamp(max=1.0))
 
 
 @pytest.fixture

@@ -4,22 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import principal_angles
 from gradspace import SubspaceOptimizer
 from gradspace.trackers import Context, get_tracker
 from gradspace.trackers.base import orthonormality_error
-
-CTX = Context(index=0, right=False, seed=0)
-
-
-def with_spectrum(s: torch.Tensor, k: int, l: int, gen: torch.Generator) -> torch.Tensor:
-    """A k x l float32 matrix with singular values ``s`` and random orthonormal singular vectors."""
-    u = torch.linalg.qr(torch.randn(k, len(s), generator=gen, dtype=torch.float64)).Q
-    v = torch.linalg.qr(torch.randn(l, len(s), generator=gen, dtype=torch.float64)).Q
-    return ((u * s) @ v.mT).float()
-
-
-def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.arccos(torch.linalg.svdvals(a.double().mT @ b.double()).clamp(max=1.0))
 
 
 def test_grasswalk_validation():
