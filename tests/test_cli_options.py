@@ -127,3 +127,28 @@ def test_resume_refuses_a_different_lr_or_schedule(tmp_path, capsys):
         code = run("pretrain", "--resume", out, "--steps", "8", *changed, "--threads", "1")
         assert_clean_error(capsys, code, changed[0][2:].replace("-", "_"))
     assert run("pretrain", "--resume", out, "--steps", "8", "--threads", "1") == 0  # more steps: allowed
+
+
+def test_console_eval_lines_window_mean_loss_and_run_plots(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("pretrain", *SMALL, "--log-every", "3", "--out", out) == 0
+    err = capsys.readouterr().err
+    assert "step 3: val_loss" in err and "step 6: val_loss" in err
+    train = [r for r in lines(out / "metrics.jsonl") if r["type"] == "train"]
+    assert [r["step"] for r in train] == [3, 6]
+    history = json.loads((out / "summary.json").read_text())["history"]
+    assert train[0]["loss"] == pytest.approx(sum(h["loss"] for h in history[:3]) / 3)  # the window's mean
+    assert (out / "curves.png").stat().st_size > 1000 and (out / "energy.png").exists()
+
+
+def test_report_to_a_missing_package_is_an_error_before_anything_is_written(tmp_path, capsys):
+    import importlib.util
+
+    for name in ("tensorboard", "wandb"):
+        code = run("pretrain", *SMALL, "--report-to", name, "--out", tmp_path / name)
+        if importlib.util.find_spec(name) is None:
+            assert_clean_error(capsys, code, f"pip install {name}")
+            assert not (tmp_path / name).exists()
+        else:
+            assert code == 0 and any((tmp_path / name).rglob("*events*" if name == "tensorboard" else "*.wandb"))
+    assert_clean_error(capsys, run("pretrain", *SMALL, "--report-to", "mlflow", "--out", tmp_path / "x"), "mlflow")

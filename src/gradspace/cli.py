@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
         sp.add_argument("--overwrite", action="store_true", help="replace the run that --out already holds")
         sp.add_argument(
+            "--report-to",
+            default=S,
+            help="where metrics go besides metrics.jsonl: tensorboard, wandb (offline), comma-separated",
+        )
+        sp.add_argument(
             "--nonfinite",
             default=S,
             choices=("error", "skip"),

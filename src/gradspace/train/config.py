@@ -182,6 +182,7 @@ TRAINING_OPTIONS: dict[str, Any] = {
     "grad_checkpointing": False,
     "compile": False,
     "nonfinite": "error",  # or "skip": a step with a non-finite loss or gradient is skipped and counted
+    "report_to": "jsonl",  # comma-separated: jsonl (always), tensorboard, wandb
 }
 #: of those, what fixes a run's trajectory: a resumed run must keep them
 TRAINING_IDENTITY = (
@@ -261,6 +262,9 @@ def _check_training_options(cfg: dict[str, Any]) -> None:
     if targets is not None and (not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets)):
         raise UsageError(f"target-modules must be module names or patterns, comma-separated, got {targets!r}")
     parse_optim_args(cfg.get("optim_args"))
+    from .reporters import parse as parse_reporters
+
+    parse_reporters(cfg.get("report_to"))
     if cfg["nonfinite"] not in ("error", "skip"):
         raise UsageError(f"nonfinite must be error or skip, got {cfg['nonfinite']!r}")
     for key in ("layerwise", "grad_checkpointing", "compile"):

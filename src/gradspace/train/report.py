@@ -171,6 +171,14 @@ def write_plots(folder: Path, results: dict[str, dict[str, Any]]) -> list[str]:
     plt.close(fig)
     written.append("state_bytes.png")
 
+    return written + _per_layer_plots(folder, results)
+
+
+def _per_layer_plots(folder: Path, results: dict[str, dict[str, Any]]) -> list[str]:
+    """energy.png, and rank.png when some rank differs from the others."""
+    import matplotlib.pyplot as plt
+
+    written = []
     projected = {m: r["weights"] for m, r in results.items() if r.get("weights")}
     ranks = {w.get("rank") for ws in projected.values() for w in ws.values()}
     for key, label, fname in (("energy", "captured energy", "energy.png"), ("rank", "rank", "rank.png")):
@@ -202,6 +210,40 @@ def write_plots(folder: Path, results: dict[str, dict[str, Any]]) -> list[str]:
         plt.close(fig)
         written.append(fname)
     return written
+
+
+def write_run_plots(folder: Path, summary: dict[str, Any], lines: list[dict[str, Any]]) -> list[str]:
+    """A single run's plots in its folder: curves.png (train loss per logging window and validation loss; the
+    learning rate), and the per-layer captured energy (and rank, when it varies)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    train = [x for x in lines if x.get("type") == "train"]
+    evals = [x for x in lines if x.get("type") == "eval" and "val_loss" in x]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    c = color(summary.get("method", ""), {summary.get("method", ""): summary})
+    top.plot([x["step"] for x in train], [x["loss"] for x in train], color=c, linewidth=1, label="train")
+    if evals:
+        top.plot(
+            [x["step"] for x in evals],
+            [x["val_loss"] for x in evals],
+            "o-",
+            color="black",
+            markersize=3,
+            linewidth=0.8,
+            label="validation",
+        )
+    top.set(ylabel="loss", title=f"{summary.get('method', '')}: loss and learning rate")
+    top.legend()
+    bottom.plot([x["step"] for x in train], [x["lr"] for x in train], color=c)
+    bottom.set(xlabel="step", ylabel="learning rate")
+    fig.tight_layout()
+    fig.savefig(folder / "curves.png", dpi=110)
+    plt.close(fig)
+    return ["curves.png", *_per_layer_plots(folder, {summary.get("method", "run"): summary})]
 
 
 def write_report(folder: str | Path, results: dict[str, dict[str, Any]], config: dict[str, Any]) -> Path:

@@ -18,6 +18,9 @@ from .config import EVAL_BATCH, FINETUNE, PRETRAIN, UsageError, parse_optim_args
 from .export import export_causal_lm, export_classifier
 from .interrupt import StopFlag
 from .parallel import Parallel, load_parallel, save_parallel
+from .report import write_run_plots
+from .reporters import Reporters
+from .reporters import parse as parse_reporters
 from .runfolder import RunLock
 from .streams import Data
 
@@ -29,17 +32,6 @@ def _peak_memory(device) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
-def _tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:
-        return None
-    try:
-        return SummaryWriter(str(folder / "tensorboard"))
-    except Exception:
-        return None
 
 
 def run_training(cfg: dict[str, Any], out: Path, **kwargs) -> dict[str, Any]:
@@ -130,16 +122,14 @@ def _run_training(
         elif not start:
             metrics_path.write_text("")
     metrics = metrics_path.open("a") if main else open(os.devnull, "w")  # noqa: SIM115 - closed below
-    writer = _tensorboard(out) if main else None
+    reporters = Reporters(parse_reporters(cfg.get("report_to")) if main else [], out, cfg)
+    stack.callback(reporters.close)
     evals: list[dict] = []
 
     def log(line: dict[str, Any]) -> None:
         metrics.write(json.dumps(line) + "\n")
         metrics.flush()
-        if writer is not None:
-            for k, v in line.items():
-                if k not in ("step", "type") and isinstance(v, (int, float)):
-                    writer.add_scalar(f"{line['type']}/{k}", v, line["step"])
+        reporters.log(line)
 
     def do_eval(step: int) -> None:
         if evaluate_fn is None:
@@ -147,6 +137,9 @@ def _run_training(
         e = {"step": step, **evaluate_fn()}
         evals.append(e)
         log({"type": "eval", **e})
+        if main:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in e.items() if k != "step" and isinstance(v, float))
+            tqdm.write(f"step {step}: {shown}", file=sys.stderr)
 
     def save(step: int) -> Path:
         return save_parallel(
@@ -172,18 +165,23 @@ def _run_training(
     )
 
     last: list[dict] = []
+    window: list[float] = []  # the losses since the last train line
 
     def on_step_record(r: dict[str, Any]) -> None:
         if parallel.world > 1:  # the loss of the global batch, the tokens of all ranks
             r["loss"] = parallel.mean(r["loss"])
             r["tokens_per_s"] *= parallel.world
         last[:] = [r]
+        if math.isfinite(r["loss"]):
+            window.append(r["loss"])
         if r["step"] % cfg["log_every"] == 0 or r["step"] == cfg["steps"]:
+            mean = sum(window) / len(window) if window else float("nan")  # as the HF Trainer logs it
+            window.clear()
             log(
                 {
                     "type": "train",
                     "step": r["step"],
-                    "loss": r["loss"],
+                    "loss": mean,
                     "lr": r["lr"],
                     "tokens_per_s": r["tokens_per_s"],
                     "step_time": r["step_time"],
@@ -247,8 +245,6 @@ def _run_training(
     do_eval(cfg["steps"])
     save(cfg["steps"])
     metrics.close()
-    if writer is not None:
-        writer.close()
     diag = optimizer.diagnostics()
     final = {k: v for k, v in evals[-1].items() if k != "step"} if evals else dict(no_eval or {})
     summary = {
@@ -276,6 +272,8 @@ def _run_training(
     }
     if main:
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        lines = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+        summary["plots"] = write_run_plots(out, summary, lines)
     if summary["diverged"]:
         first = next((r["loss"] for r in result["history"] if math.isfinite(r["loss"])), float("nan"))
         raise RunDiverged(
