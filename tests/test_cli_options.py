@@ -152,3 +152,19 @@ def test_report_to_a_missing_package_is_an_error_before_anything_is_written(tmp_
         else:
             assert code == 0 and any((tmp_path / name).rglob("*events*" if name == "tensorboard" else "*.wandb"))
     assert_clean_error(capsys, run("pretrain", *SMALL, "--report-to", "mlflow", "--out", tmp_path / "x"), "mlflow")
+
+
+def test_eval_dataset_validates_on_the_held_out_file(tmp_path, capsys):
+    (tmp_path / "train.txt").write_text("To be, or not to be, that is the question. " * 200)
+    (tmp_path / "held.txt").write_text("Whether 'tis nobler in the mind to suffer the slings. " * 60)
+    out = tmp_path / "run"
+    args = ["--dataset", tmp_path / "train.txt", "--eval-dataset", tmp_path / "held.txt", "--tokenizer", "chars"]
+    assert run("pretrain", *SMALL, *args, "--out", out) == 0
+    held = len((tmp_path / "held.txt").read_text())
+    assert f"/ {held:,} validation tokens" in capsys.readouterr().err
+    assert_clean_error(
+        capsys,
+        run("pretrain", *SMALL, "--eval-dataset", tmp_path / "nope.txt", "--out", tmp_path / "bad"),
+        "--eval-dataset",
+        "no such file",
+    )

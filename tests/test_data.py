@@ -145,3 +145,24 @@ def test_character_dataset_round_trips_and_has_a_small_vocabulary():
     assert data.decode([data.chars.index(c) for c in text]) == text and "\n" in text
     with pytest.raises(ValueError, match="character dataset"):
         TokenDataset(torch.arange(10)).decode([1])
+
+
+def test_a_held_out_file_or_a_train_valid_folder_is_split_by_name(tmp_path):
+    tok = assets.tokenizer()
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "train.txt").write_text("To be, or not to be, that is the question. " * 40)
+    (folder / "valid.txt").write_text("Whether 'tis nobler in the mind to suffer. " * 20)
+    train_ids = encode_text((folder / "train.txt").read_text(), tok)
+    valid_ids = encode_text((folder / "valid.txt").read_text(), tok)
+    data = TokenDataset.from_corpus(folder, tokenizer=tok)  # not concatenated and cut at 95%
+    assert data.train.tolist() == train_ids.tolist() and data.val.tolist() == valid_ids.tolist()
+    compact = TokenDataset.from_corpus(folder, tokenizer=tok, compact=True)
+    assert compact.to_tokenizer_ids(compact.val).tolist() == valid_ids.tolist()
+    held = TokenDataset.from_corpus(folder / "train.txt", tokenizer=tok, eval_corpus=folder / "valid.txt")
+    assert held.val.tolist() == valid_ids.tolist()
+    chars = TokenDataset.from_chars(folder / "train.txt", eval_corpus=folder / "valid.txt")
+    assert chars.decode(chars.val) == (folder / "valid.txt").read_text()
+    (folder / "valid.txt").unlink()
+    with pytest.raises(ValueError, match="no validation"):
+        TokenDataset.from_corpus(folder, tokenizer=tok)

@@ -153,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--streaming", action="store_true", default=S, help="stream a Hugging Face dataset")
         sp.add_argument("--seq-len", type=int, default=S, help="tokens per sequence (64)")
         sp.add_argument(
+            "--eval-dataset",
+            default=S,
+            help="a held-out .txt file or folder to validate on (default: "
+            "the last 5%% of --dataset; a folder with train*/valid*.txt files is split by name)",
+        )
+        sp.add_argument(
             "--full-vocab",
             action="store_true",
             default=S,

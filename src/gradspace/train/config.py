@@ -100,6 +100,11 @@ def _validate_shared(cfg: dict[str, Any], positive: tuple[str, ...], non_negativ
 def _validate_pretrain(cfg: dict[str, Any]) -> None:
     if cfg["preset"] not in PRESET_NAMES:
         raise UsageError(f"unknown preset {cfg['preset']!r}; choose one of {', '.join(PRESET_NAMES)}")
+    held_out = cfg.get("eval_dataset")
+    if held_out is not None and not Path(str(held_out)).expanduser().exists():
+        raise UsageError(f"--eval-dataset {held_out}: no such file or folder (a held-out .txt file or folder)")
+    if held_out is not None and cfg.get("streaming"):
+        raise UsageError("--eval-dataset reads a local file; a streamed dataset validates on its own split")
     model = cfg.get("model")
     if model is not None and not Path(str(model)).expanduser().exists():
         raise UsageError(
@@ -304,6 +309,7 @@ PRETRAIN = Command(
         "full_vocab": False,
         "grad_clip": 1.0,
         "tokenizer": "gpt2",
+        "eval_dataset": None,  # a held-out text file or folder (default: the last 5% of --dataset)
         "model": None,  # a local Hugging Face causal-LM folder or config.json instead of --preset
         "fresh": False,  # with --model: initialise fresh even if the folder has weights
         **TRAINING_OPTIONS,

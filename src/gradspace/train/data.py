@@ -49,6 +49,32 @@ def load_corpus(name: str | Path = "shakespeare") -> str:
     )
 
 
+#: file-name stems of a corpus folder's held-out part
+HELD_OUT_NAMES = ("valid", "validation", "val", "test", "dev")
+
+
+def held_out_parts(name: str | Path, eval_corpus: str | Path | None = None) -> tuple[list, list] | None:
+    """``([training parts], [validation parts])`` when the validation text is its own: ``eval_corpus`` given, or
+    ``name`` a folder whose .txt files are named ``train*`` and ``valid*`` (``validation``, ``val``, ``test``,
+    ``dev``). ``None``: validation is the end of the corpus."""
+    if eval_corpus is not None:
+        return [name], [eval_corpus]
+    folder = Path(str(name)).expanduser()
+    if str(name) in NAMED_CORPORA or str(name) == "builtin" or not folder.is_dir():
+        return None
+    files = sorted(folder.rglob("*.txt"))
+    train = [f for f in files if f.stem.lower().startswith("train")]
+    val = [f for f in files if f.stem.lower().split(".")[0].startswith(HELD_OUT_NAMES)]
+    if not train and not val:
+        return None
+    if not train or not val:
+        raise ValueError(
+            f"corpus folder {folder} has {'train' if train else 'validation'} files but no "
+            f"{'validation (valid*.txt)' if train else 'training (train*.txt)'} files"
+        )
+    return train, val
+
+
 def encode_text(text: str, tokenizer: Any, batch: int = 4096) -> np.ndarray:
     """Token ids of ``text``, encoded paragraph by paragraph (split at blank lines) so the fast tokenizer can
     use its threads; no special tokens are added."""
@@ -106,31 +132,40 @@ class TokenDataset:
         val_fraction: float = 0.05,
         vocab_size: int | None = None,
         vocab_map: torch.Tensor | None = None,
+        split_at: int | None = None,
     ):
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         data = torch.as_tensor(np.asarray(tokens).astype(np.int32, copy=False))
         if data.ndim != 1 or data.numel() < 2:
             raise ValueError(f"tokens must be a 1-D sequence of at least 2 ids, got shape {tuple(data.shape)}")
-        cut = round(data.numel() * (1.0 - val_fraction))
+        # split_at: the validation tokens are a text of their own (a held-out file), after the training ones
+        cut = round(data.numel() * (1.0 - val_fraction)) if split_at is None else int(split_at)
+        if split_at is not None and not 0 < cut < data.numel():
+            raise ValueError(f"the split leaves no training or no validation tokens (at {cut} of {data.numel()})")
         self.tokens = data
         self.train, self.val = data[:cut], data[cut:]
-        self.val_fraction = val_fraction
+        self.val_fraction = val_fraction if split_at is None else 1.0 - cut / data.numel()
+        self.split_at = split_at
         self.vocab_size = int(vocab_size) if vocab_size is not None else int(data.max()) + 1
         self.vocab_map = vocab_map
         self.chars: str | None = None  # set by from_chars: id i is the character chars[i]
 
     @classmethod
-    def from_chars(cls, name: str | Path = "shakespeare", *, val_fraction: float = 0.05) -> TokenDataset:
+    def from_chars(
+        cls, name: str | Path = "shakespeare", *, val_fraction: float = 0.05, eval_corpus: str | Path | None = None
+    ) -> TokenDataset:
         """The corpus as characters, the vocabulary being the characters it uses (about 65 for Shakespeare).
 
         With so small a vocabulary the embedding and head are a few percent of a model, and the projected weights
         hold most of its parameters and optimizer state: the setting where these optimizers show what they save.
         """
-        text = load_corpus(name)
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        parts = held_out_parts(name, eval_corpus)
+        texts = [load_corpus(name)] if parts is None else ["\n\n".join(map(load_corpus, p)) for p in parts]
+        codes = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
         used, ids = np.unique(codes, return_inverse=True)
-        data = cls(ids.astype(np.int32), val_fraction, vocab_size=len(used))
+        split_at = None if parts is None else len(texts[0])
+        data = cls(ids.astype(np.int32), val_fraction, vocab_size=len(used), split_at=split_at)
         data.chars = "".join(map(chr, used))
         return data
 
@@ -142,10 +177,21 @@ class TokenDataset:
         tokenizer: Any = None,
         val_fraction: float = 0.05,
         compact: bool = False,
+        eval_corpus: str | Path | None = None,
     ) -> TokenDataset:
-        """The tokenised corpus (GPT-2 BPE unless ``tokenizer`` is given); ``compact=True`` applies :meth:`compact`."""
+        """The tokenised corpus (GPT-2 BPE unless ``tokenizer`` is given); ``compact=True`` applies :meth:`compact`.
+
+        Validation is the last ``val_fraction`` of the corpus, or ``eval_corpus`` (a file or folder) when given, or,
+        for a folder holding ``train*`` and ``valid*`` / ``validation*`` / ``val*`` / ``test*`` text files, those
+        files by name (see :func:`held_out_parts`)."""
         tok = tokenizer if tokenizer is not None else assets.tokenizer()
-        data = cls(tokenize_corpus(name, tok), val_fraction, vocab_size=len(tok))
+        parts = held_out_parts(name, eval_corpus)
+        if parts is None:
+            data = cls(tokenize_corpus(name, tok), val_fraction, vocab_size=len(tok))
+        else:
+            train, val = ([tokenize_corpus(f, tok) for f in files] for files in parts)
+            ids = np.concatenate([*train, *val])
+            data = cls(ids, val_fraction, vocab_size=len(tok), split_at=sum(map(len, train)))
         return data.compact() if compact else data
 
     def decode(self, ids) -> str:
@@ -162,7 +208,13 @@ class TokenDataset:
         """
         used, inverse = torch.unique(self.tokens, return_inverse=True)
         mapping = used if self.vocab_map is None else self.vocab_map[used.long()]
-        return TokenDataset(inverse.to(torch.int32), self.val_fraction, vocab_size=used.numel(), vocab_map=mapping)
+        return TokenDataset(
+            inverse.to(torch.int32),
+            self.val_fraction,
+            vocab_size=used.numel(),
+            vocab_map=mapping,
+            split_at=self.split_at,
+        )
 
     def to_tokenizer_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Tokenizer ids of dataset ids (identity unless the dataset was compacted), for decoding."""

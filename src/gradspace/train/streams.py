@@ -124,15 +124,16 @@ class Data:
             return
         self._tok = None
         try:
+            held_out = cfg.get("eval_dataset")
             if cfg.get("tokenizer", "gpt2") == "chars":
-                self.dataset = TokenDataset.from_chars(name)
+                self.dataset = TokenDataset.from_chars(name, eval_corpus=held_out)
             elif cfg.get("tokenizer", "gpt2") != "gpt2" or cfg.get("model"):
                 # a local tokenizer, or a pretrained model's: its whole vocabulary (a pretrained embedding cannot
                 # be compacted)
                 self._tok = user_tokenizer(cfg)
-                self.dataset = TokenDataset.from_corpus(name, tokenizer=self._tok, compact=False)
+                self.dataset = TokenDataset.from_corpus(name, tokenizer=self._tok, compact=False, eval_corpus=held_out)
             else:
-                self.dataset = TokenDataset.from_corpus(name, compact=not cfg["full_vocab"])
+                self.dataset = TokenDataset.from_corpus(name, compact=not cfg["full_vocab"], eval_corpus=held_out)
         except ValueError as err:
             raise UsageError(str(err)) from None
         self._BatchStream = BatchStream
