@@ -4,11 +4,18 @@ whose Conv1D weights are projected), continued from its weights or fresh, and wr
 import json
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
 
 from conftest import run
 from gradspace.train import assets
 from test_cli import assert_clean_error
+from test_finetune import FAST, sentiment_csv  # noqa: F401 - the fixture
 
 ARGS = [
     "--steps",
@@ -70,3 +77,32 @@ def test_a_missing_model_or_tokenizer_is_a_one_line_error(tmp_path, capsys):
         capsys, run("pretrain", "--tokenizer", tmp_path / "nope", *ARGS, "--out", tmp_path / "r"), "unknown tokenizer"
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_finetune_takes_a_gpt2_style_model_too(tmp_path, sentiment_csv):  # noqa: F811
+    folder = tmp_path / "gpt2"
+    gpt2_folder(folder)
+    out = tmp_path / "ft"
+    assert (
+        run(
+            "finetune",
+            "--model",
+            folder,
+            "--task",
+            sentiment_csv,
+            "--method",
+            "galore",
+            "--rank",
+            "4",
+            "--steps",
+            "3",
+            *FAST,
+            "--out",
+            out,
+        )
+        == 0
+    )
+    weights = json.loads((out / "summary.json").read_text())["weights"]
+    assert weights and all(n.split(".")[-2] in ("c_attn", "c_proj", "c_fc") for n in weights)
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    assert model.config.pad_token_id == 50256

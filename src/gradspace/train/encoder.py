@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..params import is_conv1d
 from . import assets
 from .metrics import classification_metrics, regression_metrics
 from .tasks import hub_reachable
@@ -69,6 +70,10 @@ def _load(source: str, num_labels: int, regression: bool, local_files_only: bool
         model = AutoModelForSequenceClassification.from_pretrained(
             source, config=config, local_files_only=local_files_only
         )
+    if tokenizer.pad_token is None:  # decoder models (GPT-2 ...): pad with EOS, which the classifier must know
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
@@ -93,15 +98,17 @@ def load_encoder(name: str, num_labels: int, regression: bool = False) -> tuple[
         raise ValueError(f"could not load model {name!r} ({first})") from None
 
 
+def _linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 def projection_targets(model: nn.Module) -> re.Pattern:
     """The attention and MLP ``nn.Linear`` layers of the encoder, as one exact-name pattern for ``select_params``.
 
     ``"all-linear"`` would also project the pooler and the classifier (2 x 384 for a binary task: rank 8 does not
     fit it), and galore-torch's ``("attn", "mlp")`` matches no BERT module (``attention.self.query``,
     ``intermediate.dense``, ``output.dense``)."""
-    names = [
-        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not set(n.split(".")) & set(HEAD_PARTS)
-    ]
+    names = [n for n, m in model.named_modules() if _linear(m) and not set(n.split(".")) & set(HEAD_PARTS)]
     if not names:
         raise ValueError("the model has no linear layers outside its head to project")
     return re.compile("^(" + "|".join(map(re.escape, names)) + ")$")
@@ -109,7 +116,7 @@ def projection_targets(model: nn.Module) -> re.Pattern:
 
 def max_rank(model: nn.Module, targets: re.Pattern) -> int:
     """The largest rank that fits every projected weight: its smallest dimension."""
-    return min(min(m.weight.shape) for n, m in model.named_modules() if isinstance(m, nn.Linear) and targets.search(n))
+    return min(min(m.weight.shape) for n, m in model.named_modules() if _linear(m) and targets.search(n))
 
 
 @torch.no_grad()
