@@ -106,8 +106,17 @@ def sample(folder: Path, prompt: str, max_new_tokens: int = 100, seed: int = 0, 
     """Text that the exported model of a run folder (or a model folder) writes after ``prompt``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .config import UsageError
+
     path = Path(folder)
     path = path / MODEL_DIR if (path / MODEL_DIR).is_dir() else path
+    if not (path / "config.json").exists():
+        raise UsageError(
+            f"{folder} holds no model: give the run folder of a finished `gradspace pretrain` (it "
+            f"writes {Path(folder) / MODEL_DIR}) or a Hugging Face model folder"
+        )
+    if max_new_tokens < 1 or not generate.get("temperature", 1.0) > 0:
+        raise UsageError("--max-new-tokens must be >= 1 and --temperature > 0")
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     ids = tok(prompt, return_tensors="pt").input_ids

@@ -3,11 +3,14 @@ two processes never write one folder at once (a lock file holding the writer's p
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
+import time
 from pathlib import Path
+from typing import Any
 
-from .config import UsageError
+from .config import Command, UsageError
 
 #: what a run writes into its folder (a compare also writes report.md, metrics.json and plots)
 RUN_ARTEFACTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard")
@@ -91,3 +94,30 @@ class RunLock:
             self.path.unlink(missing_ok=True)
             self.held = False
         return False
+
+
+def resolve_run(args: argparse.Namespace, command: Command, name) -> tuple[dict[str, Any], Path, dict | None]:
+    """``(config, run folder, checkpoint or None)`` from the flags, the config file and ``--resume``."""
+    from . import checkpoint as ck
+    from .config import FINETUNE, explicit_options
+
+    defaults = command.defaults
+    explicit = explicit_options(args, defaults)
+    if not args.resume:
+        cfg = {**defaults, **explicit}
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return cfg, Path(args.out) if args.out else Path("runs") / f"{name(cfg)}-{stamp}", None
+    resume = ck.load_newest_good(args.resume)
+    path = Path(resume["path"])
+    saved = resume["config"]
+    if ("task" in saved) != (command is FINETUNE):
+        other = "finetune" if "task" in saved else "pretrain"
+        raise ck.CheckpointError(f"checkpoint {path} is from `gradspace {other}`; resume it with that command")
+    for key in command.identity:
+        if key in explicit and key in saved and explicit[key] != saved[key]:
+            raise ck.CheckpointError(
+                f"checkpoint {path} was saved with {key}={saved[key]!r} but this run asks for {key}={explicit[key]!r}"
+            )
+    cfg = {**defaults, **saved, **explicit}
+    out = Path(args.out) if args.out else (path.parent.parent if path.parent.name == "checkpoints" else path.parent)
+    return cfg, out, resume
