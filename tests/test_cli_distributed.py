@@ -124,6 +124,16 @@ def test_fsdp2_interrupt_resume_matches_one_process(runs):
     ckpt = load_checkpoint(root / "fsdp" / "checkpoints" / "ckpt-0000006.pt")
     assert (ckpt["world_size"], ckpt["strategy"]) == (2, "fsdp2")
     assert_close(final_model(root / "fsdp"), final_model(root / "single"))
+    from transformers import AutoModelForCausalLM  # the run's model folder holds the gathered, unsharded weights
+
+    exported = AutoModelForCausalLM.from_pretrained(root / "fsdp" / "model")
+    trained = ckpt["model"]
+    embed = "model.embed_tokens.weight"
+    used = trained[embed].shape[0]  # the compact vocabulary's rows, scattered back into GPT-2's
+    assert exported.config.vocab_size == 50257 and used < 50257
+    for key, value in exported.state_dict().items():
+        if key in trained and key != embed and "lm_head" not in key:
+            assert torch.equal(value, trained[key]), key
 
 
 def test_fsdp2_checkpoint_needs_the_same_world_size(runs, capsys):

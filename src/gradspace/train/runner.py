@@ -432,23 +432,26 @@ def run_pretrain(
         parallel,
         out,
         summary,
-        lambda: export_causal_lm(out, inner, getattr(data, "dataset", None), getattr(data, "_tok", None)),
+        inner,
+        lambda m: export_causal_lm(out, m, getattr(data, "dataset", None), getattr(data, "_tok", None)),
     )
     return summary
 
 
-def _export(parallel: Parallel, out: Path, summary: dict[str, Any], export) -> None:
-    """Rank 0 writes ``RUN/model`` (a Hugging Face folder; see ``gradspace.train.export``)."""
+def _export(parallel: Parallel, out: Path, summary: dict[str, Any], inner, write) -> None:
+    """Rank 0 writes ``RUN/model`` (a Hugging Face folder; see ``gradspace.train.export``) with ``write(model)``.
+    Under FSDP2 every rank first gathers the full state (a collective), and rank 0 writes an unsharded copy."""
+    model = inner
+    if parallel.strategy == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if parallel.main:
+            model = type(inner)(inner.config)
+            model.load_state_dict(state)
     if not parallel.main:
         return
-    if parallel.strategy == "fsdp2":
-        print(
-            "gradspace: the Hugging Face model folder is not written under FSDP2 yet; the checkpoint has the full "
-            "model state",
-            file=sys.stderr,
-        )
-        return
-    summary["model_folder"] = str(export())
+    summary["model_folder"] = str(write(model))
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
 
 
@@ -593,5 +596,5 @@ def run_finetune(
         inner=inner,
         overwrite=overwrite,
     )
-    _export(parallel, out, summary, lambda: export_classifier(out, inner, setup.tokenizer))
+    _export(parallel, out, summary, inner, lambda m: export_classifier(out, m, setup.tokenizer))
     return summary
