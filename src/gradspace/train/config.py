@@ -175,8 +175,21 @@ class Command:
         return out
 
 
-#: training options both commands share (flags of the same names); ``None`` means "the command's default"
+#: the options both commands share (flags of the same names); ``None`` means "the command's default"
 TRAINING_OPTIONS: dict[str, Any] = {
+    "method": "galore",
+    "base": "adamw",
+    "rank": None,  # None: the command's (by preset, d/4 for --model, 8 for fine-tuning)
+    "update_gap": None,  # None: the command's
+    "lr": None,  # None: the command's, per method
+    "grad_accum": 1,
+    "seed": 0,
+    "device": "cpu",
+    "dtype": "float32",
+    "save_every": 0,
+    "log_every": 10,
+    "threads": 0,
+    "grad_clip": 1.0,
     "weight_decay": 0.0,
     "warmup": None,  # steps of linear warm-up; None: 10% of the run
     "scheduler": "cosine_with_min_lr",  # a transformers.get_scheduler name
@@ -189,8 +202,17 @@ TRAINING_OPTIONS: dict[str, Any] = {
     "nonfinite": "error",  # or "skip": a step with a non-finite loss or gradient is skipped and counted
     "report_to": "jsonl",  # comma-separated: jsonl (always), tensorboard, wandb
 }
-#: of those, what fixes a run's trajectory: a resumed run must keep them
+#: what fixes a run's trajectory, for both commands: a resumed run must keep them
 TRAINING_IDENTITY = (
+    "method",
+    "base",
+    "rank",
+    "update_gap",
+    "scale",
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "dtype",
     "lr",
     "weight_decay",
     "warmup",
@@ -288,26 +310,13 @@ PRETRAIN = Command(
         "preset": "tiny",
         "dataset": "shakespeare",
         "streaming": False,
-        "method": "galore",
-        "base": "adamw",
-        "rank": None,
-        "update_gap": None,
         "scale": 0.25,
-        "lr": None,
         "steps": 200,
         "batch_size": 8,
         "seq_len": 64,
-        "grad_accum": 1,
-        "seed": 0,
-        "device": "cpu",
-        "dtype": "float32",
         "eval_every": 50,
         "eval_batches": 10,
-        "save_every": 0,
-        "log_every": 10,
-        "threads": 0,
         "full_vocab": False,
-        "grad_clip": 1.0,
         "tokenizer": "gpt2",
         "eval_dataset": None,  # a held-out text file or folder (default: the last 5% of --dataset)
         "model": None,  # a local Hugging Face causal-LM folder or config.json instead of --preset
@@ -317,16 +326,7 @@ PRETRAIN = Command(
     identity=(
         "preset",
         "dataset",
-        "method",
-        "base",
-        "rank",
-        "update_gap",
-        "scale",
-        "batch_size",
         "seq_len",
-        "grad_accum",
-        "seed",
-        "dtype",
         "full_vocab",
         "streaming",
         "tokenizer",
@@ -350,40 +350,18 @@ FINETUNE = Command(
     defaults={
         "task": "rotten-tomatoes",
         "model": "minilm",
-        "method": "galore",
-        "base": "adamw",
-        "rank": None,
-        "update_gap": None,
         "scale": 2.0,
-        "lr": None,
         "steps": 300,
         "batch_size": 16,
         "max_length": 128,
-        "grad_accum": 1,
-        "seed": 0,
-        "device": "cpu",
-        "dtype": "float32",
         "eval_every": 100,
         "eval_batches": 0,
-        "save_every": 0,
-        "log_every": 10,
-        "threads": 0,
-        "grad_clip": 1.0,
         **TRAINING_OPTIONS,
     },
     identity=(
         "task",
         "model",
-        "method",
-        "base",
-        "rank",
-        "update_gap",
-        "scale",
-        "batch_size",
         "max_length",
-        "grad_accum",
-        "seed",
-        "dtype",
         *TRAINING_IDENTITY,
     ),
     positive=("steps", "batch_size", "max_length", "grad_accum", "log_every"),

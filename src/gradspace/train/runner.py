@@ -568,8 +568,7 @@ def run_finetune(
     setup = setup or FinetuneSetup(cfg)
     task = setup.task
     model = setup.model.to(device=device, dtype=dtype)
-    blocks = model.bert.encoder.layer if hasattr(model, "bert") else ()
-    model, inner = parallel.wrap(_prepare_model(cfg, model, parallel), blocks=blocks)
+    model, inner = parallel.wrap(_prepare_model(cfg, model, parallel), blocks=_blocks(model))
     settings = FINETUNE.settings(cfg)
     optimizer, scheduler, _layerwise = _make_optimizer(
         cfg, inner, settings, setup.targets, **_distributed_option(parallel)
