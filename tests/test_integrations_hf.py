@@ -339,14 +339,61 @@ def test_the_trainers_optimizer_names_map_to_presets_and_others_are_errors():
     )
     assert resolve_trainer_optim("galore_adafactor", None, False, {})[2]["base"] == "adafactor"
     assert resolve_trainer_optim("adamw_torch", "subtrack++", False, {}) == ("subtrack++", False, {})
-    assert resolve_trainer_optim("adamw_torch", None, False, {})[0] == "galore"
-    for optim, words in (
-        ("lion_32bit", "cannot be honoured"),
-        ("apollo_adamw", "APOLLO"),
-        ("galore_adamw", "keep one"),
-    ):
+    assert resolve_trainer_optim("adamw_torch", None, False, {})[0] is None  # optim_args' method=, else GaLore
+    assert resolve_trainer_optim("apollo_adamw_layerwise", None, False, {}) == ("apollo", True, {"base": "adamw"})
+    for optim, words in (("lion_32bit", "cannot be honoured"), ("galore_adamw", "keep one")):
         with pytest.raises(ValueError, match=words):
             resolve_trainer_optim(optim, "subtrack" if optim == "galore_adamw" else None, False, {})
+
+
+def projected(trainer):
+    return next(g for g in trainer.optimizer.optimizer.param_groups if "rank" in g)
+
+
+def test_the_trainers_apollo_names_and_options_build_apollo(tmp_path):
+    args = hf_args(
+        tmp_path, max_steps=2, save_strategy="no", optim="apollo_adamw", optim_args="rank=1,proj=random,scale=128"
+    )
+    trainer = GradspaceTrainer(model_init=tiny_llama, args=args, train_dataset=Tokens())
+    trainer.train()
+    group = projected(trainer)
+    assert (group["tracker"], group["output"], group["rank"], group["scale"]) == ("gaussian", "scale", 1, 128)
+    assert group["scale_type"] == "channel"  # the Trainer's default for apollo_adamw
+    args = hf_args(tmp_path, optim="apollo_adamw", optim_args="rank=4,proj=gaussian")
+    with pytest.raises(ValueError, match="proj=random"):
+        create_hf_optimizer(tiny_llama(), args, "apollo")
+
+
+def test_optim_gradspace_takes_the_method_from_optim_args(tmp_path):
+    from gradspace.integrations.hf import GradspaceTrainingArguments
+
+    kw = {"max_steps": 2, "per_device_train_batch_size": 4, "report_to": "none", "use_cpu": True}
+    args = GradspaceTrainingArguments(
+        str(tmp_path), optim="gradspace", optim_args="method=subtrack++,rank=4,eta=0.5", save_strategy="no", **kw
+    )
+    assert args.optim == "gradspace" and "gradspace" in args.to_json_string()
+    trainer = GradspaceTrainer(model_init=tiny_llama, args=args, train_dataset=Tokens())
+    trainer.train()
+    group = projected(trainer)
+    assert (group["tracker"], group["moments"], group["recovery"], group["eta"]) == ("subtrack", "project", True, 0.5)
+    with pytest.raises(ValueError, match="keep one"):
+        create_hf_optimizer(tiny_llama(), args, "galore")
+    with pytest.raises(ValueError, match="unknown method"):
+        create_hf_optimizer(tiny_llama(), hf_args(tmp_path, optim_args="method=galor"))
+    with pytest.raises(ValueError, match="not a valid OptimizerNames"):  # the Trainer's own class refuses it
+        TrainingArguments(str(tmp_path), optim="gradspace", **kw)
+
+
+def test_one_eps_default_whichever_entry_point(tmp_path):
+    """The Trainer's adam_epsilon default (1e-8) is not a choice: gradspace's eps (galore-torch's 1e-6) holds,
+    as with create_optimizer and the CLI; a value the user sets is honoured."""
+    model = tiny_llama()
+    library = create_optimizer("galore", model, target_modules=["attn", "mlp"]).param_groups[0]["eps"]
+    trainer_default = create_hf_optimizer(model, hf_args(tmp_path)).param_groups[0]["eps"]
+    assert library == trainer_default == 1e-6
+    assert create_hf_optimizer(model, hf_args(tmp_path, adam_epsilon=1e-7)).param_groups[0]["eps"] == 1e-7
+    args = hf_args(tmp_path, optim_args="rank=4,eps=1e-8")
+    assert create_hf_optimizer(model, args).param_groups[0]["eps"] == 1e-8
 
 
 def test_gradspace_trainer_honours_args_optim(tmp_path):

@@ -9,7 +9,7 @@ from gradspace import SubspaceOptimizer
 from gradspace.optimizer import state_bytes
 from gradspace.trackers import Context, get_tracker
 from gradspace.trackers.base import orthonormality_error
-from gradspace.trackers.random_walk import seeded_generator
+from gradspace.trackers.base import seeded_generator
 
 
 # ---------------------------------------------------------------------------------------------- adarank: rank

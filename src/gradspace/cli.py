@@ -50,7 +50,13 @@ SHARED = [
         },
     ),
     (["--optim-args"], {"default": S, "help": "tracker and rule options: key=value,... (eta=1.0, eta_th=0.02 ...)"}),
-    (["--scale"], {**FLOAT, "help": "GaLore scale of projected updates (pretrain 0.25, finetune 2)"}),
+    (
+        ["--scale"],
+        {
+            **FLOAT,
+            "help": "scale of projected updates (GaLore: pretrain 0.25, finetune 2; APOLLO: sqrt(scale) x, 1; mini 128)",
+        },
+    ),
     (["--lr"], {**FLOAT, "help": f"learning rate (default per method and preset; finetune {FINETUNE.lr({}):g})"}),
     (["--weight-decay"], {**FLOAT, "help": "decoupled weight decay (0)"}),
     (["--scheduler"], {"default": S, "choices": SCHEDULERS, "help": "a transformers.get_scheduler schedule"}),

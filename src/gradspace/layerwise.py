@@ -33,6 +33,7 @@ import torch
 from .optimizer import SubspaceOptimizer
 from .projection import oriented, project
 from .trackers import get_tracker
+from .update import needs_full_gradient
 
 
 class Layerwise:
@@ -93,7 +94,7 @@ class Layerwise:
         group = self._group(p)
         layout = opt._layout(p, group)
         state = opt.state.get(p)
-        if layout is None or not state or "basis" not in state or group["recovery"]:
+        if layout is None or not state or "basis" not in state or needs_full_gradient(group):
             return None
         tracker = get_tracker(group["tracker"])
         right = layout[0]

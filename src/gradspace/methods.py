@@ -1,4 +1,4 @@
-"""Named presets: each method is a tracker, a moment policy, recovery on or off, and tracker defaults.
+"""Named presets: each method is a tracker, a moment policy, an output rule (with recovery on or off), and defaults.
 
 opt = create_optimizer("galore", model, lr=1e-3, rank=128, update_proj_gap=200, scale=0.25)
 """
@@ -35,9 +35,27 @@ METHODS: dict[str, dict[str, Any] | None] = {
     # reconstructed from the abstract and reviews (docs/methods.md): random moves need both of these
     "grasswalk": {"tracker": "grasswalk", "moments": "project", "recovery": True},
     "grassjump": {"tracker": "grassjump", "moments": "project", "recovery": True},
+    # APOLLO (arXiv:2412.05270, apollo-torch 1.0.3): a Gaussian projection only shapes the moments; the update is
+    # the raw gradient scaled per channel. ``scale`` multiplies by sqrt(scale), as in apollo-torch.
+    "apollo": {"tracker": "gaussian", "moments": "keep", "output": "scale", "scale_type": "channel", "scale": 1.0},
+    # APOLLO-Mini: rank 1 and one factor per weight: two 1 x l moments, SGD-level memory
+    "apollo-mini": {
+        "tracker": "gaussian",
+        "moments": "keep",
+        "output": "scale",
+        "scale_type": "tensor",
+        "scale": 128.0,
+        "rank": 1,
+    },
 }
 
 PROJECTION_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
+
+
+def preset_projection(name: str) -> dict[str, Any]:
+    """The projection settings a preset fixes itself (APOLLO-Mini's rank 1 and scale 128), which take the place of
+    the caller's defaults but not of values the user gives."""
+    return {k: v for k, v in (METHODS[name.lower()] or {}).items() if k in PROJECTION_KEYS}
 
 
 def create_optimizer(
@@ -73,7 +91,8 @@ def create_optimizer(
         if given:
             raise ValueError(f"method {name!r} trains in full rank; {', '.join(given)} do(es) not apply to it")
         return SubspaceOptimizer(as_groups(model_or_groups), lr=lr, base=base, **kwargs)
-    options = {**preset, **kwargs}
+    options = {**{k: v for k, v in preset.items() if k not in PROJECTION_KEYS}, **kwargs}
+    given = {**preset_projection(key), **given}
     if isinstance(model_or_groups, nn.Module):
         groups = select_params(model_or_groups, target_modules, **{"rank": 128, **given})
     else:

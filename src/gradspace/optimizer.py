@@ -25,11 +25,12 @@ from torch.optim import Optimizer
 from . import distributed as dist_support
 from . import moments as moment_policies
 from . import recovery, validation
+from . import update as outputs
 from .projection import PROJ_TYPES, basis_on_right, largest_principal_angle, oriented, project
 from .recovery import RECOVERY_DEFAULTS
 from .rules import RULES, get_rule
 from .trackers import TRACKERS, Context, get_tracker
-from .update import apply_update
+from .trackers.base import orthonormalize
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
     "recovery": False,
     "transposed": False,  # weights stored (in, out), as transformers' Conv1D: projected as their transpose
     **RECOVERY_DEFAULTS,
+    **outputs.OUTPUT_DEFAULTS,
 }
 
 
@@ -55,7 +57,8 @@ def _known(kind: str) -> dict[str, set[str]]:
 
 def _check_applicable(options: dict[str, Any], base: str, tracker: str) -> None:
     """Reject an option that belongs to another rule or tracker than the ones chosen (e.g. ``eta`` with GaLore)."""
-    own = set(get_rule(base).defaults) | set(get_tracker(tracker).defaults) | set(RECOVERY_DEFAULTS) | {"state_dtype"}
+    own = set(get_rule(base).defaults) | set(get_tracker(tracker).defaults) | {"state_dtype"}
+    own |= set(RECOVERY_DEFAULTS) | set(outputs.OUTPUT_DEFAULTS)
     for key in sorted(set(options) - own):
         owners = [f"rule {n}" for n, keys in _known("rule").items() if key in keys]
         owners += [f"tracker {n}" for n, keys in _known("tracker").items() if key in keys]
@@ -106,7 +109,7 @@ class SubspaceOptimizer(Optimizer):
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_MODES)}, got {nonfinite!r}")
         rule_keys = set().union(*_known("rule").values()) | {"state_dtype"}
-        tracker_keys = set().union(*_known("tracker").values()) | set(RECOVERY_DEFAULTS)
+        tracker_keys = set().union(*_known("tracker").values()) | set(RECOVERY_DEFAULTS) | set(outputs.OUTPUT_DEFAULTS)
         unknown = set(options) - rule_keys - tracker_keys
         if unknown:
             raise ValueError(
@@ -219,6 +222,12 @@ class SubspaceOptimizer(Optimizer):
         if type(group["recovery"]) is not bool:
             raise ValueError(f"recovery must be True or False, got {group['recovery']!r}")
         recovery.validate(group)
+        outputs.validate(group)
+        if not tracker.orthonormal and group["moments"] in ("rotate", "project"):
+            raise ValueError(
+                f"moment policy {group['moments']!r} transports the moments with C = S_new^T S_old, which needs an "
+                f"orthonormal basis; tracker {group['tracker']!r} keeps a non-orthonormal one: use 'keep' or 'reset'"
+            )
         names = group.get("param_names") or [None] * len(params)
         for i, (p, name) in enumerate(zip(params, names)):
             label = name or f"param {i} of this group"
@@ -401,6 +410,8 @@ class SubspaceOptimizer(Optimizer):
             state["updates"] += 1
             diag["update_seconds"] += time.perf_counter() - t0
             if self.collect_diagnostics:
+                if not tracker.orthonormal:
+                    old, new = orthonormalize(old), orthonormalize(new)
                 diag["angle"] = largest_principal_angle(old, new)
 
     def _step_projected(self, group, p, state, rule, right: bool, rank: int, extra=None) -> None:
@@ -408,7 +419,7 @@ class SubspaceOptimizer(Optimizer):
         ctx = self._context(p, right, group)
         # gn is what is projected: the gradient, or under FSDP2 this rank's rows or the gathered full gradient;
         # full() is the full gradient the tracker reads (the same tensor unless gn is a shard)
-        view = dist_support.param_view(p, right, gather=group["recovery"])
+        view = dist_support.param_view(p, right, gather=outputs.needs_full_gradient(group))
         gn = oriented(view.grad, right)
 
         def full() -> torch.Tensor:
@@ -426,10 +437,9 @@ class SubspaceOptimizer(Optimizer):
             tgt = project(basis, tgn)
         tracker.observe(tgn, tgt, state, group)
         if self.collect_diagnostics and extra is None:
-            norm = torch.linalg.vector_norm(gn, dtype=torch.promote_types(gn.dtype, torch.float32))
-            diag["energy"] = gt.square().sum() / norm.square()
+            diag["energy"] = _captured_energy(basis, gn, gt, tracker.orthonormal)
         direction, factor = rule.update(gt, state, group)
-        apply_update(
+        outputs.apply_update(
             view.weight,
             basis,
             gn,
@@ -581,6 +591,17 @@ def _empty(rank: int, cols: int, p: torch.Tensor, rule, state: dict | None = Non
             dtype,
         )
     return torch.empty(rank, cols, dtype=dtype, device=p.device)
+
+
+def _captured_energy(basis, gn, gt, orthonormal: bool) -> torch.Tensor:
+    """``||proj_S Gn||^2 / ||Gn||^2``, the share of the gradient in the span of the basis: ``||Gt||^2`` over it for
+    an orthonormal basis, ``tr(Gt^T (S^T S)^-1 Gt)`` for another (APOLLO's Gaussian P, whose ``||Gt||^2`` is
+    about ``||Gn||^2`` whatever it captures)."""
+    norm = torch.linalg.vector_norm(gn, dtype=torch.promote_types(gn.dtype, torch.float32))
+    if orthonormal:
+        return gt.square().sum() / norm.square()
+    solved, _ = torch.linalg.solve_ex(basis.mT @ basis, gt)  # no sync; a singular Gram gives inf/NaN, not a crash
+    return (gt * solved).sum() / norm.square()
 
 
 def _num(x):

@@ -25,6 +25,8 @@ where ``S^T S = I`` for every tracker except OSD (whose basis is only nearly ort
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 RESIDUALS = ("scaled", "true")
@@ -36,7 +38,9 @@ RECOVERY_DEFAULTS = {"recovery_limit": 1.01, "recovery_residual": "scaled"}
 def validate(group: dict) -> None:
     limit = group.get("recovery_limit", RECOVERY_DEFAULTS["recovery_limit"])
     if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 1.0:
-        raise ValueError(f"recovery_limit must be a number >= 1 (growth factor per step), got {limit!r}")
+        raise ValueError(
+            f"recovery_limit must be a number >= 1 (growth factor per step; inf: no limiter), got {limit!r}"
+        )
     residual = group.get("recovery_residual", RECOVERY_DEFAULTS["recovery_residual"])
     if residual not in RESIDUALS:
         raise ValueError(
@@ -66,14 +70,19 @@ def recovery_scales(
     in_span = gt_sq if gram is None else (gt * (gram @ gt)).sum(0)
     residual_sq = (gn_sq - (2.0 * a) * gt_sq + (a * a) * in_span).clamp_min(0)
     norm = (phi.square() * residual_sq).sum().sqrt()
+    return phi / limit_growth(norm, state, float(group["recovery_limit"]))
+
+
+def limit_growth(norm: torch.Tensor, state: dict, zeta: float) -> torch.Tensor:
+    """Fira's norm-growth limiter (also APOLLO's): the divisor (a 0-d tensor, 1 on the first step) that keeps an
+    update's norm from growing more than ``zeta`` times per step; stores the post-limit norm in
+    ``state["rec_norm"]``. A last norm of exactly 0 sets no limit (see the module docstring)."""
     last = state.get("rec_norm")
-    if last is not None:
-        zeta = float(group["recovery_limit"])
-        limiter = torch.where(last > 0, (norm / (last + 1e-8)).clamp_min(zeta) / zeta, torch.ones_like(norm))
-        phi = phi / limiter
-        norm = norm / limiter
-    state["rec_norm"] = norm
-    return phi
+    limiter = torch.ones_like(norm)
+    if last is not None and math.isfinite(zeta):
+        limiter = torch.where(last > 0, (norm / (last + 1e-8)).clamp_min(zeta) / zeta, limiter)
+    state["rec_norm"] = norm / limiter
+    return limiter
 
 
 def add_scaled_gradient(p: torch.Tensor, gn: torch.Tensor, scales: torch.Tensor, right: bool, alpha: float) -> None:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .. import recovery
-from ..methods import METHODS, create_optimizer
+from .. import update as outputs
+from ..methods import METHODS, create_optimizer, preset_projection
 from ..optimizer import PROJECTION_DEFAULTS, optimizer_state_bytes
 from ..params import select_params
 from ..rules import get_rule
@@ -60,7 +60,7 @@ def projected_names(model: torch.nn.Module) -> set[str]:
 def weight_bytes(shape, elem: int, method: str, rank: int, options: dict, clock=(1, 0)) -> int:
     """State bytes of one weight after its first step, from what each component declares: the inner rule's
     ``state_bytes`` for the (projected or full) gradient shape, the tracker's (basis included) for a projected
-    m x n weight (k = the projected side, l = the other, rank r), and recovery's scalar. ``elem`` is the bytes
+    m x n weight (k = the projected side, l = the other, rank r), and the output's limiter scalar (recovery, APOLLO). ``elem`` is the bytes
     of one state element; ``clock`` = (steps since the last refresh, refreshes), which adarank's bookkeeping
     reads. A full-rank preset, a non-2-D parameter or r >= min(m, n): the rule on the parameter's shape."""
     preset = METHODS[method]
@@ -73,7 +73,7 @@ def weight_bytes(shape, elem: int, method: str, rank: int, options: dict, clock=
     group = {**tracker.defaults, **group}
     k, l = min(shape), max(shape)
     total = tracker.state_bytes(k, l, rank, group, clock) + rule.state_bytes((rank, l), elem, group)
-    return total + (recovery.STATE_BYTES if group["recovery"] else 0)
+    return total + outputs.state_bytes(group)
 
 
 def formula_bytes(model: torch.nn.Module, method: str, rank: int, options: dict, ranks=None, clocks=None) -> int:
@@ -136,8 +136,8 @@ def state_table(configs=CONFIGS, vocab: int = 32000) -> tuple[list[dict], str]:
     """Counted vs formula state bytes for every variant at rank hidden/4 on each config (meta device)."""
     rows = []
     for cfg in configs:
-        rank = PRESETS[cfg][0] // 4
         for label, method, options in variants():
+            rank = preset_projection(method).get("rank", PRESETS[cfg][0] // 4)  # APOLLO-Mini: its own rank 1
             held, counted, model, _ = count_state(cfg, method, rank, options, "meta", vocab)
             formula = formula_bytes(model, method, rank, _options_for_formula(options))
             if not held == counted == formula:

@@ -13,7 +13,7 @@ from unittest import mock
 
 import torch
 
-from ..methods import METHODS, create_optimizer
+from ..methods import METHODS, create_optimizer, preset_projection
 from ..trackers import TRACKERS
 from ..train.models import build_llama
 from ..train.report import markdown_table
@@ -76,7 +76,9 @@ def run(
         with contextlib.suppress(ImportError):  # galore-torch is a test dependency, not a runtime one
             opts["galore-torch GaLoreAdamW"] = _galore_torch(model, rank, gap, lr)
     for name in methods or [m for m in METHODS if m != "adamw"]:
-        opts[f"gradspace {name}"] = create_optimizer(name, model, lr=lr, rank=rank, update_proj_gap=gap)
+        own = preset_projection(name).get("rank")  # APOLLO-Mini runs at its own rank 1
+        label = f"gradspace {name}" + (f" (rank {own})" if own else "")
+        opts[label] = create_optimizer(name, model, lr=lr, rank=own or rank, update_proj_gap=gap)
     for opt in opts.values():
         opt.step()  # initial bases and state
     non_update = race({k: o.step for k, o in opts.items()}, repeats=repeats, device=device)

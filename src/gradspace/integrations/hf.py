@@ -6,7 +6,9 @@
     trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None))  # scheduler: args
 
 ``GradspaceTrainer(..., method="galore")`` does the same from inside the Trainer, where the Trainer refuses
-a ready optimizer (``model_init``, FSDP). The optimizer is a plain ``torch.optim.Optimizer``:
+a ready optimizer (``model_init``, FSDP). It honours the Trainer's GaLore and APOLLO names (``optim="galore_adamw"``,
+``"apollo_adamw"`` ...), and with ``GradspaceTrainingArguments`` also ``optim="gradspace"`` with
+``optim_args="method=subtrack++,rank=128"``. The optimizer is a plain ``torch.optim.Optimizer``:
 ``accelerator.prepare`` wraps it like any other, and its ``state_dict()`` loads with
 ``torch.load(weights_only=True)``, as the Trainer's resume does.
 
@@ -25,10 +27,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from ..layerwise import Layerwise
-from ..methods import METHODS, PROJECTION_KEYS, create_optimizer
+from ..methods import METHODS, PROJECTION_KEYS, create_optimizer, preset_projection
 from ..optimizer import SubspaceOptimizer
 from ..params import DEFAULT_TARGETS, as_groups, select_params
 from ..rules import get_rule
@@ -72,7 +74,7 @@ def _typed(text: str) -> Any:
 def create_hf_optimizer(
     model: nn.Module,
     args: Any,
-    method: str = "galore",
+    method: str | None = None,
     *,
     target_modules: str | re.Pattern | Sequence | None = None,
     optim_args: str | dict[str, Any] | None = None,
@@ -83,7 +85,10 @@ def create_hf_optimizer(
 
     From ``args`` (a ``TrainingArguments``): ``learning_rate``; ``weight_decay`` on the parameters the Trainer
     decays (not biases and norms); ``(adam_beta1, adam_beta2)`` and ``adam_epsilon`` where the inner rule has
-    ``betas``/``eps`` (as the Trainer gives Lion the Adam betas); ``seed`` for the random trackers;
+    ``betas``/``eps`` (as the Trainer gives Lion the Adam betas), except that ``adam_epsilon`` at the Trainer's
+    default 1e-8 leaves gradspace's eps (1e-6, galore-torch's and apollo-torch's) so that every entry point has the
+    same defaults (set ``adam_epsilon`` to anything else, or ``eps=`` in ``optim_args``, to choose it);
+    ``seed`` for the random trackers; ``method`` from ``optim_args`` (``method=fira``) when not given here;
     ``optim_target_modules`` and ``optim_args`` when not given here. ``target_modules`` follows
     :func:`gradspace.select_params`: substrings, regexes, ``"all-linear"`` (default ``("attn", "mlp")``);
     unlike the Trainer's GaLore, the output head and embeddings are projected only when named.
@@ -96,11 +101,17 @@ def create_hf_optimizer(
 
 
 def _build(model, args, method, target_modules, optim_args, layerwise, options, decay_names):
-    """Shared by create_hf_optimizer and GradspaceTrainer, which passes its own (overridable) decay names."""
+    """Shared by create_hf_optimizer and GradspaceTrainer, which passes its own (overridable) decay names.
+    ``method`` None: the ``method`` key of the options, else GaLore."""
+    opts = {**parse_optim_args(args.optim_args), **parse_optim_args(optim_args), **options}
+    named = opts.pop("method", None)
+    if named is not None and method is not None and str(named).lower() != method.lower():
+        raise ValueError(f"optim_args ask for method={named!r}, but method={method!r} was given: keep one")
+    method = method or named or "galore"
     key = method.lower()
     if key not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    opts = {**parse_optim_args(args.optim_args), **parse_optim_args(optim_args), **options}
+    _apollo_proj(opts)
     base = opts.pop("base", "adamw")
     rule = get_rule(base)
     explicit = {"betas", "beta1", "beta2"} & set(opts)  # set for a rule without betas: the optimizer objects
@@ -110,8 +121,8 @@ def _build(model, args, method, target_modules, optim_args, layerwise, options, 
             betas[i] = float(opts.pop(name))
     if "betas" in rule.defaults or explicit:
         opts["betas"] = tuple(betas)
-    if "eps" in rule.defaults:
-        opts.setdefault("eps", args.adam_epsilon)
+    if "eps" in rule.defaults and args.adam_epsilon != TRAINER_EPS:
+        opts.setdefault("eps", args.adam_epsilon)  # set by the user; at the Trainer's default, gradspace's own
     opts.setdefault("seed", args.seed)
     projection = {k: opts.pop(k) for k in PROJECTION_KEYS if k in opts}
     if METHODS[key] is None:  # full rank: create_optimizer rejects any projection key given
@@ -120,12 +131,29 @@ def _build(model, args, method, target_modules, optim_args, layerwise, options, 
         targets = target_modules if target_modules is not None else args.optim_target_modules
         if isinstance(targets, str) and targets.replace("_", "-") == "all-linear":
             targets = "all-linear"
+        projection = {**preset_projection(key), **projection}
         groups = select_params(model, targets if targets is not None else DEFAULT_TARGETS, **projection)
     groups = _split_decay(groups, decay_names, args.weight_decay)
     opt = create_optimizer(key, groups, lr=args.learning_rate, base=base, weight_decay=args.weight_decay, **opts)
     if layerwise:
         _attach_layerwise(opt, args)
     return opt
+
+
+#: ``TrainingArguments.adam_epsilon``'s default: taken as "not set", so that one eps default (gradspace's, the
+#: reference packages' 1e-6) holds whichever entry point builds the optimizer
+TRAINER_EPS = TrainingArguments.__dataclass_fields__["adam_epsilon"].default
+
+
+def _apollo_proj(opts: dict) -> None:
+    """The Trainer's APOLLO option ``proj`` (``random`` or ``svd``) names gradspace's tracker."""
+    proj = opts.pop("proj", None)
+    if proj is None:
+        return
+    trackers = {"random": "gaussian", "svd": "svd"}
+    if proj not in trackers:
+        raise ValueError(f"optim_args proj={proj!r}: choose proj=random (APOLLO's Gaussian) or proj=svd")
+    opts.setdefault("tracker", trackers[proj])
 
 
 def _decay_names(model: nn.Module) -> set[str]:
@@ -171,7 +199,8 @@ def _attach_layerwise(opt: SubspaceOptimizer, args: Any) -> None:
     opt.layerwise = Layerwise(opt, sync=lambda: GradientState().sync_gradients)
 
 
-#: the Trainer's own names for GaLore (``TrainingArguments(optim=...)``) -> (gradspace preset, inner rule, layer-wise)
+#: the Trainer's own names for GaLore and APOLLO (``TrainingArguments(optim=...)``) -> (gradspace preset, inner
+#: rule, layer-wise)
 TRAINER_OPTIM = {
     "galore_adamw": ("galore", "adamw", False),
     "galore_adamw_8bit": ("galore", "adamw8bit", False),
@@ -179,9 +208,13 @@ TRAINER_OPTIM = {
     "galore_adamw_layerwise": ("galore", "adamw", True),
     "galore_adamw_8bit_layerwise": ("galore", "adamw8bit", True),
     "galore_adafactor_layerwise": ("galore", "adafactor", True),
+    "apollo_adamw": ("apollo", "adamw", False),
+    "apollo_adamw_layerwise": ("apollo", "adamw", True),
 }
 #: ``optim`` values that mean "the Trainer's default": GradspaceTrainer's own ``method`` decides
 DEFAULT_OPTIM = ("adamw_torch", "adamw_torch_fused")
+#: ``GradspaceTrainingArguments(optim="gradspace", optim_args="method=subtrack++,rank=128")``
+GRADSPACE_OPTIM = "gradspace"
 
 
 def resolve_trainer_optim(optim: Any, method: str | None, layerwise: bool, options: dict) -> tuple[str, bool, dict]:
@@ -193,17 +226,28 @@ def resolve_trainer_optim(optim: Any, method: str | None, layerwise: bool, optio
         if method is not None and method != preset:
             raise ValueError(f"args.optim={name!r} asks for {preset}, but method={method!r} was given: keep one")
         return preset, lw or layerwise, {"base": base, **options}
-    if name.startswith("apollo"):
-        raise ValueError(
-            f"args.optim={name!r}: APOLLO is not a gradspace preset yet; use method='galore' (or "
-            "another of " + ", ".join(m for m in METHODS if m != "adamw") + ")"
-        )
-    if name in DEFAULT_OPTIM:
-        return method or "galore", layerwise, options
+    if name in DEFAULT_OPTIM or name == GRADSPACE_OPTIM:  # None: optim_args' method=, else GaLore
+        return method, layerwise, options
     raise ValueError(
-        f"GradspaceTrainer builds a gradspace optimizer, so args.optim={name!r} cannot be honoured: leave optim at "
-        f"its default and pass method= (one of {', '.join(METHODS)}), or use one of {', '.join(TRAINER_OPTIM)}"
+        f"GradspaceTrainer builds a gradspace optimizer, so args.optim={name!r} cannot be honoured: use "
+        f"GradspaceTrainingArguments(optim='gradspace', optim_args='method=...'), leave optim at its default and "
+        f"pass method= (one of {', '.join(METHODS)}), or use one of {', '.join(TRAINER_OPTIM)}"
     )
+
+
+class GradspaceTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` that also accept ``optim="gradspace"``, with the method and its options in
+    ``optim_args`` (``"method=subtrack++,rank=128,update_proj_gap=200"``), for ``GradspaceTrainer``. The
+    Trainer's own argument class refuses names it does not know, so this subclass stands in for it; everything
+    else is unchanged (the plain ``Trainer`` cannot build this optimizer: use ``GradspaceTrainer``)."""
+
+    def __post_init__(self):
+        ours = str(self.optim) == GRADSPACE_OPTIM
+        if ours:
+            self.optim = "adamw_torch"  # what the parent validates; restored below
+        super().__post_init__()
+        if ours:
+            self.optim = GRADSPACE_OPTIM
 
 
 class GradspaceTrainer(Trainer):
@@ -212,8 +256,11 @@ class GradspaceTrainer(Trainer):
     ``GradspaceTrainer(model=..., args=..., method="galore", target_modules=..., layerwise=False,
     optim_options={"rank": 128})``: for ``model_init`` and FSDP, where ``optimizers=(opt, None)`` is refused.
     ``args.optim`` is honoured: the Trainer's GaLore names (``galore_adamw``, ``galore_adamw_8bit``,
-    ``galore_adafactor`` and their ``_layerwise`` forms) map to gradspace's ``galore`` with that rule; at its
-    default (``adamw_torch``) ``method`` decides; any other value is an error. It honours an overridden
+    ``galore_adafactor`` and their ``_layerwise`` forms) map to gradspace's ``galore`` with that rule, its APOLLO
+    names (``apollo_adamw``, ``apollo_adamw_layerwise``) to ``apollo`` (``optim_args`` ``proj=random|svd``,
+    ``scale_type``, ``scale`` as the Trainer passes them); at its default (``adamw_torch``), or ``"gradspace"``
+    (``GradspaceTrainingArguments``), ``method`` or ``optim_args``' ``method=`` decides (GaLore if neither); any
+    other value is an error. It honours an overridden
     ``get_decay_parameter_names``.
     """
 

@@ -2,6 +2,7 @@
 
 from .adarank import AdaRankTracker
 from .base import Context, Tracker
+from .gaussian import GaussianTracker
 from .online_pca import OnlinePCATracker
 from .random_walk import GrassJumpTracker, GrassWalkTracker
 from .subtrack import SubTrackTracker
@@ -14,6 +15,7 @@ TRACKERS: dict[str, Tracker] = {
         AdaRankTracker(),
         GrassWalkTracker(),
         GrassJumpTracker(),
+        GaussianTracker(),
         SubTrackTracker(),
         OnlinePCATracker(),
     )

@@ -44,8 +44,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Context, Tracker
-from .random_walk import seeded_generator
+from .base import Context, Tracker, seeded_generator
 
 
 def _opt(group: dict, key: str):

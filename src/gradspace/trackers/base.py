@@ -8,6 +8,7 @@ numbers only, so checkpoints load with ``weights_only=True``.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,3 +84,12 @@ def orthonormalize(s: torch.Tensor) -> torch.Tensor:
 def orthonormality_error(s: torch.Tensor) -> float:
     eye = torch.eye(s.shape[1], dtype=s.dtype, device=s.device)
     return float(torch.linalg.matrix_norm(s.mT @ s - eye))
+
+
+def seeded_generator(ctx: Context, draw: int, device: torch.device) -> torch.Generator:
+    """A generator for the ``draw``-th basis of parameter ``ctx.index`` (0 = the initial basis).
+
+    blake2b, not ``hash()``: Python salts string hashes per process, and ranks and resumed runs must agree.
+    """
+    digest = hashlib.blake2b(f"gradspace:{ctx.seed}:{ctx.index}:{draw}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)

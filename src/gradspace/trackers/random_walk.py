@@ -18,22 +18,12 @@ communication, and a resumed run draws what the uninterrupted one would have.
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 
-from .base import Context, Tracker, orthonormality_error, orthonormalize
+from .base import Context, Tracker, orthonormality_error, orthonormalize, seeded_generator
 from .svd import top_singular_basis
-
-
-def seeded_generator(ctx: Context, draw: int, device: torch.device) -> torch.Generator:
-    """A generator for the ``draw``-th basis of parameter ``ctx.index`` (0 = the initial basis).
-
-    blake2b, not ``hash()``: Python salts string hashes per process, and ranks and resumed runs must agree.
-    """
-    digest = hashlib.blake2b(f"gradspace:{ctx.seed}:{ctx.index}:{draw}".encode(), digest_size=8).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 def _gaussian(gn: torch.Tensor, cols: int, ctx: Context, draw: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..methods import METHODS
+from ..methods import METHODS, preset_projection
 
 PRESET_NAMES = ("tiny", "mini", "60m", "130m", "350m", "1b", "7b")
 DEFAULT_COMPARE = "adamw,galore,fira,subtrack++,osd,grassjump"
@@ -158,7 +158,7 @@ class Command:
     positive: tuple[str, ...]
     non_negative: tuple[str, ...]
     lr: Callable[[dict[str, Any]], float]
-    projection: Callable[[dict[str, Any]], tuple[int, int]]  # (rank, update gap) of a projected method
+    projection: Callable[[dict[str, Any]], tuple[int, int, float]]  # (rank, update gap, scale) of a projected method
     extra_checks: Callable[[dict[str, Any]], None] = lambda cfg: None
 
     def validate(self, cfg: dict[str, Any]) -> None:
@@ -167,11 +167,17 @@ class Command:
         self.extra_checks(cfg)
 
     def settings(self, cfg: dict[str, Any]) -> dict[str, Any]:
-        """The optimizer's lr and projection: the command's defaults, overridden by the config."""
+        """The optimizer's lr and projection: the command's defaults, in place of which a preset may fix its own
+        (APOLLO-Mini: rank 1, scale 128), overridden by the config."""
         out: dict[str, Any] = {"lr": cfg["lr"] if cfg.get("lr") is not None else self.lr(cfg)}
         if METHODS[cfg["method"]] is not None:
-            rank, gap = self.projection(cfg)
-            out.update(rank=cfg.get("rank") or rank, update_proj_gap=cfg.get("update_gap") or gap, scale=cfg["scale"])
+            rank, gap, scale = self.projection(cfg)
+            own = preset_projection(cfg["method"])
+            out.update(
+                rank=cfg.get("rank") or own.get("rank", rank),
+                update_proj_gap=cfg.get("update_gap") or gap,
+                scale=cfg["scale"] if cfg.get("scale") is not None else own.get("scale", scale),
+            )
         return out
 
 
@@ -310,7 +316,7 @@ PRETRAIN = Command(
         "preset": "tiny",
         "dataset": "shakespeare",
         "streaming": False,
-        "scale": 0.25,
+        "scale": None,  # None: 0.25 (GaLore's), or the preset's own (APOLLO 1, APOLLO-Mini 128)
         "steps": 200,
         "batch_size": 8,
         "seq_len": 64,
@@ -337,7 +343,7 @@ PRETRAIN = Command(
     positive=("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"),
     non_negative=("eval_every", "save_every", "threads"),
     lr=_pretrain_lr,
-    projection=lambda cfg: PRESET_PROJECTION[cfg["preset"]],
+    projection=lambda cfg: (*PRESET_PROJECTION[cfg["preset"]], 0.25),
     extra_checks=_validate_pretrain,
 )
 
@@ -350,7 +356,7 @@ FINETUNE = Command(
     defaults={
         "task": "rotten-tomatoes",
         "model": "minilm",
-        "scale": 2.0,
+        "scale": None,  # None: 2 (GaLore's GLUE setting), or the preset's own (APOLLO 1, APOLLO-Mini 128)
         "steps": 300,
         "batch_size": 16,
         "max_length": 128,
@@ -367,6 +373,6 @@ FINETUNE = Command(
     positive=("steps", "batch_size", "max_length", "grad_accum", "log_every"),
     non_negative=("eval_every", "eval_batches", "save_every", "threads"),
     lr=lambda cfg: 5e-5,
-    projection=lambda cfg: (8, 100),
+    projection=lambda cfg: (8, 100, 2.0),
 )
 COMMANDS = {c.name: c for c in (PRETRAIN, FINETUNE)}

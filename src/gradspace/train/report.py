@@ -31,8 +31,10 @@ COLORS = {
     "adarank": "tab:purple",
     "grasswalk": "tab:brown",
     "grassjump": "tab:pink",
+    "apollo": "#1f3b73",
+    "apollo-mini": "#7f6000",
 }
-_SPARE = ("#1f3b73", "#7f6000", "#006d5b", "#8b0000", "#4b0082")
+_SPARE = ("#006d5b", "#8b0000", "#4b0082", "#b8860b", "#2f4f4f")
 
 
 def color(method: str, results: dict[str, Any]) -> str:

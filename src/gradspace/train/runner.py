@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..methods import METHODS
+from ..methods import METHODS, preset_projection
 from . import runfolder
 from .config import EVAL_BATCH, FINETUNE, PRETRAIN, UsageError, parse_optim_args
 from .export import export_causal_lm, export_classifier
@@ -404,7 +404,8 @@ def run_pretrain(
     model = _causal_lm(cfg, data.vocab_size).to(device=device, dtype=dtype)
     model, inner = parallel.wrap(_prepare_model(cfg, model, parallel), blocks=_blocks(model))
     settings = PRETRAIN.settings(cfg)
-    if cfg.get("model") and METHODS[cfg["method"]] is not None and cfg.get("rank") is None:
+    own_rank = "rank" in preset_projection(cfg["method"])
+    if cfg.get("model") and METHODS[cfg["method"]] is not None and cfg.get("rank") is None and not own_rank:
         hidden = getattr(inner.config, "hidden_size", None) or getattr(inner.config, "n_embd", 512)
         settings["rank"] = max(1, hidden // 4)  # rank d/4, the papers' ratio
     optimizer, scheduler, _layerwise = _make_optimizer(cfg, inner, settings, None, **_distributed_option(parallel))
