@@ -8,8 +8,7 @@ from conftest import CTX, batches, make_model, projected_groups, train, with_spe
 from gradspace import SubspaceOptimizer
 from gradspace.optimizer import state_bytes
 from gradspace.trackers import Context, get_tracker
-from gradspace.trackers.base import orthonormality_error
-from gradspace.trackers.base import seeded_generator
+from gradspace.trackers.base import orthonormality_error, seeded_generator
 
 
 # ---------------------------------------------------------------------------------------------- adarank: rank

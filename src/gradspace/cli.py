@@ -54,7 +54,7 @@ SHARED = [
         ["--scale"],
         {
             **FLOAT,
-            "help": "scale of projected updates (GaLore: pretrain 0.25, finetune 2; APOLLO: sqrt(scale) x, 1; mini 128)",
+            "help": "update scale (GaLore: pretrain 0.25, finetune 2; APOLLO: x sqrt(scale), 1; mini 128)",
         },
     ),
     (["--lr"], {**FLOAT, "help": f"learning rate (default per method and preset; finetune {FINETUNE.lr({}):g})"}),

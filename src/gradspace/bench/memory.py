@@ -60,9 +60,9 @@ def projected_names(model: torch.nn.Module) -> set[str]:
 def weight_bytes(shape, elem: int, method: str, rank: int, options: dict, clock=(1, 0)) -> int:
     """State bytes of one weight after its first step, from what each component declares: the inner rule's
     ``state_bytes`` for the (projected or full) gradient shape, the tracker's (basis included) for a projected
-    m x n weight (k = the projected side, l = the other, rank r), and the output's limiter scalar (recovery, APOLLO). ``elem`` is the bytes
-    of one state element; ``clock`` = (steps since the last refresh, refreshes), which adarank's bookkeeping
-    reads. A full-rank preset, a non-2-D parameter or r >= min(m, n): the rule on the parameter's shape."""
+    m x n weight (k = the projected side, l = the other, rank r), and the output's limiter scalar (recovery,
+    APOLLO). ``elem`` is the bytes of one state element; ``clock`` = (steps since the last refresh, refreshes),
+    which adarank's bookkeeping reads. A full-rank preset, a non-2-D parameter or r >= min(m, n): the rule on the parameter's shape."""
     preset = METHODS[method]
     group = {**PROJECTION_DEFAULTS, **(preset or {}), **options}
     rule = get_rule(group.get("base", "adamw"))
