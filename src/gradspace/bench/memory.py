@@ -62,7 +62,8 @@ def weight_bytes(shape, elem: int, method: str, rank: int, options: dict, clock=
     ``state_bytes`` for the (projected or full) gradient shape, the tracker's (basis included) for a projected
     m x n weight (k = the projected side, l = the other, rank r), and the output's limiter scalar (recovery,
     APOLLO). ``elem`` is the bytes of one state element; ``clock`` = (steps since the last refresh, refreshes),
-    which adarank's bookkeeping reads. A full-rank preset, a non-2-D parameter or r >= min(m, n): the rule on the parameter's shape."""
+    which adarank's bookkeeping reads. A full-rank preset, a non-2-D parameter or r >= min(m, n): the rule on
+    the parameter's shape."""
     preset = METHODS[method]
     group = {**PROJECTION_DEFAULTS, **(preset or {}), **options}
     rule = get_rule(group.get("base", "adamw"))
