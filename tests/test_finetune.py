@@ -26,6 +26,7 @@ SUBJECTS = [
 ]
 GOOD = ["wonderful", "brilliant", "delightful", "superb", "moving", "excellent"]
 BAD = ["awful", "boring", "terrible", "dreadful", "dull", "horrible"]
+HELD_OUT = [("great", 1), ("superb", 1), ("dreadful", 0), ("dull", 0), ("moving", 1)]
 FAST = ["--batch-size", "8", "--max-length", "16", "--threads", "1", "--log-every", "1"]
 
 
@@ -364,3 +365,36 @@ def test_compare_on_a_task_reports_the_metric_per_method(tmp_path, sentiment_csv
         assert json.loads((out / m / "summary.json").read_text())["f1"] == raw[m]["f1"]
     printed = capsys.readouterr().out
     assert "val f1" in printed and "galore" in printed
+
+
+def test_a_held_out_file_or_a_folder_validates_a_task_file(tmp_path, sentiment_csv):
+    rows = sentiment_csv.read_text().splitlines()
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"text": f"the film was {w}", "label": y}) + "\n" for w, y in HELD_OUT))
+    task = load_task(str(sentiment_csv), held)
+    assert (len(task.train), len(task.validation)) == (len(rows) - 1, len(HELD_OUT))  # trains on every row
+    assert task.validation.text[0] == "the film was great" and task.labels == ["0", "1"]
+    folder = tmp_path / "task"
+    folder.mkdir()
+    (folder / "train.csv").write_text(sentiment_csv.read_text())
+    (folder / "valid.jsonl").write_text(held.read_text())
+    again = load_task(str(folder))
+    assert again.validation.text == task.validation.text and again.train.label == task.train.label
+    (folder / "test.csv").write_text("text,label\nx,1\n")
+    with pytest.raises(ValueError, match="one train.* and one valid"):
+        load_task(str(folder))
+    held.write_text(json.dumps({"text": "a", "label": 7}) + "\n")
+    with pytest.raises(ValueError, match="label.s. 7 that no training row has"):
+        load_task(str(sentiment_csv), held)
+    with pytest.raises(ValueError, match="built-in and GLUE tasks have their own"):
+        load_task("trec", held)
+
+
+def test_finetune_eval_dataset_from_the_command_line(tmp_path, sentiment_csv, capsys):
+    held = tmp_path / "held.csv"
+    held.write_text("text,label\n" + "".join(f"the film was {w},{y}\n" for w, y in HELD_OUT))
+    args = ["finetune", "--task", sentiment_csv, "--eval-dataset", held, "--steps", "2", *FAST]
+    assert run(*args, "--out", tmp_path / "run") == 0
+    said = capsys.readouterr()
+    assert f"96 train / {len(HELD_OUT)} validation examples" in said.out + said.err
+    assert run("finetune", "--task", "trec", "--eval-dataset", held, "--steps", "2", *FAST) == 2

@@ -49,6 +49,14 @@ SHARED = [
             "help": "comma-separated names, substrings or regexes to project, or all-linear",
         },
     ),
+    (
+        ["--eval-dataset"],
+        {
+            "default": S,
+            "help": "held-out data: pretrain, a .txt file or folder (default: the last 5%% of --dataset); "
+            "finetune, a CSV/TSV/JSONL file for a --task file (default: 10%% of its rows)",
+        },
+    ),
     (["--optim-args"], {"default": S, "help": "tracker and rule options: key=value,... (eta=1.0, eta_th=0.02 ...)"}),
     (
         ["--scale"],
@@ -97,7 +105,6 @@ PRETRAINING = [
         },
     ),
     (["--streaming"], {**FLAG, "help": "stream a Hugging Face dataset"}),
-    (["--eval-dataset"], {"default": S, "help": "a held-out .txt file or folder (default: the last 5%% of --dataset)"}),
     (["--seq-len"], {**INT, "help": "tokens per sequence (64)"}),
     (["--full-vocab"], {**FLAG, "help": "keep GPT-2's 50,257 tokens (default: only those in the corpus)"}),
     (["--tokenizer"], {"default": S, "help": "gpt2 (default), chars (the corpus's characters), or a local folder"}),
@@ -107,8 +114,8 @@ FINETUNING = [
         ["--task"],
         {
             "default": S,
-            "help": "rotten-tomatoes, review-ratings, trec, sms-spam, a CSV/TSV/JSONL file, or "
-            "glue/<name> (needs datasets and a network)",
+            "help": "rotten-tomatoes, review-ratings, trec, sms-spam, a CSV/TSV/JSONL file, a folder with "
+            "train.* and valid.* files, or glue/<name> (needs datasets and a network)",
         },
     ),
     (["--model"], {"default": S, "help": "minilm (default), a local folder (BERT, GPT-2 ...), or a hub name"}),

@@ -362,12 +362,14 @@ FINETUNE = Command(
         "max_length": 128,
         "eval_every": 100,
         "eval_batches": 0,
+        "eval_dataset": None,  # a held-out CSV/TSV/JSONL file for a --task file (default: 10% of its rows)
         **TRAINING_OPTIONS,
     },
     identity=(
         "task",
         "model",
         "max_length",
+        "eval_dataset",
         *TRAINING_IDENTITY,
     ),
     positive=("steps", "batch_size", "max_length", "grad_accum", "log_every"),

@@ -524,7 +524,7 @@ class FinetuneSetup:
 
         FINETUNE.validate(cfg)
         try:
-            self.task = load_task(cfg["task"])
+            self.task = load_task(cfg["task"], cfg.get("eval_dataset"))
             torch.manual_seed(cfg["seed"])  # the new classification head
             self.model, self.tokenizer = load_encoder(str(cfg["model"]), self.task.num_labels, self.task.regression)
             self.targets = projection_targets(self.model)

@@ -205,11 +205,11 @@ def _read_table(path: Path) -> list[dict]:
     return list(csv.DictReader(io.StringIO(text), delimiter=delimiter))
 
 
-def _file_task(path: Path) -> Task:
-    """A CSV, TSV or JSONL file with a text column (and optionally a second text) and a label column.
+TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".jsonl", ".json")
 
-    Integer or non-numeric labels are classes (sorted; their names as written), any fractional number makes the
-    task a regression. 10% of the rows (at least one) validate, chosen by the seeded split."""
+
+def _file_rows(path: Path) -> list[dict]:
+    """``{"text", "label" (as written), "text_pair"?}`` rows of a CSV, TSV or JSONL file, checked."""
     rows = _read_table(path)
     if not rows or not isinstance(rows[0], dict):
         raise ValueError(f"task file {path} holds no rows (expected a header or JSON objects)")
@@ -224,12 +224,23 @@ def _file_task(path: Path) -> Task:
             f"{', '.join(map(str, columns))}"
         )
     pair_col = next((c for c in PAIR_COLUMNS if c in columns), None)
-    raw = [r.get(label_col) for r in rows]
-    for i, (r, v) in enumerate(zip(rows, raw)):
-        if v is None or str(v).strip() == "" or not str(r.get(text_col) or "").strip():
+    for i, r in enumerate(rows):
+        if r.get(label_col) is None or str(r[label_col]).strip() == "" or not str(r.get(text_col) or "").strip():
             raise ValueError(f"task file {path}: row {i + 1} has an empty {text_col!r} or {label_col!r}")
-    if len(rows) < 2:
+    return [
+        {"text": str(r[text_col]), "label": r[label_col], **({"text_pair": str(r[pair_col])} if pair_col else {})}
+        for r in rows
+    ]
+
+
+def _labelled(path: Path, train_rows: list[dict], val_rows: list[dict] | None) -> Task:
+    """Integer or non-numeric labels are classes (sorted, named as written, taken from the training rows); any
+    fractional number makes the task a regression. Without ``val_rows``, 10% of the rows (at least one)
+    validate, chosen by the seeded split."""
+    if val_rows is None and len(train_rows) < 2:
         raise ValueError(f"task file {path} needs at least 2 rows (one to train, one to validate)")
+    rows = train_rows + (val_rows or [])
+    raw = [r["label"] for r in rows]
     try:
         numbers = [float(v) for v in raw]
     except (TypeError, ValueError):
@@ -239,17 +250,45 @@ def _file_task(path: Path) -> Task:
         labels: list = numbers
     else:
         keys = [int(x) for x in numbers] if numbers is not None else [str(v).strip() for v in raw]
-        classes = sorted(set(keys))
+        classes = sorted(set(keys[: len(train_rows)]))
         if len(classes) < 2:
-            raise ValueError(f"task file {path}: the {label_col!r} column has a single class {classes[0]!r}")
+            raise ValueError(f"task {path}: the training labels have a single class {classes[0]!r}")
+        unseen = sorted(set(keys) - set(classes), key=str)
+        if unseen:
+            raise ValueError(
+                f"task {path}: the validation file has label(s) {', '.join(map(str, unseen))} that no training "
+                f"row has (training classes: {', '.join(map(str, classes))})"
+            )
         names, labels = [str(c) for c in classes], [classes.index(k) for k in keys]
-    table = [
-        {"text": str(r[text_col]), "label": y, **({"text_pair": str(r[pair_col])} if pair_col else {})}
-        for r, y in zip(rows, labels)
-    ]
-    train, val = split_rows(table, max(1, round(0.1 * len(table))))
+    table = [{**r, "label": y} for r, y in zip(rows, labels)]
+    if val_rows is None:
+        train, val = split_rows(table, max(1, round(0.1 * len(table))))
+        about = f"{path.name}: {len(table)} rows"
+    else:
+        train, val = (_split_of(table[: len(train_rows)]), _split_of(table[len(train_rows) :]))
+        about = f"{path.name}: {len(train)} training / {len(val)} validation rows"
     metric = "pearson" if not names else ("f1" if len(names) == 2 else "accuracy")
-    return Task(str(path), train, val, names, metric, f"{path.name}: {len(table)} rows")
+    return Task(str(path), train, val, names, metric, about)
+
+
+def _split_of(rows: list[dict]) -> Split:
+    pair = "text_pair" in rows[0]
+    return Split(
+        [r["text"] for r in rows], [r["label"] for r in rows], [r["text_pair"] for r in rows] if pair else None
+    )
+
+
+def _folder_files(folder: Path) -> tuple[Path, Path]:
+    """A task folder's ``train.*`` and ``valid.*`` (``validation``, ``val``, ``dev``, ``test``) files."""
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in TABLE_SUFFIXES)
+    train = [f for f in files if f.stem.lower().startswith("train")]
+    val = [f for f in files if f.stem.lower().startswith(("valid", "validation", "val", "dev", "test"))]
+    if len(train) != 1 or len(val) != 1:
+        raise ValueError(
+            f"task folder {folder} needs one train.* and one valid.* (validation, val, dev or test) file as CSV, "
+            f"TSV or JSONL; it has {', '.join(f.name for f in files) or 'none'}"
+        )
+    return train[0], val[0]
 
 
 # ---------------------------------------------------------------------------------------------- GLUE (network)
@@ -324,11 +363,24 @@ def _glue_task(name: str) -> Task:
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def load_task(name: str) -> Task:
-    """A built-in task by name, a local CSV/TSV/JSONL file, or ``glue/<task>`` (needs ``datasets`` and a network).
+def load_task(name: str, eval_file: str | Path | None = None) -> Task:
+    """A built-in task by name, a local CSV/TSV/JSONL file, a folder with ``train.*`` and ``valid.*`` files, or
+    ``glue/<task>`` (needs ``datasets`` and a network). ``eval_file``: a held-out file that validates a file task
+    (which then trains on all its rows) instead of 10% of its rows.
 
     Bad names, missing files and files without the needed columns raise ``ValueError`` with a one-line message."""
     key = str(name).strip()
+    if eval_file is not None:
+        held_out = Path(eval_file).expanduser()
+        if not Path(key).expanduser().is_file():
+            raise ValueError(
+                f"an eval file validates a task file; {key!r} is not one (built-in and GLUE tasks have their own "
+                "validation split; a folder has its valid.* file)"
+            )
+        if not held_out.is_file():
+            raise ValueError(f"eval file {held_out} does not exist")
+        path = Path(key).expanduser()
+        return _labelled(path, _file_rows(path), _file_rows(held_out))
     if key.lower() in BUILTIN:
         key = key.lower()
         _, labels, n_val, metric, about = BUILTIN[key]
@@ -339,12 +391,15 @@ def load_task(name: str) -> Task:
         return _glue_task(key)
     path = Path(key).expanduser()
     if path.is_file():
-        return _file_task(path)
-    looks_like_file = path.suffix.lower() in (".csv", ".tsv", ".tab", ".jsonl", ".json") or os.sep in key
+        return _labelled(path, _file_rows(path), None)
+    if path.is_dir():
+        train, val = _folder_files(path)
+        return _labelled(path, _file_rows(train), _file_rows(val))
+    looks_like_file = path.suffix.lower() in TABLE_SUFFIXES or os.sep in key
     raise ValueError(
         (f"task file {path} does not exist" if looks_like_file else f"unknown task {key!r}")
         + f"; choose a built-in task ({', '.join(BUILTIN)}), a CSV/TSV/JSONL file with text and label columns, "
-        "or glue/<name>"
+        "a folder with train.* and valid.* such files, or glue/<name>"
     )
 
 
