@@ -381,10 +381,10 @@ def test_a_held_out_file_or_a_folder_validates_a_task_file(tmp_path, sentiment_c
     again = load_task(str(folder))
     assert again.validation.text == task.validation.text and again.train.label == task.train.label
     (folder / "test.csv").write_text("text,label\nx,1\n")
-    with pytest.raises(ValueError, match="one train.* and one valid"):
+    with pytest.raises(ValueError, match=r"one train\.\* and one valid"):
         load_task(str(folder))
     held.write_text(json.dumps({"text": "a", "label": 7}) + "\n")
-    with pytest.raises(ValueError, match="label.s. 7 that no training row has"):
+    with pytest.raises(ValueError, match=r"label\(s\) 7 that no training row has"):
         load_task(str(sentiment_csv), held)
     with pytest.raises(ValueError, match="built-in and GLUE tasks have their own"):
         load_task("trec", held)
