@@ -168,3 +168,21 @@ def test_eval_dataset_validates_on_the_held_out_file(tmp_path, capsys):
         "--eval-dataset",
         "no such file",
     )
+
+
+def test_a_presets_own_rank_and_scale_replace_the_commands_defaults(tmp_path):
+    """APOLLO-Mini trains at its rank 1 and scale 128 from the command line; GaLore keeps the command's; a --scale
+    or --rank the user gives wins."""
+    for method, extra, want in (
+        ("apollo-mini", [], (1, 128.0)),
+        ("apollo", [], (16, 1.0)),
+        ("galore", [], (16, 0.25)),
+        ("apollo-mini", ["--rank", "2", "--scale", "64"], (2, 64.0)),
+    ):
+        out = tmp_path / f"{method}{len(extra)}"
+        assert run("pretrain", *SMALL, "--method", method, *extra, "--out", out) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert (summary["rank"], summary["scale"]) == want, method
+        assert {w["rank"] for w in summary["weights"].values()} == {want[0]}
+        group = next(g for g in last_checkpoint(out)["optimizer"]["param_groups"] if "rank" in g)
+        assert (group["rank"], group["scale"]) == want

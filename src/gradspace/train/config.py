@@ -11,7 +11,7 @@ from typing import Any
 from ..methods import METHODS, preset_projection
 
 PRESET_NAMES = ("tiny", "mini", "60m", "130m", "350m", "1b", "7b")
-DEFAULT_COMPARE = "adamw,galore,fira,subtrack++,osd,grassjump"
+DEFAULT_COMPARE = "adamw,galore,fira,apollo,apollo-mini,subtrack++,osd,grassjump"
 EVAL_BATCH = 64  # validation examples per forward pass in fine-tuning
 #: pretraining vocabularies: GPT-2's BPE (compacted to the tokens the corpus uses, unless --full-vocab), or the
 #: corpus's characters
