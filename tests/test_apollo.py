@@ -209,3 +209,17 @@ def test_state_is_the_formula_and_apollo_mini_holds_two_1_x_n_moments():
             assert st["exp_avg"].shape == st["exp_avg_sq"].shape == (1, 256)
             assert st["basis"].shape == (64, 1)
         model.zero_grad()
+
+
+def test_captured_energy_of_a_gaussian_projection_is_the_share_in_its_span():
+    """``||P^T G||^2 / ||G||^2`` is about 1 whatever P captures; the diagnostic is the energy of G's projection
+    onto span(P), computed here with an orthonormal basis of that span."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(20, 50))
+    w.grad = torch.randn(20, 50)
+    opt = SubspaceOptimizer([{"params": [w], "rank": 4}], tracker="gaussian", output="scale")
+    opt.step()
+    q = torch.linalg.qr(opt.state[w]["basis"]).Q
+    expect = float((q.mT @ w.grad).square().sum() / w.grad.square().sum())
+    assert opt.diagnostics()["weights"]["param0"]["energy"] == pytest.approx(expect, rel=1e-5)
+    assert expect < 0.5  # 4 of 20 directions of a random gradient: far from the ~1 of ||P^T G||^2 / ||G||^2

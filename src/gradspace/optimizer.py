@@ -437,7 +437,9 @@ class SubspaceOptimizer(Optimizer):
             tgt = project(basis, tgn)
         tracker.observe(tgn, tgt, state, group)
         if self.collect_diagnostics and extra is None:
-            diag["energy"] = _captured_energy(basis, gn, gt, tracker.orthonormal)
+            diag["energy"] = _captured_energy(
+                basis, gn, gt, None if tracker.orthonormal else _inverse_gram(basis, diag)
+            )
         direction, factor = rule.update(gt, state, group)
         outputs.apply_update(
             view.weight,
@@ -593,15 +595,23 @@ def _empty(rank: int, cols: int, p: torch.Tensor, rule, state: dict | None = Non
     return torch.empty(rank, cols, dtype=dtype, device=p.device)
 
 
-def _captured_energy(basis, gn, gt, orthonormal: bool) -> torch.Tensor:
+def _captured_energy(basis, gn, gt, inverse_gram: torch.Tensor | None) -> torch.Tensor:
     """``||proj_S Gn||^2 / ||Gn||^2``, the share of the gradient in the span of the basis: ``||Gt||^2`` over it for
-    an orthonormal basis, ``tr(Gt^T (S^T S)^-1 Gt)`` for another (APOLLO's Gaussian P, whose ``||Gt||^2`` is
+    an orthonormal basis, ``tr((S^T S)^-1 Gt Gt^T)`` for another (APOLLO's Gaussian P, whose ``||Gt||^2`` is
     about ``||Gn||^2`` whatever it captures)."""
     norm = torch.linalg.vector_norm(gn, dtype=torch.promote_types(gn.dtype, torch.float32))
-    if orthonormal:
+    if inverse_gram is None:
         return gt.square().sum() / norm.square()
-    solved, _ = torch.linalg.solve_ex(basis.mT @ basis, gt)  # no sync; a singular Gram gives inf/NaN, not a crash
-    return (gt * solved).sum() / norm.square()
+    return (inverse_gram * (gt @ gt.mT)).sum() / norm.square()
+
+
+def _inverse_gram(basis: torch.Tensor, diag: dict) -> torch.Tensor:
+    """``(S^T S)^-1``, kept until the basis changes (a redraw, or OSD's in-place move). ``inv_ex`` does not sync:
+    a singular Gram gives inf/NaN energy, not a crash."""
+    key = (basis.data_ptr(), basis._version)
+    if diag.get("gram_key") != key:
+        diag["gram_key"], diag["inverse_gram"] = key, torch.linalg.inv_ex(basis.mT @ basis)[0]
+    return diag["inverse_gram"]
 
 
 def _num(x):
