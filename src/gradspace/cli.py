@@ -42,6 +42,14 @@ SHARED = [
     (["--update-proj-gap", "--update-gap"], {**INT, "dest": "update_gap", "help": "steps between subspace updates"}),
     (["--proj-type"], {"default": S, "choices": ("std", "reverse_std", "left", "right"), "help": "side projected"}),
     (
+        ["--svd"],
+        {
+            "default": S,
+            "choices": ("exact", "randomized"),
+            "help": "how SVD bases are computed (exact; randomized: a seeded range finder, much faster at 1B)",
+        },
+    ),
+    (
         ["--target-modules"],
         {
             "type": lambda v: [x.strip() for x in v.split(",") if x.strip()],

@@ -30,6 +30,11 @@ def main(argv=None) -> None:
     stp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     stp.add_argument("--layers", type=int, default=None, help="build the preset with this many blocks")
     stp.add_argument("--no-references", action="store_true", help="leave out torch AdamW and galore-torch")
+    rsv = sub.add_parser("svd", help="randomized vs exact SVD on real gradients: captured energy and time")
+    rsv.add_argument("--preset", default="1b")
+    rsv.add_argument("--rank", type=int, default=None, help="default: hidden/4")
+    rsv.add_argument("--layers", type=int, default=1, help="blocks of the preset to build (their shapes are real)")
+    rsv.add_argument("--steps", type=int, default=20, help="AdamW steps before the gradient is taken")
     dst = sub.add_parser("distributed", help="subspace updates sharded over 2 gloo ranks vs replicated vs 1 process")
     dst.add_argument("--tracker", default="svd")
     dst.add_argument("--steps", type=int, default=3)
@@ -88,6 +93,11 @@ def main(argv=None) -> None:
                 references=not args.no_references,
             )
         )
+
+    elif args.bench == "svd":
+        from . import svd
+
+        print(svd.run(args.preset, args.rank, args.layers, args.steps))
 
     elif args.bench == "distributed":
         from . import sharded_updates

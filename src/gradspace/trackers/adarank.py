@@ -45,6 +45,7 @@ from __future__ import annotations
 import torch
 
 from .base import Context, Tracker, seeded_generator
+from .svd import left_singular
 
 
 def _opt(group: dict, key: str):
@@ -57,14 +58,6 @@ def _gaps(group: dict) -> tuple[int, int]:
     hi = group.get("max_gap") or group.get("update_proj_gap", 200)
     lo = group.get("min_gap") or max(1, hi // 4)
     return lo, hi
-
-
-def _left_singular(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Ub`` and ``Sb^2`` of the small r x l matrix ``B``, descending, from the float64 eigendecomposition of
-    ``B B^T``: the same decomposition as ``svd(B)``, about 10x cheaper (r x r instead of r x l, no ``Vb``)."""
-    b = b.double()
-    evals, vecs = torch.linalg.eigh(b @ b.mT)
-    return vecs.flip(-1).float(), evals.flip(-1).clamp_min(0.0)
 
 
 CRITERIA = ("squared", "unsquared")
@@ -187,7 +180,7 @@ class AdaRankTracker(Tracker):
         if _opt(group, "basis") == "prefix":
             captured = b.double().square().sum(1)  # row energies: exact for prefixes of an orthonormal Q
         else:
-            ub, captured = _left_singular(b)
+            ub, captured = left_singular(b)
         total = torch.linalg.vector_norm(g).double().square().clamp_min(torch.finfo(torch.float32).tiny)
         err = (1.0 - captured.cumsum(0) / total).float().clamp_min(0.0)  # squared error of each prefix 1..r_max
         meets = err if _opt(group, "criterion") == "squared" else err.sqrt()

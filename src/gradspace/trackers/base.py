@@ -86,10 +86,12 @@ def orthonormality_error(s: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(s.mT @ s - eye))
 
 
-def seeded_generator(ctx: Context, draw: int, device: torch.device) -> torch.Generator:
-    """A generator for the ``draw``-th basis of parameter ``ctx.index`` (0 = the initial basis).
+def seeded_generator(ctx: Context, draw: int, device: torch.device, purpose: str = "") -> torch.Generator:
+    """A generator for the ``draw``-th basis of parameter ``ctx.index`` (0 = the initial basis); ``purpose``
+    separates independent streams of one draw (the randomized SVD's sketch from a random tracker's move).
 
     blake2b, not ``hash()``: Python salts string hashes per process, and ranks and resumed runs must agree.
     """
-    digest = hashlib.blake2b(f"gradspace:{ctx.seed}:{ctx.index}:{draw}".encode(), digest_size=8).digest()
+    key = f"gradspace:{ctx.seed}:{ctx.index}:{draw}" + (f":{purpose}" if purpose else "")
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import Context, Tracker
-from .svd import top_singular_basis
+from .svd import SVD_DEFAULTS, svd_basis, validate_svd
 
 P_OPTIMIZERS = ("adam", "sgd")
 P_LR_MODES = ("alpha", "code")
@@ -67,6 +67,7 @@ class OnlinePCATracker(Tracker):
         "p_lr_mode": "alpha",
         "p_lr": None,
         "p_weight_decay": None,  # None: W's weight_decay (the paper ties them)
+        **SVD_DEFAULTS,  # the first P
     }
 
     def _get(self, group: dict, key: str):
@@ -89,12 +90,13 @@ class OnlinePCATracker(Tracker):
             number("p_weight_decay", lambda x: 0.0 <= x < math.inf, "None (W's weight_decay) or a finite number >= 0")
         if self._get(group, "p_lr") is not None:
             number("p_lr", lambda x: 0.0 < x < math.inf, "None or a positive finite number")
+        validate_svd(group)
         for key, choices in (("p_optimizer", P_OPTIMIZERS), ("p_lr_mode", P_LR_MODES)):
             if self._get(group, key) not in choices:
                 raise ValueError(f"{key} must be one of {', '.join(choices)}, got {self._get(group, key)!r}")
 
     def init(self, gn, rank, state, group, ctx: Context):
-        p = top_singular_basis(gn, rank, ctx.right)
+        p = svd_basis(gn, rank, group, ctx)
         if self._get(group, "p_optimizer") == "adam":
             state["trk_p_m"] = torch.zeros_like(p)
             state["trk_p_v"] = torch.zeros_like(p)

@@ -23,7 +23,7 @@ import math
 import torch
 
 from .base import Context, Tracker, orthonormality_error, orthonormalize, seeded_generator
-from .svd import top_singular_basis
+from .svd import SVD_DEFAULTS, svd_basis, validate_svd
 
 
 def _gaussian(gn: torch.Tensor, cols: int, ctx: Context, draw: int) -> torch.Tensor:
@@ -34,9 +34,13 @@ def _gaussian(gn: torch.Tensor, cols: int, ctx: Context, draw: int) -> torch.Ten
 class GrassJumpTracker(Tracker):
     name = "grassjump"
     needs_every_gradient = False  # random moves: the gradient is read only by the initial SVD
+    defaults = SVD_DEFAULTS
+
+    def validate(self, group: dict) -> None:
+        validate_svd(group)
 
     def init(self, gn, rank, state, group, ctx: Context):
-        return top_singular_basis(gn, rank, ctx.right)
+        return svd_basis(gn, rank, group, ctx)
 
     def update(self, gn, state, group, ctx: Context):
         s = state["basis"]
@@ -49,13 +53,14 @@ class GrassJumpTracker(Tracker):
 class GrassWalkTracker(GrassJumpTracker):
     name = "grasswalk"
     #: geodesic distance moved per update (radians); same name as SubTrack's normalised step angle
-    defaults = {"eta": 1.0}
+    defaults = {"eta": 1.0, **SVD_DEFAULTS}
 
     def _eta(self, group: dict) -> float:
         eta = group.get("eta")
         return float(self.defaults["eta"] if eta is None else eta)
 
     def validate(self, group: dict) -> None:
+        super().validate(group)
         eta = self._eta(group)
         if not 0.0 < eta <= math.pi / 2:
             raise ValueError(f"eta must be in (0, pi/2] for tracker 'grasswalk', got {eta}")

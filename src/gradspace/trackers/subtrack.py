@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import Context, Tracker, orthonormality_error, orthonormalize
-from .svd import top_singular_basis
+from .svd import SVD_DEFAULTS, svd_basis, validate_svd
 
 #: re-orthonormalise the basis (QR) when ||S^T S - I||_F exceeds this
 ORTH_TOL = 1e-4
@@ -94,7 +94,7 @@ class SubTrackTracker(Tracker):
     """
 
     name = "subtrack"
-    defaults: ClassVar[dict[str, Any]] = {"eta": 2.0, "accumulate": True, "normalize": True}
+    defaults: ClassVar[dict[str, Any]] = {"eta": 2.0, "accumulate": True, "normalize": True, **SVD_DEFAULTS}
 
     def _get(self, group: dict, key: str):
         return group.get(key, self.defaults[key])
@@ -107,6 +107,7 @@ class SubTrackTracker(Tracker):
         eta = self._get(group, "eta")
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 < eta < math.inf:
             raise ValueError(f"eta must be a positive finite number, got {eta!r}")
+        validate_svd(group)
         for key in ("accumulate", "normalize"):
             if type(self._get(group, key)) is not bool:
                 raise ValueError(f"{key} must be True or False, got {self._get(group, key)!r}")
@@ -117,7 +118,7 @@ class SubTrackTracker(Tracker):
             # memory layout (zeros_like keeps gn's strides) so that adding each gradient is a contiguous pass
             state["trk_acc"] = torch.zeros_like(gn, dtype=torch.float32)
             state["trk_count"] = 0
-        return top_singular_basis(gn, rank, ctx.right)
+        return svd_basis(gn, rank, group, ctx)
 
     def observe(self, gn, gt, state, group) -> None:
         # An update step's gradient was already used by update(): the window is G_{T_{n-1}+1} .. G_{T_n}.

@@ -1,4 +1,14 @@
-"""GaLore's tracker: the top-r singular vectors of the current gradient, every ``update_proj_gap`` steps."""
+"""GaLore's tracker: the top-r singular vectors of the current gradient, every ``update_proj_gap`` steps; and the
+SVD every tracker's first basis comes from, exact or randomized (``svd="exact"|"randomized"``).
+
+The randomized SVD is the range finder of Halko, Martinsson & Tropp (2011, Algorithm 4.4): ``Y = G Omega`` with a
+Gaussian ``Omega`` (l x (r + p), ``p = svd_oversample``), ``Q = qr(Y).Q``, then ``svd_power_iters`` subspace
+iterations ``Q = qr(G G^T Q).Q``, and the top-r left singular vectors of the small ``Q^T G`` mapped back by ``Q``.
+Its cost is ``(2 + 2 q)`` products of G with a thin matrix instead of a full SVD; the defaults (p, q) were chosen
+by ``python -m gradspace.bench svd`` on real LLaMA-1B gradients (docs/benchmarks.md). ``Omega`` comes from a
+generator seeded by (seed, parameter index, basis number), never the global RNG (``torch.svd_lowrank`` draws from
+the global one): data-parallel ranks and resumed runs compute the same basis.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +16,7 @@ import logging
 
 import torch
 
-from .base import Context, Tracker
+from .base import Context, Tracker, seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +41,61 @@ def top_singular_basis(gn: torch.Tensor, rank: int, right: bool) -> torch.Tensor
         return gram_eigen_basis(g, rank)
 
 
+SVD_METHODS = ("exact", "randomized")
+#: the options of every tracker whose bases come from an SVD
+SVD_DEFAULTS = {"svd": "exact", "svd_oversample": 16, "svd_power_iters": 1}
+
+
+def validate_svd(group: dict) -> None:
+    method = group.get("svd", "exact")
+    if method not in SVD_METHODS:
+        raise ValueError(f"svd must be 'exact' or 'randomized', got {method!r}")
+    for key in ("svd_oversample", "svd_power_iters"):
+        value = group.get(key, SVD_DEFAULTS[key])
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
+
+
+def svd_basis(gn: torch.Tensor, rank: int, group: dict, ctx: Context, draw: int = 0) -> torch.Tensor:
+    """The top-``rank`` left singular vectors of ``gn``, by the group's ``svd`` method; ``draw`` numbers the
+    bases of one weight (0 = the first), which seeds the randomized sketch."""
+    if group.get("svd", "exact") == "randomized":
+        return randomized_basis(
+            gn,
+            rank,
+            ctx,
+            draw,
+            int(group.get("svd_oversample", SVD_DEFAULTS["svd_oversample"])),
+            int(group.get("svd_power_iters", SVD_DEFAULTS["svd_power_iters"])),
+        )
+    return top_singular_basis(gn, rank, ctx.right)
+
+
+def randomized_basis(
+    gn: torch.Tensor, rank: int, ctx: Context, draw: int, oversample: int, power_iters: int
+) -> torch.Tensor:
+    """The randomized SVD's top-``rank`` left singular vectors (k x rank, float32): see the module docstring."""
+    g = gn.detach().float()
+    k, l = g.shape
+    cols = min(rank + oversample, k, l)
+    if g.is_meta:  # shapes only (bench memory)
+        return g.new_empty((k, rank))
+    gen = seeded_generator(ctx, draw, g.device, purpose="sketch")
+    q = torch.linalg.qr(g @ torch.randn(l, cols, generator=gen, device=g.device)).Q
+    for _ in range(power_iters):
+        q = torch.linalg.qr(g @ (g.mT @ q)).Q
+    ub, _ = left_singular(q.mT @ g)
+    return (q @ ub[:, :rank]).contiguous()
+
+
+def left_singular(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Ub`` and ``Sb^2`` of a small r x l matrix ``B``, descending, from the float64 eigendecomposition of
+    ``B B^T``: the same decomposition as ``svd(B)``, about 10x cheaper (r x r instead of r x l, no ``Vb``)."""
+    b = b.double()
+    evals, vecs = torch.linalg.eigh(b @ b.mT)
+    return vecs.flip(-1).float(), evals.flip(-1).clamp_min(0.0)
+
+
 def gram_eigen_basis(g: torch.Tensor, rank: int) -> torch.Tensor:
     """Top eigenvectors of ``g g^T`` in float64: the left singular vectors without an SVD."""
     gram = g.double() @ g.double().mT
@@ -41,9 +106,13 @@ def gram_eigen_basis(g: torch.Tensor, rank: int) -> torch.Tensor:
 class SVDTracker(Tracker):
     name = "svd"
     needs_every_gradient = False
+    defaults = SVD_DEFAULTS
+
+    def validate(self, group: dict) -> None:
+        validate_svd(group)
 
     def init(self, gn, rank, state, group, ctx: Context):
-        return top_singular_basis(gn, rank, ctx.right)
+        return svd_basis(gn, rank, group, ctx)
 
     def update(self, gn, state, group, ctx: Context):
-        return top_singular_basis(gn, state["basis"].shape[1], ctx.right)
+        return svd_basis(gn, state["basis"].shape[1], group, ctx, state["updates"] + 1)

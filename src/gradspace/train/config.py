@@ -201,6 +201,7 @@ TRAINING_OPTIONS: dict[str, Any] = {
     "scheduler": "cosine_with_min_lr",  # a transformers.get_scheduler name
     "target_modules": None,  # None: the command's (pretrain: attention and MLP linears; finetune: the encoder's)
     "proj_type": "std",
+    "svd": None,  # None: the tracker's ("exact"); "randomized" for the first bases and GaLore's updates
     "optim_args": None,  # tracker and rule options, {"eta": 1.0} or "eta=1.0,alpha=5"
     "layerwise": False,
     "grad_checkpointing": False,
@@ -225,6 +226,7 @@ TRAINING_IDENTITY = (
     "scheduler",
     "target_modules",
     "proj_type",
+    "svd",
     "optim_args",
     "layerwise",
 )
@@ -289,6 +291,8 @@ def _check_training_options(cfg: dict[str, Any]) -> None:
         raise UsageError(f"warmup ({cfg['warmup']} steps) must be shorter than the run ({cfg['steps']} steps)")
     if cfg["scheduler"] not in SCHEDULERS:
         raise UsageError(f"unknown scheduler {cfg['scheduler']!r}; choose one of {', '.join(SCHEDULERS)}")
+    if cfg.get("svd") not in (None, "exact", "randomized"):
+        raise UsageError(f"unknown svd {cfg['svd']!r}; choose exact or randomized")
     if cfg["proj_type"] not in ("std", "reverse_std", "left", "right"):
         raise UsageError(f"unknown proj-type {cfg['proj_type']!r}; choose std, reverse_std, left or right")
     targets = cfg.get("target_modules")

@@ -326,6 +326,7 @@ def _make_optimizer(cfg: dict[str, Any], model, settings: dict[str, Any], defaul
         if METHODS[cfg["method"]] is None
         else {
             "proj_type": cfg["proj_type"],
+            **({"svd": cfg["svd"]} if cfg.get("svd") else {}),
             "target_modules": cfg.get("target_modules") or default_targets or DEFAULT_TARGETS,
         }
     )
