@@ -47,7 +47,10 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
     "transposed": False,  # weights stored (in, out), as transformers' Conv1D: projected as their transpose
     **RECOVERY_DEFAULTS,
     **outputs.OUTPUT_DEFAULTS,
+    "update_stagger": False,  # each weight refreshes at its own phase of the period (docs/methods.md)
 }
+#: projected-group keys that may also be given as optimizer options, whatever the tracker and rule
+GROUP_OPTIONS = {*RECOVERY_DEFAULTS, *outputs.OUTPUT_DEFAULTS, "update_stagger"}
 
 
 def _known(kind: str) -> dict[str, set[str]]:
@@ -58,7 +61,7 @@ def _known(kind: str) -> dict[str, set[str]]:
 def _check_applicable(options: dict[str, Any], base: str, tracker: str) -> None:
     """Reject an option that belongs to another rule or tracker than the ones chosen (e.g. ``eta`` with GaLore)."""
     own = set(get_rule(base).defaults) | set(get_tracker(tracker).defaults) | {"state_dtype"}
-    own |= set(RECOVERY_DEFAULTS) | set(outputs.OUTPUT_DEFAULTS)
+    own |= GROUP_OPTIONS
     for key in sorted(set(options) - own):
         owners = [f"rule {n}" for n, keys in _known("rule").items() if key in keys]
         owners += [f"tracker {n}" for n, keys in _known("tracker").items() if key in keys]
@@ -109,7 +112,7 @@ class SubspaceOptimizer(Optimizer):
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_MODES)}, got {nonfinite!r}")
         rule_keys = set().union(*_known("rule").values()) | {"state_dtype"}
-        tracker_keys = set().union(*_known("tracker").values()) | set(RECOVERY_DEFAULTS) | set(outputs.OUTPUT_DEFAULTS)
+        tracker_keys = set().union(*_known("tracker").values()) | GROUP_OPTIONS
         unknown = set(options) - rule_keys - tracker_keys
         if unknown:
             raise ValueError(
@@ -221,6 +224,13 @@ class SubspaceOptimizer(Optimizer):
         moment_policies.validate_policy(group["moments"])
         if type(group["recovery"]) is not bool:
             raise ValueError(f"recovery must be True or False, got {group['recovery']!r}")
+        if type(group["update_stagger"]) is not bool:
+            raise ValueError(f"update_stagger must be True or False, got {group['update_stagger']!r}")
+        if group["update_stagger"] and not tracker.periodic:
+            raise ValueError(
+                f"update_stagger shifts the phase of a refresh every update_proj_gap steps; tracker "
+                f"{group['tracker']!r} has its own schedule (adarank: adaptive; online_pca: every step)"
+            )
         recovery.validate(group)
         outputs.validate(group)
         if not tracker.orthonormal and group["moments"] in ("rotate", "project"):
@@ -391,6 +401,8 @@ class SubspaceOptimizer(Optimizer):
         if "basis" not in state:
             state["step"] = 0
             state["updates"] = 0
+            if group["update_stagger"]:  # kept in the state: a resumed run keeps every weight's phase
+                state["phase"] = ctx.index % group["update_proj_gap"]
             t0 = time.perf_counter()
             state["basis"] = tracker.init(full(), rank, state, group, ctx)
             if self.distributed == "shard_updates":  # computed everywhere once; the owner's bits for all

@@ -136,6 +136,8 @@ class AdaRankTracker(Tracker):
         state["trk_diag_gap"] = torch.tensor(float(state["step"] - state["trk_last"]), device=state["basis"].device)
         state["trk_last"] = state["step"]
 
+    periodic = False  # its own refresh rule
+
     def due(self, gn, state, group) -> bool:
         lo, hi = _gaps(group)
         since = state["step"] - state["trk_last"]

@@ -38,6 +38,8 @@ class Tracker:
     update_diagnostics: tuple[str, ...] = ()
     #: the basis has S^T S = I to float32 accuracy (recovery scaling then needs no Gram matrix)
     orthonormal: bool = True
+    #: refreshes every ``update_proj_gap`` steps through ``due`` below (so ``update_stagger`` can shift its phase)
+    periodic: bool = True
 
     def validate(self, group: dict) -> None:
         """Raise ValueError naming the bad hyperparameter."""
@@ -53,8 +55,9 @@ class Tracker:
         raise NotImplementedError
 
     def due(self, gn: torch.Tensor, state: dict, group: dict) -> bool:
-        """Whether the basis moves before this step's projection (``state["step"]`` is the step about to run)."""
-        return state["step"] % group["update_proj_gap"] == 0
+        """Whether the basis moves before this step's projection (``state["step"]`` is the step about to run):
+        every ``update_proj_gap`` steps, shifted by the weight's ``phase`` under ``update_stagger``."""
+        return (state["step"] - state.get("phase", 0)) % group["update_proj_gap"] == 0
 
     def update(self, gn: torch.Tensor, state: dict, group: dict, ctx: Context) -> torch.Tensor:
         """The new basis (row-major); may differ in rank from the old one."""

@@ -59,6 +59,7 @@ class OnlinePCATracker(Tracker):
 
     name = "online_pca"
     moves_every_step = True
+    periodic = False
     orthonormal = False  # plain gradient steps on P: only nearly orthonormal
     defaults: ClassVar[dict[str, Any]] = {
         "alpha": 5.0,
