@@ -1,6 +1,8 @@
 """update_stagger=True: each weight refreshes every T steps at its own phase, so one period's subspace updates are
 spread over its steps instead of all landing on one; a resumed run keeps the phases."""
 
+from itertools import pairwise
+
 import pytest
 import torch
 from torch import nn
@@ -41,7 +43,7 @@ def test_each_weight_refreshes_every_period_at_its_own_phase():
     seen = refresh_steps(model, opt, 20, torch.Generator().manual_seed(1))
     phases = set()
     for times in seen.values():
-        assert len(times) >= 4 and all(b - a == gap for a, b in zip(times, times[1:]))  # every T steps
+        assert len(times) >= 4 and all(b - a == gap for a, b in pairwise(times))  # every T steps
         phases.add(times[0] % gap)
     assert phases == set(range(gap))  # spread over the whole period
     per_step = [sum(t in times for times in seen.values()) for t in range(1, 20)]
