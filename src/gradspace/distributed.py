@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import basis_storage
 from .projection import oriented
 from .rules import RULES, get_rule
 from .trackers import get_tracker
@@ -199,7 +200,8 @@ def shard_updates(opt, work: list, group=None) -> dict[torch.Tensor, torch.Tenso
     for (g, p, right, tracker), owner, grad in zip(due, who, full):
         if owner == me:
             t0 = time.perf_counter()
-            new[p] = tracker.update(oriented(grad, right), opt.state[p], g, opt._context(p, right, g))
+            with basis_storage.unpacked(opt.state[p], g):
+                new[p] = tracker.update(oriented(grad, right), opt.state[p], g, opt._context(p, right, g))
             new[p] = new[p].float().contiguous()
             diag = opt._diag.setdefault(p, {"update_seconds": 0.0, "angle": None})
             diag["update_seconds"] += time.perf_counter() - t0  # this rank's share of the update time

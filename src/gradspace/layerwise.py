@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import basis_storage
 from .optimizer import SubspaceOptimizer
 from .projection import oriented, project
 from .trackers import get_tracker
@@ -84,7 +85,7 @@ class Layerwise:
         layout = self._projectable(p)
         if layout is None:
             return
-        gt = project(self.optimizer.state[p]["basis"], oriented(p.grad, layout))
+        gt = project(basis_storage.load(self.optimizer.state[p]), oriented(p.grad, layout))
         self._projected[p] = gt if acc is None else acc.add_(gt)
         p.grad = None
 

@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 
 from . import distributed as dist_support
 from . import moments as moment_policies
-from . import recovery, validation
+from . import basis_storage, recovery, validation
 from . import update as outputs
 from .projection import PROJ_TYPES, basis_on_right, largest_principal_angle, oriented, project
 from .recovery import RECOVERY_DEFAULTS
@@ -48,9 +48,10 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
     **RECOVERY_DEFAULTS,
     **outputs.OUTPUT_DEFAULTS,
     "update_stagger": False,  # each weight refreshes at its own phase of the period (docs/methods.md)
+    "basis_dtype": "float32",  # how the basis is stored between steps (gradspace.basis_storage)
 }
 #: projected-group keys that may also be given as optimizer options, whatever the tracker and rule
-GROUP_OPTIONS = {*RECOVERY_DEFAULTS, *outputs.OUTPUT_DEFAULTS, "update_stagger"}
+GROUP_OPTIONS = {*RECOVERY_DEFAULTS, *outputs.OUTPUT_DEFAULTS, "update_stagger", "basis_dtype"}
 
 
 def _known(kind: str) -> dict[str, set[str]]:
@@ -226,6 +227,7 @@ class SubspaceOptimizer(Optimizer):
             raise ValueError(f"recovery must be True or False, got {group['recovery']!r}")
         if type(group["update_stagger"]) is not bool:
             raise ValueError(f"update_stagger must be True or False, got {group['update_stagger']!r}")
+        basis_storage.validate(group, trains_basis=tracker.moves_every_step)
         if group["update_stagger"] and not tracker.periodic:
             raise ValueError(
                 f"update_stagger shifts the phase of a refresh every update_proj_gap steps; tracker "
@@ -427,6 +429,10 @@ class SubspaceOptimizer(Optimizer):
                 diag["angle"] = largest_principal_angle(old, new)
 
     def _step_projected(self, group, p, state, rule, right: bool, rank: int, extra=None) -> None:
+        with basis_storage.unpacked(state, group):  # float32 for this step, whatever basis_dtype stores
+            self._step_unpacked(group, p, state, rule, right, rank, extra)
+
+    def _step_unpacked(self, group, p, state, rule, right: bool, rank: int, extra=None) -> None:
         tracker = get_tracker(group["tracker"])
         ctx = self._context(p, right, group)
         # gn is what is projected: the gradient, or under FSDP2 this rank's rows or the gathered full gradient;

@@ -41,6 +41,7 @@ STRUCTURAL_KEYS = (
     "tracker",
     "moments",
     "recovery",
+    "basis_dtype",
     "p_lr_mode",
     "p_optimizer",
     "accumulate",

@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     rsv.add_argument("--preset", default="1b")
     rsv.add_argument("--rank", type=int, default=None, help="default: hidden/4")
     rsv.add_argument("--layers", type=int, default=1, help="blocks of the preset to build (their shapes are real)")
-    rsv.add_argument("--steps", type=int, default=20, help="AdamW steps before the gradient is taken")
+    rsv.add_argument("--steps", type=int, default=5, help="AdamW steps before the gradient is taken")
     dst = sub.add_parser("distributed", help="subspace updates sharded over 2 gloo ranks vs replicated vs 1 process")
     dst.add_argument("--tracker", default="svd")
     dst.add_argument("--steps", type=int, default=3)

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Context, Tracker, seeded_generator
+from .base import Context, Tracker, basis_bytes, seeded_generator
 from .svd import left_singular
 
 
@@ -120,7 +120,12 @@ class AdaRankTracker(Tracker):
         """The basis, two scalars (error, reference norm), two more once ``min_gap`` steps have passed since a
         refresh (norm, energy) and one after the first refresh (gap)."""
         since, refreshes = clock
-        return 4 * k * rank + 8 + (8 if since >= _gaps(group)[0] or refreshes else 0) + (4 if refreshes else 0)
+        return (
+            basis_bytes(k, rank, group)
+            + 8
+            + (8 if since >= _gaps(group)[0] or refreshes else 0)
+            + (4 if refreshes else 0)
+        )
 
     def init(self, gn, rank, state, group, ctx: Context):
         state["trk_last"] = state["step"]

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..basis_storage import basis_bytes
+
 
 @dataclass(frozen=True)
 class Context:
@@ -48,7 +50,7 @@ class Tracker:
         """Bytes of this tracker's state for a k x l oriented gradient at ``rank``, the float32 k x rank basis
         included, after the first step: the memory formula, which ``gradspace.bench memory`` checks against the
         state it counts. ``clock`` = (steps since the last refresh, refreshes), for bookkeeping that depends on it."""
-        return 4 * k * rank
+        return basis_bytes(k, rank, group)
 
     def init(self, gn: torch.Tensor, rank: int, state: dict, group: dict, ctx: Context) -> torch.Tensor:
         """The first basis (k x rank, float32), from the first gradient."""

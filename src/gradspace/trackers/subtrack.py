@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import Context, Tracker, orthonormality_error, orthonormalize
+from .base import Context, Tracker, basis_bytes, orthonormality_error, orthonormalize
 from .svd import SVD_DEFAULTS, svd_basis, validate_svd
 
 #: re-orthonormalise the basis (QR) when ||S^T S - I||_F exceeds this
@@ -101,7 +101,7 @@ class SubTrackTracker(Tracker):
 
     def state_bytes(self, k, l, rank, group, clock=(1, 0)) -> int:
         """The basis, and the float32 k x l gradient sum with ``accumulate``."""
-        return 4 * k * rank + (4 * k * l if self._get(group, "accumulate") else 0)
+        return basis_bytes(k, rank, group) + (4 * k * l if self._get(group, "accumulate") else 0)
 
     def validate(self, group: dict) -> None:
         eta = self._get(group, "eta")
