@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from . import basis_storage, recovery, validation
 from . import distributed as dist_support
 from . import moments as moment_policies
-from . import basis_storage, recovery, validation
 from . import update as outputs
 from .projection import PROJ_TYPES, basis_on_right, largest_principal_angle, oriented, project
 from .recovery import RECOVERY_DEFAULTS
