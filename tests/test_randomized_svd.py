@@ -24,7 +24,7 @@ def test_captures_the_exact_svds_energy_orthonormal_and_seeded():
     exact = top_singular_basis(g, 24, right=False)
     state = torch.get_rng_state()
     ctx = Context(3, False, 7)
-    b = randomized_basis(g, 24, ctx, 0, SVD_DEFAULTS["svd_oversample"], SVD_DEFAULTS["svd_power_iters"])
+    b = randomized_basis(g, 24, ctx, 0, SVD_DEFAULTS["svd_oversample"], 1)
     assert torch.equal(torch.get_rng_state(), state)  # no global RNG
     assert orthonormality_error(b) < 1e-5
     assert energy(b, g) >= 0.998 * energy(exact, g)
@@ -79,3 +79,11 @@ def test_the_cli_flag_reaches_the_optimizer(tmp_path):
     assert run("pretrain", *SMALL, "--method", "apollo", "--svd", "randomized", "--out", tmp_path / "b") == 2
     opt = create_optimizer("fira", make_model(), target_modules=["up"], rank=4, svd="randomized")
     assert next(g for g in opt.param_groups if "rank" in g)["svd"] == "randomized"
+
+
+def test_power_iterations_default_to_one_for_a_thin_sketch_and_none_for_a_wide_one():
+    from gradspace.trackers.svd import power_iterations
+
+    assert power_iterations({}, 2048, 128) == 1  # 144 columns of 2048
+    assert power_iterations({}, 2048, 512) == 0  # 528 columns: more than a quarter
+    assert power_iterations({"svd_power_iters": 3}, 2048, 512) == 3
