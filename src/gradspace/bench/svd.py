@@ -19,7 +19,7 @@ from ..train.models import PRESETS, build_llama
 from ..train.report import markdown_table
 from .memory import projected_names
 
-GRID = ((0, 0), (8, 0), (8, 1), (16, 1), (32, 1), (16, 2))
+GRID = ((0, 0), (8, 0), (16, 0), (8, 1), (16, 1), (32, 1), (16, 2))
 
 
 def real_gradients(preset: str, layers: int, steps: int, batch: int, seq_len: int, seed: int = 0):
