@@ -117,3 +117,19 @@ def test_cli_smoke(tmp_path, capsys):
             r["steady_peak"] >= r["after"] >= r["state"]
         )  # the state is live after the steps, and was not at the baseline
         assert r["all_grads"] > r["projected_grads"] > 0
+
+
+def test_budget_counts_bfloat16_weights_and_the_basis_in_its_storage_dtype():
+    from gradspace.bench import budget
+    from gradspace.bench.memory import formula_bytes
+    from gradspace.train.models import build_llama
+
+    model = build_llama("tiny", vocab_size=500, device="meta").to(torch.bfloat16)
+    sizes = {}
+    for kind in ("float32", "bfloat16", "int8"):
+        weights, state = budget.state_bytes("tiny", 8, kind, vocab=500)
+        assert weights == sum(p.numel() * 2 for p in model.parameters())
+        assert state == formula_bytes(model, "galore", 8, {"base": "adamw8bit", "basis_dtype": kind})
+        sizes[kind] = state
+    assert sizes["float32"] > sizes["bfloat16"] > sizes["int8"]
+    assert "estimate" in budget.run("tiny", 8, transient_1b=2**30, vocab=500)

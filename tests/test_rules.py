@@ -423,3 +423,27 @@ def test_fused_full_rank_adamw_equals_the_per_weight_loop(correct_bias):
     for p, q, a, b in zip(fused, loop, *states):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-7)
         assert torch.allclose(a["exp_avg_sq"], b["exp_avg_sq"]) and a["exp_step"] == b["exp_step"]
+
+
+def test_adam8bit_steps_a_big_tensor_in_chunks_bit_for_bit(monkeypatch):
+    """A full-rank tensor above CHUNK elements is stepped chunk by chunk (bounded temporaries) with exactly the
+    one-piece result: blocks of 256 never straddle a chunk."""
+    from gradspace import SubspaceOptimizer
+    from gradspace.rules import adam8bit
+
+    torch.manual_seed(0)
+    start = torch.randn(40, 333)  # 13,320 elements: not a multiple of 256, so the last block is partial
+    grads = [torch.randn(40, 333) for _ in range(3)]
+    out = []
+    for chunk in (1 << 22, 1024):
+        monkeypatch.setattr(adam8bit, "CHUNK", chunk)
+        w = torch.nn.Parameter(start.clone())
+        opt = SubspaceOptimizer([w], lr=1e-2, base="adamw8bit", weight_decay=0.1)
+        for g in grads:
+            w.grad = g.clone()
+            opt.step()
+        out.append((w.detach().clone(), {k: v.clone() for k, v in opt.state[w].items() if torch.is_tensor(v)}))
+    assert torch.equal(out[0][0], out[1][0])
+    for key in out[0][1]:
+        assert torch.equal(out[0][1][key], out[1][1][key]), key
+    assert not torch.equal(out[0][0], start)

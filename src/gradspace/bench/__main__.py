@@ -35,6 +35,10 @@ def main(argv=None) -> None:
     rsv.add_argument("--rank", type=int, default=None, help="default: hidden/4")
     rsv.add_argument("--layers", type=int, default=1, help="blocks of the preset to build (their shapes are real)")
     rsv.add_argument("--steps", type=int, default=5, help="AdamW steps before the gradient is taken")
+    bud = sub.add_parser("budget", help="memory budget of a model too large to run: counted weights and state")
+    bud.add_argument("--preset", default="7b")
+    bud.add_argument("--rank", type=int, default=1024)
+    bud.add_argument("--transient-1b-gib", type=float, default=None, help="measured 1B activations + transients")
     dst = sub.add_parser("distributed", help="subspace updates sharded over 2 gloo ranks vs replicated vs 1 process")
     dst.add_argument("--tracker", default="svd")
     dst.add_argument("--steps", type=int, default=3)
@@ -98,6 +102,12 @@ def main(argv=None) -> None:
         from . import svd
 
         print(svd.run(args.preset, args.rank, args.layers, args.steps))
+
+    elif args.bench == "budget":
+        from . import budget
+
+        extra = None if args.transient_1b_gib is None else args.transient_1b_gib * 2**30
+        print(budget.run(args.preset, args.rank, extra))
 
     elif args.bench == "distributed":
         from . import sharded_updates

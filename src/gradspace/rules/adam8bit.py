@@ -19,6 +19,9 @@ import torch
 from .base import InnerRule, check_betas, check_nonneg
 
 BLOCK = 256
+#: a full-rank tensor larger than this many elements (a multiple of BLOCK) is stepped chunk by chunk, so that its
+#: float32 temporaries stay at ~16 MB each instead of several times its size (LLaMA-1B's embedding: ~2 GB)
+CHUNK = 1 << 22
 
 
 def dynamic_map(signed: bool) -> torch.Tensor:
@@ -95,6 +98,35 @@ class AdamW8bit(InnerRule):
         if group["correct_bias"]:
             factor = math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
         return direction, factor
+
+    def step_full_rank(self, params: list[torch.Tensor], states: list[dict], group: dict) -> None:
+        """As the base loop, but a big contiguous tensor goes chunk by chunk: blocks never straddle a chunk, so
+        the codes, scales and weights are bit for bit those of the one-piece update."""
+        lr = float(group["lr"])
+        for p, state in zip(params, states):
+            if p.numel() <= CHUNK or not (p.is_contiguous() and p.grad.is_contiguous()):
+                direction, factor = self.update(p.grad, state, group)
+                p.add_(direction, alpha=-lr * factor)
+                continue
+            state["q8_step"] += 1
+            beta1, beta2 = group["betas"]
+            t = state["q8_step"]
+            factor = math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) if group["correct_bias"] else 1.0
+            weight, grad = p.view(-1), p.grad.view(-1)
+            codes = {k: state[f"q8_{k}"].view(-1) for k in ("m", "v")}
+            for start in range(0, weight.numel(), CHUNK):
+                part = slice(start, min(start + CHUNK, weight.numel()))
+                blocks = slice(start // BLOCK, math.ceil(part.stop / BLOCK))
+                m = dequantize(codes["m"][part], state["q8_m_absmax"][blocks], signed=True)
+                v = dequantize(codes["v"][part], state["q8_v_absmax"][blocks], signed=False)
+                g = grad[part].float()
+                m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+                weight[part].add_(m / v.sqrt().add_(group["eps"]), alpha=-lr * factor)
+                for key, moment, signed in (("m", m, True), ("v", v, False)):
+                    idx, absmax = quantize(moment, signed=signed)
+                    codes[key][part] = idx
+                    state[f"q8_{key}_absmax"][blocks] = absmax
 
     def moments(self, state: dict) -> dict[str, torch.Tensor]:
         return {

@@ -369,7 +369,10 @@ def _prepare_model(cfg: dict[str, Any], model, parallel: Parallel):
     if cfg["grad_checkpointing"]:
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise UsageError("--grad-checkpointing needs a Hugging Face model (gradient_checkpointing_enable)")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name for it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if getattr(model, "config", None) is not None:
             model.config.use_cache = False
     return model
@@ -507,6 +510,10 @@ def _placement(cfg: dict[str, Any], parallel: Parallel | None):
         torch.set_num_threads(cfg["threads"])
     parallel = parallel or Parallel()
     device = torch.device(cfg["device"]) if parallel.world == 1 else parallel.device
+    if device.type == "cpu":
+        from .allocator import return_freed_memory
+
+        return_freed_memory()
     return parallel, device, {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
 
 
