@@ -30,3 +30,23 @@ def test_step_bench_with_fewer_layers_and_no_references():
     rows = _rows(out)
     assert "gradspace subtrack" in rows and "galore-torch GaLoreAdamW" not in rows
     assert float(rows["gradspace galore"][2]) == 1.0  # amortised ratio of galore to itself (T=200 column)
+
+
+def test_stagger_bench_puts_one_update_on_every_step():
+    out = step.stagger("tiny", rank=8, layers=1)
+    rows = _rows(out)
+    staggered = next(k for k in rows if "update_stagger" in k)
+    assert "T = N = 7" in staggered  # one block: 7 projected weights
+    assert float(rows[staggered][1]) > 0 and float(rows["galore, exact SVD, all updates on one step (forced)"][2]) > 0
+
+
+def test_svd_bench_reports_every_grid_point(monkeypatch):
+    import torch
+
+    from gradspace.bench import svd
+
+    fake = {"w": torch.randn(32, 80), "v": torch.randn(80, 32)}
+    monkeypatch.setattr(svd, "real_gradients", lambda *a, **k: fake)
+    out = svd.run("tiny", rank=4, grid=((0, 0), (8, 1)))
+    rows = _rows(out)
+    assert {"0", "8"} <= set(rows) and float(rows["8"][1]) < 5.0  # shortfall in %, power iteration on

@@ -30,6 +30,9 @@ def main(argv=None) -> None:
     stp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     stp.add_argument("--layers", type=int, default=None, help="build the preset with this many blocks")
     stp.add_argument("--no-references", action="store_true", help="leave out torch AdamW and galore-torch")
+    stp.add_argument(
+        "--stagger", action="store_true", help="instead: the largest single step with update_stagger + randomized SVD"
+    )
     rsv = sub.add_parser("svd", help="randomized vs exact SVD on real gradients: captured energy and time")
     rsv.add_argument("--preset", default="1b")
     rsv.add_argument("--rank", type=int, default=None, help="default: hidden/4")
@@ -82,6 +85,11 @@ def main(argv=None) -> None:
         else:
             shape = tuple(int(x) for x in args.shape.lower().split("x"))
             print(update.run(shape, args.rank or 512, args.repeats, args.device, dtype, trackers))
+    elif args.bench == "step" and args.stagger:
+        from . import step
+
+        print(step.stagger(args.preset, args.rank, args.layers, args.device))
+
     elif args.bench == "step":
         from . import step
 

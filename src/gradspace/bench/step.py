@@ -138,3 +138,51 @@ class _ForceDue:
     def __exit__(self, *exc):
         for p in self._patches:
             p.stop()
+
+
+def stagger(preset: str = "1b", rank: int | None = None, layers: int | None = 2, device: str = "cpu") -> str:
+    """The largest single step with ``update_stagger`` and the randomized SVD, against the unstaggered exact one.
+
+    With N projected weights and a gap T >= N, staggering puts at most one subspace update on any step; the run
+    here uses T = N, so that *every* step carries one update: the worst step of any T >= N. Its steps are timed
+    one by one next to the same optimizer's non-update step; GaLore-exact's forced update step (every weight's SVD
+    at once) is the unstaggered worst case."""
+    import statistics
+    import time
+
+    rank = rank or PAPER_RANKS.get(preset, 128)
+    model = _params(preset, device, torch.float32, layers)
+    quiet = create_optimizer("galore", model, lr=1e-6, rank=rank, update_proj_gap=10**9)
+    n = sum(len(g["params"]) for g in quiet.param_groups if "rank" in g)
+    spread = create_optimizer(
+        "galore", model, lr=1e-6, rank=rank, update_proj_gap=n, update_stagger=True, svd="randomized"
+    )
+    for opt in (quiet, spread):
+        opt.step()  # first bases
+    base = race({"non-update": quiet.step}, repeats=3, device=device)["non-update"]
+
+    def forced():
+        with _ForceDue():
+            quiet.step()
+
+    exact_update = race({"update": forced}, repeats=1, device=device, warmup=0)["update"]
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        spread.step()
+        times.append(time.perf_counter() - t0)
+    rows = [
+        ["galore, exact SVD, all updates on one step (forced)", base * 1e3, exact_update * 1e3, exact_update / base],
+        [
+            f"galore, randomized SVD, update_stagger (T = N = {n}: one update on every step)",
+            base * 1e3,
+            max(times) * 1e3,
+            max(times) / base,
+        ],
+    ]
+    depth = f" with {layers} of its blocks" if layers else ""
+    return (
+        f"Largest single optimizer step, LLaMA-{preset} parameter set{depth}, rank {rank}, {device}; staggered steps "
+        f"median {statistics.median(times) * 1e3:.0f} ms\n\n"
+        + markdown_table(["optimizer", "non-update step ms", "largest step ms", "largest / non-update"], rows)
+    )
