@@ -447,3 +447,17 @@ def test_adam8bit_steps_a_big_tensor_in_chunks_bit_for_bit(monkeypatch):
     for key in out[0][1]:
         assert torch.equal(out[0][1][key], out[1][1][key]), key
     assert not torch.equal(out[0][0], start)
+
+
+def test_adam8bit_zero_state_is_what_quantising_zeros_gives():
+    from gradspace.rules import get_rule
+    from gradspace.rules.adam8bit import quantize
+
+    rule = get_rule("adamw8bit")
+    for shape in ((3, 700), (256,), (1, 1)):
+        state = {}
+        rule.init_state(state, torch.empty(shape), {})
+        for key, signed in (("m", True), ("v", False)):
+            codes, absmax = quantize(torch.zeros(shape), signed=signed)
+            assert torch.equal(state[f"q8_{key}"], codes) and torch.equal(state[f"q8_{key}_absmax"], absmax)
+            assert state[f"q8_{key}"].is_contiguous()

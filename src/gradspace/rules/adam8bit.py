@@ -79,8 +79,13 @@ class AdamW8bit(InnerRule):
         check_nonneg(group, "eps")
 
     def init_state(self, state: dict, like: torch.Tensor, group: dict) -> None:
-        zeros = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-        self.set_moments(state, {"m": zeros, "v": zeros})
+        """Zero moments written as codes directly: quantising a float32 zero tensor would make temporaries of
+        several times its size (1.3 GB for a 1B embedding)."""
+        blocks = math.ceil(like.numel() / BLOCK)
+        for key, signed in (("m", True), ("v", False)):
+            zero, _ = quantize(torch.zeros(1, device=like.device), signed=signed)
+            state[f"q8_{key}"] = zero.reshape(()).expand(like.shape).contiguous()
+            state[f"q8_{key}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=like.device)
         state["q8_step"] = 0
 
     def update(self, grad: torch.Tensor, state: dict, group: dict) -> tuple[torch.Tensor, float]:
