@@ -133,3 +133,22 @@ def test_budget_counts_bfloat16_weights_and_the_basis_in_its_storage_dtype():
         sizes[kind] = state
     assert sizes["float32"] > sizes["bfloat16"] > sizes["int8"]
     assert "estimate" in budget.run("tiny", 8, transient_1b=2**30, vocab=500)
+
+
+def test_real_memory_runs_each_configuration_and_predicts_what_cannot_fit(monkeypatch):
+    from gradspace.bench import real_memory
+
+    out = real_memory.run(
+        "tiny", 8, steps=2, seq_len=32, threads=1, labels=["AdamW", "GaLore 8-bit layer-wise"], vocab=500
+    )
+    rows = {
+        r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]]
+        for r in out.splitlines()
+        if r.startswith("| ") and "measured" in r
+    }
+    assert set(rows) == {"AdamW", "GaLore 8-bit layer-wise"}
+    assert float(rows["GaLore 8-bit layer-wise"][2]) == 0.0  # no gradient outlives its backward step
+    assert float(rows["AdamW"][2]) > 0 and float(rows["AdamW"][3]) > float(rows["GaLore 8-bit layer-wise"][3])
+    monkeypatch.setattr(real_memory, "free_bytes", lambda: 0)
+    out = real_memory.run("tiny", 8, steps=2, seq_len=32, threads=1, labels=["AdamW"], vocab=500)
+    assert "| AdamW | predicted |" in out

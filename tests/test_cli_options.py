@@ -186,3 +186,42 @@ def test_a_presets_own_rank_and_scale_replace_the_commands_defaults(tmp_path):
         assert {w["rank"] for w in summary["weights"].values()} == {want[0]}
         group = next(g for g in last_checkpoint(out)["optimizer"]["param_groups"] if "rank" in g)
         assert (group["rank"], group["scale"]) == want
+
+
+def test_the_large_model_options_work_together(tmp_path):
+    """The command line for a model that AdamW cannot fit: layer-wise, gradient checkpointing, the 8-bit rule,
+    randomized SVD, staggered updates, an int8 basis and bfloat16 weights, in one run, and resumed."""
+    out = tmp_path / "big"
+    args = [
+        *SMALL,
+        "--method",
+        "galore",
+        "--base",
+        "adamw8bit",
+        "--layerwise",
+        "--grad-checkpointing",
+        "--grad-clip",
+        "0",
+        "--svd",
+        "randomized",
+        "--optim-args",
+        "update_stagger=true,basis_dtype=int8",
+        "--dtype",
+        "bfloat16",
+        "--update-proj-gap",
+        "3",
+    ]
+    assert run("pretrain", *args, "--out", out) == 0
+    saved = last_checkpoint(out)["optimizer"]
+    group = next(g for g in saved["param_groups"] if "rank" in g)
+    assert (group["base"], group["svd"], group["update_stagger"], group["basis_dtype"]) == (
+        "adamw8bit",
+        "randomized",
+        True,
+        "int8",
+    )
+    states = [st for st in saved["state"].values() if "basis" in st]
+    assert states and all(st["basis"].dtype == torch.int8 for st in states)
+    assert len({st["phase"] for st in states}) == 3  # staggered over the gap of 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_loss"] < summary["history"][0]["loss"]

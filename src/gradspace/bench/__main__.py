@@ -71,6 +71,12 @@ def main(argv=None) -> None:
     mem.add_argument("--device", default="cpu")
     mem.add_argument("--jobs", type=int, default=1, help="peak-memory subprocesses run at a time")
     mem.add_argument("--out", default="runs/bench-memory")
+    mem.add_argument("--real", action="store_true", help="instead: real training steps at --preset, one process each")
+    mem.add_argument("--preset", default="1b", help="with --real")
+    mem.add_argument("--real-threads", type=int, default=2, help="with --real: threads of each training process")
+    mem.add_argument("--only", default=None, help="with --real: comma-separated configuration labels")
+    mem.add_argument("--real-steps", type=int, default=2, help="with --real: training steps per configuration")
+    mem.add_argument("--real-seq-len", type=int, default=256, help="with --real: tokens of the batch of 1")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,6 +135,23 @@ def main(argv=None) -> None:
             print(adarank_sweep.run_variants(args.steps, args.seeds, only=args.only))
         else:
             print(adarank_sweep.run(args.steps))
+
+    elif args.bench == "memory" and args.real:
+        from . import real_memory
+
+        only = args.only.split(",") if args.only else None
+        print(
+            real_memory.run(
+                args.preset,
+                args.peak_rank,
+                max(2, args.peak_steps - 1),
+                args.seq_len * 2,
+                args.real_threads,
+                args.device,
+                only,
+                args.vocab,
+            )
+        )
 
     elif args.bench == "memory":
         from . import memory

@@ -1,0 +1,209 @@
+"""Real training steps at scale, each configuration in its own process: peak memory next to the formula, split into
+weights, gradients, optimizer state and the rest (activations and transients).
+
+``python -m gradspace.bench memory --real --preset 1b``: LLaMA (vocabulary 32,000, float32), batch 1 x 256 tokens,
+gradient checkpointing, randomized SVD where the tracker takes SVDs, 2 steps. On CPU the peak is the process's
+peak RSS, with gradspace's allocator setting (``gradspace.train.allocator``, what the CLI uses); on CUDA
+``torch.cuda.max_memory_allocated``. A configuration whose predicted peak (weights + gradients + counted state)
+does not fit the free memory is not launched: its row shows the prediction, marked as predicted.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+from ..layerwise import Layerwise
+from ..methods import METHODS, create_optimizer
+from ..optimizer import optimizer_state_bytes
+from ..train.models import PRESETS, build_llama
+from ..train.report import markdown_table
+from .memory import formula_bytes
+
+GiB = 2**30
+#: (label, method, options, layer-wise); "torch-adamw" is torch.optim.AdamW
+CONFIGS = [
+    ("AdamW", "torch-adamw", {}, False),
+    ("8-bit AdamW", "adamw", {"base": "adamw8bit"}, False),
+    ("GaLore", "galore", {}, False),
+    ("GaLore 8-bit", "galore", {"base": "adamw8bit"}, False),
+    ("GaLore 8-bit layer-wise", "galore", {"base": "adamw8bit"}, True),
+    ("SubTrack++ 8-bit layer-wise", "subtrack++", {"base": "adamw8bit"}, True),
+    ("GrassJump 8-bit layer-wise", "grassjump", {"base": "adamw8bit"}, True),
+    ("APOLLO-Mini layer-wise", "apollo-mini", {}, True),
+]
+SVD_TRACKERS = ("galore", "subtrack++", "grassjump")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def child(spec: dict) -> dict:
+    """The configuration's steps in this fresh process; absolute bytes."""
+    from ..train.allocator import return_freed_memory
+
+    return_freed_memory()
+    torch.set_num_threads(spec["threads"])
+    cuda = spec["device"].startswith("cuda")
+    torch.manual_seed(0)
+    model = build_llama(spec["preset"], vocab_size=spec["vocab"]).to(spec["device"])
+    model.config.use_cache = False
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    enable({"use_reentrant": False}) if enable else model.gradient_checkpointing_enable({"use_reentrant": False})
+    x = torch.randint(0, spec["vocab"], (1, spec["seq_len"]), generator=torch.Generator().manual_seed(1))
+    x = x.to(spec["device"])
+    method, options = spec["method"], dict(spec["options"])
+    if method == "torch-adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    else:
+        kw = {} if METHODS[method] is None else {"rank": spec["rank"], "update_proj_gap": 200}
+        if method in SVD_TRACKERS:
+            options["svd"] = "randomized"
+        opt = create_optimizer(method, model, lr=1e-5, **kw, **options)
+    layerwise = Layerwise(opt) if spec["layerwise"] else None
+    gc.collect()
+    built = torch.cuda.memory_allocated() if cuda else _rss()
+    grads_held, times = 0, []
+    for _ in range(spec["steps"]):
+        t0 = time.perf_counter()
+        model(input_ids=x, labels=x).loss.backward()
+        grads_held = max(
+            grads_held, sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+        )
+        if layerwise is None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    gc.collect()
+    return {
+        "built": built,
+        "peak": torch.cuda.max_memory_allocated() if cuda else _hwm(),
+        "after": torch.cuda.memory_allocated() if cuda else _rss(),
+        "weights": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "grads": grads_held,
+        "state": optimizer_state_bytes(opt),
+        "step_s": times,
+    }
+
+
+def predicted(spec: dict) -> dict:
+    """Weights, gradients (none held under layer-wise) and the counted state formula, without running."""
+    model = build_llama(spec["preset"], vocab_size=spec["vocab"], device="meta")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if spec["method"] == "torch-adamw":
+        state = 2 * weights
+    else:
+        state = formula_bytes(model, spec["method"], spec["rank"], {"update_proj_gap": 200, **spec["options"]})
+    return {"weights": weights, "grads": 0 if spec["layerwise"] else weights, "state": state}
+
+
+def free_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def run(
+    preset: str = "1b",
+    rank: int | None = None,
+    steps: int = 2,
+    seq_len: int = 256,
+    threads: int = 2,
+    device: str = "cpu",
+    labels=None,
+    vocab: int = 32000,
+    timeout: float = 3600,
+) -> str:
+    rank = rank or PRESETS[preset][0] // 4
+    rows = []
+    for label, method, options, layerwise in CONFIGS:
+        if labels and label not in labels:
+            continue
+        spec = {
+            "preset": preset,
+            "rank": rank,
+            "steps": steps,
+            "seq_len": seq_len,
+            "threads": threads,
+            "device": device,
+            "vocab": vocab,
+            "method": method,
+            "options": options,
+            "layerwise": layerwise,
+        }
+        guess = predicted(spec)
+        need = sum(guess.values())
+        if device == "cpu" and need > 0.9 * free_bytes():
+            rows.append(
+                [
+                    label,
+                    "predicted",
+                    guess["weights"] / GiB,
+                    guess["grads"] / GiB,
+                    guess["state"] / GiB,
+                    "-",
+                    f"> {need / GiB:.2f}",
+                    "-",
+                    "-",
+                ]
+            )
+            continue
+        proc = subprocess.run(
+            [sys.executable, "-m", "gradspace.bench.real_memory", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{label} failed:\n{proc.stderr[-3000:]}")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        rest = res["peak"] - res["built"] - res["grads"] - res["state"]
+        rows.append(
+            [
+                label,
+                "measured",
+                res["weights"] / GiB,
+                res["grads"] / GiB,
+                res["state"] / GiB,
+                rest / GiB,
+                res["peak"] / GiB,
+                res["step_s"][0],
+                res["step_s"][-1],
+            ]
+        )
+    meter = "peak RSS" if device == "cpu" else "max_memory_allocated"
+    return (
+        f"Real training steps, LLaMA-{preset} (vocabulary {vocab}), float32, batch 1 x {seq_len}, gradient "
+        f"checkpointing, rank {rank}, randomized SVD, {threads} threads, {steps} steps, {meter} in GiB; "
+        "rest = peak - RSS after the build - gradients held - state (activations, transients, allocator)\n\n"
+        + markdown_table(
+            [
+                "configuration",
+                "",
+                "weights",
+                "gradients held",
+                "optimizer state",
+                "rest",
+                "peak",
+                "first step s",
+                "last step s",
+            ],
+            rows,
+        )
+    )
+
+
+if __name__ == "__main__":
+    print(json.dumps(child(json.loads(sys.argv[1]))))
