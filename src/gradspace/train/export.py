@@ -37,21 +37,32 @@ def char_tokenizer(chars: str):
 
 
 def _full_vocabulary(model, vocab_map: torch.Tensor, size: int):
-    """A copy of ``model`` over ``size`` tokenizer ids: row ``vocab_map[i]`` = the trained row i, others zero."""
+    """``model`` over ``size`` tokenizer ids: row ``vocab_map[i]`` = the trained row i, others zero. Built on the
+    meta device and given the trained tensors themselves (``assign``), so only the two widened matrices are new
+    memory: a second full model would double a 1B run's peak while it saves."""
     from transformers import AutoModelForCausalLM
 
     config = model.config.__class__.from_dict(model.config.to_dict())
     config.vocab_size = size
-    full = AutoModelForCausalLM.from_config(config)
+    with torch.device("meta"):
+        full = AutoModelForCausalLM.from_config(config)
     state = {}
     for key, value in model.state_dict().items():
         if key.endswith(("embed_tokens.weight", "lm_head.weight")) and value.shape[0] == vocab_map.numel():
             rows = torch.zeros(size, value.shape[1], dtype=value.dtype)
             rows[vocab_map.long()] = value.detach().cpu()
             value = rows
-        state[key] = value
-    full.load_state_dict(state, strict=False)  # a tied head shares the embedding's rows
+        state[key] = value.detach()
+    full.load_state_dict(state, strict=False, assign=True)  # a tied head shares the embedding's rows
     full.tie_weights()
+    trained = dict(model.named_buffers())  # non-persistent ones (rotary frequencies) are not in the state dict
+    for name, buf in list(full.named_buffers()):
+        if buf.is_meta and name in trained:
+            owner, _, attr = name.rpartition(".")
+            full.get_submodule(owner)._buffers[attr] = trained[name]
+    left = [n for n, t in [*full.named_parameters(), *full.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"export: no trained values for {', '.join(left[:5])}")
     return full
 
 
