@@ -27,9 +27,10 @@ from .train.config import (
     explicit_options,
     read_config_file,
 )
+from .train.encoder import FinetuneSetup
 from .train.parallel import Parallel
 from .train.runfolder import refuse_existing, resolve_run
-from .train.runner import FinetuneSetup, RunDiverged, run_finetune, run_pretrain
+from .train.runner import RunDiverged, run_finetune, run_pretrain
 from .train.streams import Data
 
 # ---------------------------------------------------------------------------------------------- arguments

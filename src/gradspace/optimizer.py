@@ -26,6 +26,7 @@ from . import basis_storage, recovery, validation
 from . import distributed as dist_support
 from . import moments as moment_policies
 from . import update as outputs
+from .energy import captured_energy, inverse_gram
 from .projection import PROJ_TYPES, basis_on_right, largest_principal_angle, oriented, project
 from .recovery import RECOVERY_DEFAULTS
 from .rules import RULES, get_rule
@@ -411,14 +412,14 @@ class SubspaceOptimizer(Optimizer):
                 world = torch.distributed.get_world_size(self.process_group)
                 state["basis"] = dist_support.broadcast_basis(state["basis"], ctx.index % world, self.process_group)
             diag["update_seconds"] += time.perf_counter() - t0
-            rule.init_state(state, _empty(state["basis"].shape[1], gn.shape[1], p, rule), group)
+            rule.init_state(state, rule.template(state["basis"].shape[1], gn.shape[1], p), group)
         elif new is not None or (self._new_bases is None and tracker.due(gn, state, group)):
             t0 = time.perf_counter()
             old = state["basis"]
             if new is None:
                 new = tracker.update(full(), state, group, ctx)
             moment_policies.apply_policy(
-                group["moments"], rule, state, old, new, _empty(new.shape[1], gn.shape[1], p, rule, state), group
+                group["moments"], rule, state, old, new, rule.template(new.shape[1], gn.shape[1], p, state), group
             )
             state["basis"] = new
             state["updates"] += 1
@@ -455,9 +456,7 @@ class SubspaceOptimizer(Optimizer):
             tgt = project(basis, tgn)
         tracker.observe(tgn, tgt, state, group)
         if self.collect_diagnostics and extra is None:
-            diag["energy"] = _captured_energy(
-                basis, gn, gt, None if tracker.orthonormal else _inverse_gram(basis, diag)
-            )
+            diag["energy"] = captured_energy(basis, gn, gt, None if tracker.orthonormal else inverse_gram(basis, diag))
         direction, factor = rule.update(gt, state, group)
         outputs.apply_update(
             view.weight,
@@ -529,7 +528,7 @@ class SubspaceOptimizer(Optimizer):
                 state[key] = st
                 continue
             p = id_map[key]
-            self._check_saved_state(p, st, rule_of[p])
+            validation.check_saved_state(p, st, rule_of[p])
             state[p] = {k: (v.to(device=p.device) if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
         for group, saved in zip(groups, saved_groups):
             saved["params"] = group["params"]
@@ -540,29 +539,6 @@ class SubspaceOptimizer(Optimizer):
         self.seed = int(extra.get("seed", self.seed))
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
-
-    @staticmethod
-    def _check_saved_state(p: torch.Tensor, st: dict, rule) -> None:
-        basis = st.get("basis")
-        if basis is not None:
-            if p.dim() != 2 or basis.shape[0] not in p.shape:
-                raise ValueError(
-                    f"optimizer checkpoint has a basis of shape {tuple(basis.shape)} for a parameter of shape "
-                    f"{tuple(p.shape)}; it was saved for a different model"
-                )
-            return
-        try:
-            first = rule.moments(st).get("m")
-        except (KeyError, RuntimeError) as err:
-            raise ValueError(
-                f"optimizer checkpoint state for a parameter of shape {tuple(p.shape)} does not fit inner rule "
-                f"{rule.name!r} ({err}); it was saved with another rule or model"
-            ) from None
-        if first is not None and first.numel() != p.numel():
-            raise ValueError(
-                f"optimizer checkpoint has a first moment of {first.numel()} elements for a parameter of shape "
-                f"{tuple(p.shape)}; it was saved for a different model"
-            )
 
     # ------------------------------------------------------------------ reporting
     def diagnostics(self) -> dict[str, Any]:
@@ -595,41 +571,6 @@ class SubspaceOptimizer(Optimizer):
             "state_bytes": optimizer_state_bytes(self),
             "update_seconds": sum(w["update_seconds"] for w in per_weight.values()),
         }
-
-
-def _empty(rank: int, cols: int, p: torch.Tensor, rule, state: dict | None = None) -> torch.Tensor:
-    """A shape/dtype template for the rule's state (no data is written): the dtype of the rule's existing
-    floating-point state, else the parameter's."""
-    dtype = p.dtype
-    if state is not None:
-        dtype = next(
-            (
-                v.dtype
-                for k, v in state.items()
-                if k.startswith(rule.state_prefix) and isinstance(v, torch.Tensor) and v.is_floating_point()
-            ),
-            dtype,
-        )
-    return torch.empty(rank, cols, dtype=dtype, device=p.device)
-
-
-def _captured_energy(basis, gn, gt, inverse_gram: torch.Tensor | None) -> torch.Tensor:
-    """``||proj_S Gn||^2 / ||Gn||^2``, the share of the gradient in the span of the basis: ``||Gt||^2`` over it for
-    an orthonormal basis, ``tr((S^T S)^-1 Gt Gt^T)`` for another (APOLLO's Gaussian P, whose ``||Gt||^2`` is
-    about ``||Gn||^2`` whatever it captures)."""
-    norm = torch.linalg.vector_norm(gn, dtype=torch.promote_types(gn.dtype, torch.float32))
-    if inverse_gram is None:
-        return gt.square().sum() / norm.square()
-    return (inverse_gram * (gt @ gt.mT)).sum() / norm.square()
-
-
-def _inverse_gram(basis: torch.Tensor, diag: dict) -> torch.Tensor:
-    """``(S^T S)^-1``, kept until the basis changes (a redraw, or OSD's in-place move). ``inv_ex`` does not sync:
-    a singular Gram gives inf/NaN energy, not a crash."""
-    key = (basis.data_ptr(), basis._version)
-    if diag.get("gram_key") != key:
-        diag["gram_key"], diag["inverse_gram"] = key, torch.linalg.inv_ex(basis.mT @ basis)[0]
-    return diag["inverse_gram"]
 
 
 def _num(x):

@@ -100,3 +100,26 @@ def check_same_configuration(index: int, group: dict, saved: dict) -> None:
                 f"optimizer has {key}={group[key]!r}; build it with the same method, inner rule and rank as the "
                 "run that saved it (or start a new run)"
             )
+
+
+def check_saved_state(p: torch.Tensor, st: dict, rule) -> None:
+    basis = st.get("basis")
+    if basis is not None:
+        if p.dim() != 2 or basis.shape[0] not in p.shape:
+            raise ValueError(
+                f"optimizer checkpoint has a basis of shape {tuple(basis.shape)} for a parameter of shape "
+                f"{tuple(p.shape)}; it was saved for a different model"
+            )
+        return
+    try:
+        first = rule.moments(st).get("m")
+    except (KeyError, RuntimeError) as err:
+        raise ValueError(
+            f"optimizer checkpoint state for a parameter of shape {tuple(p.shape)} does not fit inner rule "
+            f"{rule.name!r} ({err}); it was saved with another rule or model"
+        ) from None
+    if first is not None and first.numel() != p.numel():
+        raise ValueError(
+            f"optimizer checkpoint has a first moment of {first.numel()} elements for a parameter of shape "
+            f"{tuple(p.shape)}; it was saved for a different model"
+        )

@@ -66,6 +66,16 @@ class InnerRule:
                 del state[key]
         self.init_state(state, like, group)
 
+    def template(self, rank: int, cols: int, p: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        """A shape/dtype template for this rule's state on a projected gradient (no data is written): the dtype of
+        the rule's existing floating-point state, else the parameter's."""
+        dtype = p.dtype
+        for k, v in (state or {}).items():
+            if k.startswith(self.state_prefix) and isinstance(v, torch.Tensor) and v.is_floating_point():
+                dtype = v.dtype
+                break
+        return torch.empty(rank, cols, dtype=dtype, device=p.device)
+
     #: every state key this rule owns starts with this prefix, except the shared step counter
     state_prefix: str = "exp_"
 

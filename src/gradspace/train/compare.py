@@ -12,8 +12,8 @@ from typing import Any
 
 from ..methods import METHODS
 from .config import FINETUNE, PRETRAIN, UsageError
+from .encoder import FinetuneSetup
 from .interrupt import ChildHandlesInterrupt
-from .runner import FinetuneSetup
 from .streams import Data
 
 

@@ -18,8 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..methods import METHODS
 from ..params import is_conv1d
 from . import assets
+from .config import FINETUNE, UsageError
 from .metrics import classification_metrics, regression_metrics
 from .tasks import hub_reachable
 
@@ -139,3 +141,34 @@ def evaluate_task(
     pred, label = torch.cat(preds).numpy(), torch.cat(labels).numpy()
     metrics = regression_metrics(pred, label) if regression else classification_metrics(pred, label, num_labels)
     return {"val_loss": total / max(1, count), **metrics}
+
+
+class FinetuneSetup:
+    """Task, tokenizer and model of a fine-tuning config, checked against each other (rank, max length)."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        from .tasks import load_task
+
+        FINETUNE.validate(cfg)
+        try:
+            self.task = load_task(cfg["task"], cfg.get("eval_dataset"))
+            torch.manual_seed(cfg["seed"])  # the new classification head
+            self.model, self.tokenizer = load_encoder(str(cfg["model"]), self.task.num_labels, self.task.regression)
+            self.targets = projection_targets(self.model)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        top = max_rank(self.model, self.targets)
+        if METHODS[cfg["method"]] is not None and cfg.get("rank") is not None and cfg["rank"] > top:
+            raise UsageError(
+                f"rank {cfg['rank']} does not fit model {cfg['model']}: the maximum allowed is {top} "
+                "(its smallest projected weight dimension)"
+            )
+        positions = getattr(self.model.config, "max_position_embeddings", None) or 512
+        limit = min(positions, getattr(self.tokenizer, "model_max_length", positions) or positions)
+        if cfg["max_length"] > limit:
+            raise UsageError(f"max-length {cfg['max_length']} exceeds model {cfg['model']}'s {limit} positions")
+        t = self.task
+        kind = "regression" if t.regression else f"{t.num_labels} classes"
+        self.info = (
+            f"{t.name}: {len(t.train):,} train / {len(t.validation):,} validation examples, {kind}, metric {t.metric}"
+        )

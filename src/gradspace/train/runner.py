@@ -10,7 +10,7 @@ import resource
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..methods import METHODS, preset_projection
 from . import runfolder
@@ -22,6 +22,9 @@ from .report import write_run_plots
 from .reporters import Reporters
 from .reporters import parse as parse_reporters
 from .runfolder import RunLock
+
+if TYPE_CHECKING:
+    from .encoder import FinetuneSetup
 from .streams import Data
 
 
@@ -521,40 +524,6 @@ def _distributed_option(parallel: Parallel) -> dict[str, Any]:
     return {"distributed": parallel.distributed} if parallel.distributed else {}
 
 
-class FinetuneSetup:
-    """Task, tokenizer and model of a fine-tuning config, checked against each other (rank, max length)."""
-
-    def __init__(self, cfg: dict[str, Any]):
-        import torch
-
-        from .encoder import load_encoder, max_rank, projection_targets
-        from .tasks import load_task
-
-        FINETUNE.validate(cfg)
-        try:
-            self.task = load_task(cfg["task"], cfg.get("eval_dataset"))
-            torch.manual_seed(cfg["seed"])  # the new classification head
-            self.model, self.tokenizer = load_encoder(str(cfg["model"]), self.task.num_labels, self.task.regression)
-            self.targets = projection_targets(self.model)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-        top = max_rank(self.model, self.targets)
-        if METHODS[cfg["method"]] is not None and cfg.get("rank") is not None and cfg["rank"] > top:
-            raise UsageError(
-                f"rank {cfg['rank']} does not fit model {cfg['model']}: the maximum allowed is {top} "
-                "(its smallest projected weight dimension)"
-            )
-        positions = getattr(self.model.config, "max_position_embeddings", None) or 512
-        limit = min(positions, getattr(self.tokenizer, "model_max_length", positions) or positions)
-        if cfg["max_length"] > limit:
-            raise UsageError(f"max-length {cfg['max_length']} exceeds model {cfg['model']}'s {limit} positions")
-        t = self.task
-        kind = "regression" if t.regression else f"{t.num_labels} classes"
-        self.info = (
-            f"{t.name}: {len(t.train):,} train / {len(t.validation):,} validation examples, {kind}, metric {t.metric}"
-        )
-
-
 def run_finetune(
     cfg: dict[str, Any],
     out: Path,
@@ -574,6 +543,8 @@ def run_finetune(
 
     FINETUNE.validate(cfg)
     parallel, device, dtype = _placement(cfg, parallel)
+    from .encoder import FinetuneSetup
+
     setup = setup or FinetuneSetup(cfg)
     task = setup.task
     model = setup.model.to(device=device, dtype=dtype)
