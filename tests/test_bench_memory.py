@@ -138,6 +138,8 @@ def test_budget_counts_bfloat16_weights_and_the_basis_in_its_storage_dtype():
 def test_real_memory_runs_each_configuration_and_predicts_what_cannot_fit(monkeypatch):
     from gradspace.bench import real_memory
 
+    assert real_memory._rank({"method": "apollo-mini", "rank": 8}) == 1  # a preset's own rank is kept
+
     out = real_memory.run(
         "tiny", 8, steps=2, seq_len=32, threads=1, labels=["AdamW", "GaLore 8-bit layer-wise"], vocab=500
     )

@@ -19,7 +19,7 @@ import time
 import torch
 
 from ..layerwise import Layerwise
-from ..methods import METHODS, create_optimizer
+from ..methods import METHODS, create_optimizer, preset_projection
 from ..optimizer import optimizer_state_bytes
 from ..train.models import PRESETS, build_llama
 from ..train.report import markdown_table
@@ -68,7 +68,7 @@ def child(spec: dict) -> dict:
     if method == "torch-adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     else:
-        kw = {} if METHODS[method] is None else {"rank": spec["rank"], "update_proj_gap": 200}
+        kw = {} if METHODS[method] is None else {"rank": _rank(spec), "update_proj_gap": 200}
         if method in SVD_TRACKERS:
             options["svd"] = "randomized"
         opt = create_optimizer(method, model, lr=1e-5, **kw, **options)
@@ -105,8 +105,13 @@ def predicted(spec: dict) -> dict:
     if spec["method"] == "torch-adamw":
         state = 2 * weights
     else:
-        state = formula_bytes(model, spec["method"], spec["rank"], {"update_proj_gap": 200, **spec["options"]})
+        state = formula_bytes(model, spec["method"], _rank(spec), {"update_proj_gap": 200, **spec["options"]})
     return {"weights": weights, "grads": 0 if spec["layerwise"] else weights, "state": state}
+
+
+def _rank(spec: dict) -> int:
+    """The run's rank, or the preset's own (APOLLO-Mini: 1)."""
+    return preset_projection(spec["method"]).get("rank", spec["rank"]) if spec["method"] in METHODS else spec["rank"]
 
 
 def free_bytes() -> int:
