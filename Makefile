@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint results clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
+
+# the comparison protocol of docs/results.md (hours on 2 cores; rerun to continue), then its tables
+results: $(STAMP)
+	$(PY) tools/results.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests tools

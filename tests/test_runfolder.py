@@ -140,11 +140,11 @@ def test_config_values_of_the_wrong_type_name_the_key(tmp_path, capsys):
 
 
 def test_the_divergence_rule():
-    from gradspace.train.runner import _diverged
+    from gradspace.train.summary import has_diverged
 
     rising = [{"loss": 2.0 + 0.1 * i} for i in range(30)]  # 2.0 -> 4.9: +145%
-    assert _diverged(rising, sum(r["loss"] for r in rising[-3:]) / 3)
+    assert has_diverged(rising, sum(r["loss"] for r in rising[-3:]) / 3)
     flat = [{"loss": 2.0 + (0.3 if i % 2 else -0.3)} for i in range(30)]  # noisy but not rising
-    assert not _diverged(flat, 2.0)
-    assert not _diverged([{"loss": 1.0}, {"loss": 1.4}, {"loss": 1.8}], 1.8)  # 3 steps say nothing
-    assert _diverged([{"loss": float("nan")}] * 3, float("nan"))
+    assert not has_diverged(flat, 2.0)
+    assert not has_diverged([{"loss": 1.0}, {"loss": 1.4}, {"loss": 1.8}], 1.8)  # 3 steps say nothing
+    assert has_diverged([{"loss": float("nan")}] * 3, float("nan"))

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from .methods import METHODS
-from .train.compare import parse_methods, run_compare
+from .train.compare import COMPARE_OPTIONS, parse_methods, run_compare
 from .train.config import (
     DEFAULT_COMPARE,
     EVAL_BATCH,
@@ -30,8 +30,9 @@ from .train.config import (
 from .train.encoder import FinetuneSetup
 from .train.parallel import Parallel
 from .train.runfolder import refuse_existing, resolve_run
-from .train.runner import RunDiverged, run_finetune, run_pretrain
+from .train.runner import run_finetune, run_pretrain
 from .train.streams import Data
+from .train.summary import RunDiverged
 
 # ---------------------------------------------------------------------------------------------- arguments
 S = argparse.SUPPRESS  # a flag not given stays out of the namespace: the config file or the defaults decide
@@ -100,7 +101,7 @@ SHARED = [
     (["--threads"], {**INT, "help": "torch CPU threads (0: torch's default)"}),
     (["--out"], {"default": None, "help": "run folder (default runs/<name>-<timestamp>)"}),
     (["--overwrite"], {"action": "store_true", "help": "replace the run that --out already holds"}),
-    (["--config"], {"default": None, "help": "YAML or TOML file with the same keys; flags override it"}),
+    (["--config"], {"default": None, "help": "YAML, TOML or JSON file with the same keys; flags override it"}),
     (["--stop-after"], {"type": int, "default": None, "help": S}),  # tests: act as if Ctrl-C after step N
 ]
 PRETRAINING = [
@@ -168,7 +169,26 @@ def build_parser() -> argparse.ArgumentParser:
         "compare": (
             "run several methods on identical data, seed and budget; write a report (fine-tuning with --task)",
             [
-                (["--methods"], {"default": None, "help": f"comma-separated (default {DEFAULT_COMPARE})"}),
+                (
+                    ["--methods"],
+                    {
+                        "default": None,
+                        "help": f"comma-separated (default {DEFAULT_COMPARE}); a method may carry options, "
+                        "adarank:eta_th=0.02 or galore:rank=8;update_gap=100",
+                    },
+                ),
+                (["--seeds"], {**INT, "help": "seeds per method, from --seed on (1); the report shows mean +- sd"}),
+                (
+                    ["--lr-grid"],
+                    {
+                        "action": "append",
+                        "default": S,
+                        "help": "learning rates to tune over: 1e-3,3e-3,1e-2 for every method, or "
+                        "galore=1e-3,3e-3 for one (repeatable); the best short run's rate is used",
+                    },
+                ),
+                (["--tune-fraction"], {**FLOAT, "help": "a tuning run's share of --steps (0.25)"}),
+                (["--jobs"], {**INT, "help": "runs at once, each with its share of the CPU threads (1)"}),
                 *SHARED,
                 *PRETRAINING,
                 *FINETUNING,
@@ -264,9 +284,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     explicit = explicit_options(args, defaults)
     methods = parse_methods(args.methods if args.methods is not None else file_cfg.get("methods", DEFAULT_COMPARE))
     cfg = {**defaults, **explicit}
+    own = {k: vars(args).get(k, file_cfg.get(k, v)) for k, v in COMPARE_OPTIONS.items()}
     out = Path(args.out) if args.out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    refuse_existing(out, "compare", args.overwrite)
-    run_compare(cfg, methods, out, stop_after=args.stop_after, overwrite=args.overwrite)
+    run_compare(cfg, methods, out, stop_after=args.stop_after, overwrite=args.overwrite, **own)
     return 0
 
 

@@ -1,80 +1,424 @@
-"""``gradspace compare``: every method on the same data, seed and budget, each in its own process, then a report."""
+"""``gradspace compare``: every method on the same data, budget and tuning, each run in its own process, then a
+report.
+
+A comparison is a plan of runs: per method, optionally a short tuning run per learning rate of a grid (the best by
+validation loss is kept), then one full run per seed. Each run has its own folder, so a rerun with the same
+``--out`` keeps the runs that finished, resumes an interrupted one from its checkpoint and starts the rest.
+
+    out/compare.json                  what the comparison is (a rerun must ask for the same)
+    out/tune/<method>/lr-<lr>/        tuning runs (--lr-grid)
+    out/<method>/ or out/<method>/seed-<s>/   the full runs (one seed, or several)
+    out/report.md, metrics.json, *.png
+
+A method may be a preset with options, ``adarank:eta_th=0.02`` or ``galore:rank=8``: a training option (rank, base,
+scale, update_gap, lr, ...) is set as such, any other key goes to the tracker and rule (``optim_args``).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..methods import METHODS
-from .config import FINETUNE, PRETRAIN, UsageError
+from .config import FINETUNE, PRETRAIN, UsageError, _literal, parse_optim_args
 from .encoder import FinetuneSetup
 from .interrupt import ChildHandlesInterrupt
 from .streams import Data
 
+#: compare's own options (flags and config-file keys) and their defaults
+COMPARE_OPTIONS: dict[str, Any] = {"seeds": 1, "lr_grid": None, "tune_fraction": 0.25, "jobs": 1}
+#: what a method's options may set directly; any other key is a tracker or rule option
+RUN_KEYS = (
+    "base",
+    "rank",
+    "update_gap",
+    "scale",
+    "proj_type",
+    "svd",
+    "lr",
+    "weight_decay",
+    "warmup",
+    "scheduler",
+    "grad_clip",
+    "layerwise",
+)
+#: options that do not change a run's result: they may differ when a comparison resumes
+RUNTIME_KEYS = ("threads", "report_to", "save_every", "log_every")
+MANIFEST = "compare.json"
+
+
+def method_options(label: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``"adarank:eta_th=0.02"`` -> ``("adarank", {}, {"eta_th": 0.02})``: (preset, training options, optim_args)."""
+    name, _, rest = label.partition(":")
+    name = name.strip().lower()
+    if name not in METHODS:
+        raise UsageError(f"unknown method {name!r} in {label!r}; choose from {', '.join(METHODS)}")
+    run, optim = {}, {}
+    for item in filter(None, (x.strip() for x in rest.split(";"))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"method {label!r}: {item!r} is not key=value (e.g. adarank:eta_th=0.02;r_min=4)")
+        key = key.strip().replace("-", "_")
+        (run if key in RUN_KEYS else optim)[key] = _literal(raw.strip())
+    if METHODS[name] is None and (optim or {"rank", "update_gap", "scale"} & set(run)):
+        raise UsageError(f"method {label!r}: adamw is full rank and takes no projection options")
+    return name, run, optim
+
 
 def parse_methods(value) -> list[str]:
-    """``"adamw,galore"`` or a list of names (a config file's ``methods``), checked against the presets."""
+    """``"adamw,galore,adarank:eta_th=0.02"`` or a list of them (a config file's ``methods``), each checked."""
     if isinstance(value, str):
-        methods = [m.strip().lower() for m in value.split(",") if m.strip()]
+        labels = [m.strip() for m in value.split(",") if m.strip()]
     else:
-        methods = [str(m).lower() for m in value]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise UsageError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
-    return methods
+        labels = [str(m).strip() for m in value]
+    if not labels:
+        raise UsageError(f"no methods given; choose from {', '.join(METHODS)}")
+    labels = [m if ":" in m else m.lower() for m in labels]
+    for label in labels:
+        method_options(label)
+    repeated = sorted({m for m in labels if labels.count(m) > 1})
+    if repeated:
+        raise UsageError(f"method(s) given twice: {', '.join(repeated)}")
+    return labels
 
 
-def _run_child(
-    command: str, cfg: dict[str, Any], out: Path, stop_after: int | None, overwrite: bool = False
-) -> dict[str, Any]:
-    """``python -m gradspace <command>`` in a fresh process, so its peak memory is its own; returns its summary."""
-    src = str(Path(__file__).resolve().parent.parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
-    with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "config.json"  # JSON is YAML: read back by --config
-        config.write_text(json.dumps(cfg))
-        argv = [sys.executable, "-m", "gradspace", command, "--config", str(config), "--out", str(out)]
-        if stop_after is not None:
-            argv += ["--stop-after", str(stop_after)]
-        if overwrite:
-            argv.append("--overwrite")
-        with ChildHandlesInterrupt():
-            code = subprocess.run(argv, env=env, check=False).returncode
-    if code in (130, 143):
-        print(f"gradspace: compare stopped during {cfg['method']}; no report written", file=sys.stderr)
-        raise SystemExit(code)
-    if code == 3:  # diverged: the run is saved and its summary says so; the comparison goes on and reports it
-        print(f"gradspace: {cfg['method']} diverged; the report marks it", file=sys.stderr)
-    elif code != 0:
-        raise SystemExit(code)  # the child has printed its one-line error
-    return json.loads((out / "summary.json").read_text())
+def parse_lr_grid(value, labels: list[str]) -> dict[str, list[float]]:
+    """Each method's learning rates to tune over: ``"1e-3,3e-3"`` for every method, ``"galore=1e-3,3e-3"`` for one
+    (several such values may be given), or a config file's list or mapping (``default:`` for the others)."""
+    if value is None:
+        return {}
+    items = value if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value) else [value]
+    grid: dict[str, list[float]] = {}
+    for item in items:
+        if isinstance(item, dict):
+            pairs = [(str(k), v) for k, v in item.items()]
+        elif isinstance(item, (list, tuple)):
+            pairs = [("default", item)]
+        else:
+            text = str(item)
+            key, sep, rates = text.rpartition("=")
+            pairs = [(key.strip(), rates) if sep else ("default", text)]
+        for key, rates in pairs:
+            grid[key] = _rates(rates, key)
+    unknown = sorted(set(grid) - {"default", *labels})
+    if unknown:
+        raise UsageError(f"--lr-grid names {', '.join(unknown)}, which are not among the methods compared")
+    default = grid.pop("default", None)
+    return {m: grid.get(m, default) for m in labels if grid.get(m, default)}
+
+
+def _rates(value, key: str) -> list[float]:
+    raw = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        rates = [float(x) for x in raw if str(x).strip()]
+    except ValueError:
+        raise UsageError(f"--lr-grid {key}: {value!r} is not a comma-separated list of learning rates") from None
+    if not rates or any(not r > 0 for r in rates):
+        raise UsageError(f"--lr-grid {key}: learning rates must be positive numbers, got {value!r}")
+    return sorted(set(rates))
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^\w.+=-]", "_", label)
+
+
+@dataclass
+class Run:
+    """One child process of the comparison."""
+
+    label: str
+    seed: int
+    cfg: dict[str, Any]
+    folder: Path
+    tuning: bool = False
+    summary: dict[str, Any] | None = field(default=None, repr=False)
+
+
+def run_config(base: dict[str, Any], label: str, seed: int, lr: float | None = None) -> dict[str, Any]:
+    method, run, optim = method_options(label)
+    cfg = {**base, "method": method, "seed": seed, **run}
+    if optim:
+        cfg["optim_args"] = {**parse_optim_args(base.get("optim_args")), **optim}
+    if METHODS[method] is None:
+        cfg.update(rank=None, update_gap=None)
+    if lr is not None:
+        cfg["lr"] = lr
+    return cfg
+
+
+def tuning_config(cfg: dict[str, Any], fraction: float) -> dict[str, Any]:
+    """The same run on ``fraction`` of the budget (its schedule and warm-up scaled to it), validated at the end."""
+    steps = max(1, round(cfg["steps"] * fraction))
+    warmup = cfg.get("warmup")
+    return {
+        **cfg,
+        "steps": steps,
+        "eval_every": 0,
+        "save_every": 0,
+        "warmup": None if warmup is None else min(steps - 1, round(warmup * fraction)),
+    }
+
+
+def _differing(saved: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """The keys whose values differ (runtime-only keys aside), compared as JSON stores them."""
+    norm = json.loads(json.dumps(cfg, default=str))
+    return sorted(k for k, v in norm.items() if k not in RUNTIME_KEYS and saved.get(k) != v)
+
+
+def _status(run: Run) -> str:
+    """done (a summary of this very configuration), resume (a checkpoint of it) or fresh."""
+    from .checkpoint import list_checkpoints
+
+    config = run.folder / "config.json"
+    try:
+        saved = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return "fresh"
+    if _differing(saved, run.cfg):
+        return "fresh"
+    if (run.folder / "summary.json").exists():
+        return "done"
+    return "resume" if list_checkpoints(run.folder / "checkpoints") else "fresh"
+
+
+class Launcher:
+    """Runs children, ``jobs`` at a time. Ctrl-C reaches every child (they save and exit 130) and the parent waits;
+    SIGTERM to the parent is passed on to them. Once a child stops or fails, no new one starts."""
+
+    def __init__(self, command: str, jobs: int, stop_after: int | None, overwrite: bool):
+        self.command, self.jobs, self.stop_after, self.overwrite = command, jobs, stop_after, overwrite
+        self.stopped: int | None = None
+        self.live: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.done = 0
+
+    def run(self, runs: list[Run]) -> None:
+        """Every run of ``runs`` has its summary afterwards, or the comparison exits with the child's code."""
+        todo = []
+        for run in runs:
+            status = "fresh" if self.overwrite else _status(run)
+            if status == "done":
+                run.summary = json.loads((run.folder / "summary.json").read_text())
+            else:
+                todo.append((run, status))
+        if not todo:
+            return
+        self.total, self.done = len(todo), 0
+        import signal
+
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, self._terminate) if main else None
+        try:
+            with ChildHandlesInterrupt():
+                if self.jobs == 1:
+                    codes = [self._launch(run, status) for run, status in todo]
+                else:
+                    with ThreadPoolExecutor(self.jobs) as pool:
+                        codes = list(pool.map(lambda job: self._launch(*job), todo))
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
+        stop = next((c for c in codes if c in (130, 143)), None)
+        if stop is not None:
+            print(
+                "gradspace: compare stopped; run the same command again to continue (finished runs are kept, an "
+                "interrupted one resumes from its checkpoint)",
+                file=sys.stderr,
+            )
+            raise SystemExit(stop)
+        failed = next((c for c in codes if c not in (None, 0, 3)), None)
+        if failed is not None:
+            raise SystemExit(failed)  # the child has printed its one-line error
+
+    def _terminate(self, signum, frame) -> None:
+        with self.lock:
+            self.stopped = 143
+            for child in self.live:
+                child.terminate()
+
+    def _launch(self, run: Run, status: str) -> int | None:
+        cfg = dict(run.cfg)
+        if self.jobs > 1 and not cfg.get("threads"):
+            cfg["threads"] = max(1, (os.cpu_count() or 1) // self.jobs)
+        src = str(Path(__file__).resolve().parent.parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+        if self.jobs > 1:
+            env["GRADSPACE_PROGRESS"] = "0"  # one progress bar per child would garble the terminal
+        with tempfile.TemporaryDirectory() as tmp:
+            config = Path(tmp) / "config.json"  # read back by --config
+            config.write_text(json.dumps(cfg))
+            argv = [sys.executable, "-m", "gradspace", self.command, "--config", str(config), "--out", str(run.folder)]
+            if status == "resume":
+                argv += ["--resume", str(run.folder)]
+            elif (run.folder / "config.json").exists() or self.overwrite:
+                argv.append("--overwrite")  # a stale or half-made run of this comparison's own folder
+            if self.stop_after is not None:
+                argv += ["--stop-after", str(self.stop_after)]
+            with self.lock:
+                if self.stopped is not None:
+                    return None
+                child = subprocess.Popen(argv, env=env)
+                self.live.add(child)
+            code = child.wait()
+            with self.lock:
+                self.live.discard(child)
+                if code != 0 and code != 3:
+                    self.stopped = code
+                self.done += 1
+        if code in (0, 3) and (run.folder / "summary.json").exists():
+            run.summary = json.loads((run.folder / "summary.json").read_text())
+            what = "tuning" if run.tuning else f"seed {run.seed}"
+            diverged = " (diverged)" if run.summary.get("diverged") else ""
+            loss = run.summary.get("val_loss", float("nan"))
+            print(
+                f"gradspace compare [{self.done}/{self.total}]: {run.label} {what} lr {run.summary.get('lr', '?'):g}"
+                f": val loss {loss:.4f}{diverged}",
+                file=sys.stderr,
+            )
+        elif code == 3:
+            print(f"gradspace: {run.label} diverged; the report marks it", file=sys.stderr)
+        return code
+
+
+def check_manifest(out: Path, manifest: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    """A rerun into ``out`` continues its comparison only if it asks for the same one (it may add methods and
+    seeds); returns the manifest to write, with the earlier methods' grids kept."""
+    from .runfolder import holds_compare
+
+    path = out / MANIFEST
+    if overwrite or not out.exists():
+        return manifest
+    if not path.exists():
+        if holds_compare(out):
+            raise UsageError(
+                f"{out} already holds a comparison from an older gradspace that cannot be resumed: choose another "
+                "--out, or pass --overwrite to replace it"
+            )
+        return manifest
+    saved = json.loads(path.read_text())
+    grid, saved_grid = manifest["lr_grid"], saved.get("lr_grid") or {}
+    differ = [f"lr_grid of {m}" for m in grid if m in saved_grid and saved_grid[m] != grid[m]]
+    differ += ["tune_fraction"] if grid and saved.get("tune_fraction") != manifest["tune_fraction"] else []
+    differ += _differing(saved.get("config", {}), manifest["config"])
+    if differ:
+        raise UsageError(
+            f"{out} holds a comparison with other settings ({', '.join(differ)}); rerun it with the same ones to "
+            "continue it, choose another --out, or pass --overwrite to replace it"
+        )
+    return {**manifest, "lr_grid": {**saved_grid, **grid}}
 
 
 def run_compare(
-    cfg: dict[str, Any], methods: list[str], out: Path, stop_after: int | None = None, overwrite: bool = False
+    cfg: dict[str, Any],
+    methods: list[str],
+    out: Path,
+    stop_after: int | None = None,
+    overwrite: bool = False,
+    seeds: int = 1,
+    lr_grid=None,
+    tune_fraction: float = 0.25,
+    jobs: int = 1,
 ) -> dict:
-    """Every method on the same data, seed and budget, each in its own process and subfolder; then the report."""
+    """Tune (if asked), then run every method for every seed; write the report. Returns the per-method results."""
     from .report import text_table, write_report
+    from .spread import aggregate
 
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise UsageError(f"seeds must be a positive integer, got {seeds!r}")
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise UsageError(f"jobs must be a positive integer, got {jobs!r}")
+    if not isinstance(tune_fraction, (int, float)) or not 0 < tune_fraction <= 1:
+        raise UsageError(f"tune-fraction must be in (0, 1], got {tune_fraction!r}")
+    grid = parse_lr_grid(lr_grid, methods)
     finetune = "task" in cfg
-    runs = {
-        m: {**cfg, "method": m, **({"rank": None, "update_gap": None} if METHODS[m] is None else {})} for m in methods
-    }
-    for run_cfg in runs.values():
-        (FINETUNE if finetune else PRETRAIN).validate(run_cfg)
+    command = FINETUNE if finetune else PRETRAIN
+    seed_list = [cfg["seed"] + i for i in range(seeds)]
+    several = seeds > 1
+    for label in methods:
+        for lr in grid.get(label) or [None]:
+            command.validate(run_config(cfg, label, seed_list[0], lr))
+            command.validate(tuning_config(run_config(cfg, label, seed_list[0], lr), tune_fraction))
+    manifest = {"config": cfg, "lr_grid": grid, "tune_fraction": tune_fraction}
+    manifest = check_manifest(out, manifest, overwrite)
     if finetune:  # prepares the task and model caches once, and checks rank and length before any run starts
-        setup = FinetuneSetup(runs[methods[-1]])
+        setup = FinetuneSetup(run_config(cfg, methods[-1], seed_list[0]))
         what = f"fine-tuning {cfg['model']} on {setup.info}"
     else:
-        what = f"llama-{cfg['preset']}, {Data(runs[methods[0]]).info}"
-    print(f"gradspace compare: {', '.join(methods)}; {what}; report in {out}", file=sys.stderr)
-    command = "finetune" if finetune else "pretrain"
-    results = {m: _run_child(command, runs[m], out / m, stop_after, overwrite) for m in methods}
-    write_report(out, results, {**cfg, "methods": methods})
+        what = f"llama-{cfg['preset']}, {Data(run_config(cfg, methods[0], seed_list[0])).info}"
+    shown = f"{', '.join(methods)} x {seeds} seed(s)" + (f", lr tuned over {grid}" if grid else "")
+    print(f"gradspace compare: {shown}; {what}; report in {out}", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    launcher = Launcher(command.name, jobs, stop_after, overwrite)
+
+    tuning = {
+        label: [
+            Run(
+                label,
+                seed_list[0],
+                tuning_config(run_config(cfg, label, seed_list[0], lr), tune_fraction),
+                out / "tune" / slug(label) / f"lr-{lr:g}",
+                tuning=True,
+            )
+            for lr in rates
+        ]
+        for label, rates in grid.items()
+        if len(rates) > 1
+    }
+    launcher.run([r for runs in tuning.values() for r in runs])
+    chosen = {label: rates[0] for label, rates in grid.items()}
+    report_tuning = {}
+    for label, runs in tuning.items():
+        losses = {r.cfg["lr"]: _tuning_loss(r.summary) for r in runs}
+        chosen[label] = min(losses, key=lambda lr: (losses[lr], lr))
+        report_tuning[label] = {
+            "grid": sorted(losses),
+            "val_loss": {f"{lr:g}": v for lr, v in sorted(losses.items())},
+            "chosen": chosen[label],
+            "steps": runs[0].cfg["steps"],
+            "seed": seed_list[0],
+        }
+        if all(v == float("inf") for v in losses.values()):
+            print(f"gradspace: every tuning run of {label} diverged; using the smallest rate", file=sys.stderr)
+
+    finals = [
+        Run(
+            label,
+            seed,
+            run_config(cfg, label, seed, chosen.get(label)),
+            out / slug(label) / f"seed-{seed}" if several else out / slug(label),
+        )
+        for label in methods
+        for seed in seed_list
+    ]
+    launcher.run(finals)
+    per_seed = {label: {r.seed: r.summary for r in finals if r.label == label} for label in methods}
+    results = {label: (aggregate(runs) if several else runs[seed_list[0]]) for label, runs in per_seed.items()}
+    for label, info in report_tuning.items():
+        results[label]["tuning"] = info
+    write_report(
+        out,
+        results,
+        {**cfg, "methods": methods, "seeds": seed_list, "lr_grid": grid, "tune_fraction": tune_fraction, "jobs": jobs},
+        runs=per_seed if several else None,
+    )
     print(f"\n{text_table(results)}\n\nreport: {out / 'report.md'}")
     return results
+
+
+def _tuning_loss(summary: dict[str, Any] | None) -> float:
+    """A tuning run's score: its final validation loss; a diverged or non-finite run never wins."""
+    if not summary or summary.get("diverged"):
+        return float("inf")
+    value = summary.get("val_loss")
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else float("inf")

@@ -12,6 +12,8 @@ from ..methods import METHODS, preset_projection
 
 PRESET_NAMES = ("tiny", "mini", "60m", "130m", "350m", "1b", "7b")
 DEFAULT_COMPARE = "adamw,galore,fira,apollo,apollo-mini,subtrack++,osd,grassjump"
+#: a config file's keys that only ``gradspace compare`` reads
+COMPARE_KEYS = ("methods", "seeds", "lr_grid", "tune_fraction", "jobs")
 EVAL_BATCH = 64  # validation examples per forward pass in fine-tuning
 #: pretraining vocabularies: GPT-2's BPE (compacted to the tokens the corpus uses, unless --full-vocab), or the
 #: corpus's characters
@@ -23,7 +25,7 @@ class UsageError(Exception):
 
 
 def read_config_file(path: str, defaults: dict[str, Any]) -> dict[str, Any]:
-    """The options of a YAML or TOML file (keys as the flags, ``-`` or ``_``); unknown keys are an error."""
+    """The options of a YAML, TOML or JSON file (keys as the flags, ``-`` or ``_``); unknown keys are an error."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise UsageError(f"config file {file} does not exist")
@@ -33,6 +35,10 @@ def read_config_file(path: str, defaults: dict[str, Any]) -> dict[str, Any]:
             import tomllib
 
             data = tomllib.loads(text)
+        elif file.suffix.lower() == ".json":  # YAML would read JSON's 1e-05 as a string
+            import json
+
+            data = json.loads(text)
         else:
             import yaml
 
@@ -44,7 +50,7 @@ def read_config_file(path: str, defaults: dict[str, Any]) -> dict[str, Any]:
     out = {str(k).replace("-", "_"): v for k, v in data.items()}
     if "update_proj_gap" in out:  # the ecosystem's name, as the flag --update-proj-gap
         out["update_gap"] = out.pop("update_proj_gap")
-    allowed = set(defaults) | {"methods"}
+    allowed = set(defaults) | set(COMPARE_KEYS)
     unknown = sorted(set(out) - allowed)
     if unknown:
         raise UsageError(
@@ -56,7 +62,8 @@ def read_config_file(path: str, defaults: dict[str, Any]) -> dict[str, Any]:
 def explicit_options(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
     """Config-file values overridden by the flags actually given."""
     given = read_config_file(args.config, defaults) if args.config else {}
-    given.pop("methods", None)
+    for key in COMPARE_KEYS:
+        given.pop(key, None)
     flags = {k: v for k, v in vars(args).items() if k in defaults}
     return {**given, **flags}
 

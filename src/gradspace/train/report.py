@@ -9,6 +9,7 @@ from typing import Any
 
 COLUMNS = (
     "method",
+    "lr",
     "val loss",
     "vs adamw",
     "val ppl",
@@ -47,40 +48,74 @@ def color(method: str, results: dict[str, Any]) -> str:
 def columns(results: dict[str, dict[str, Any]]) -> tuple[str, ...]:
     """Pretraining shows validation loss and perplexity; fine-tuning its task's metric (a summary's ``metric``)."""
     metric = next((r["metric"] for r in results.values() if r.get("metric")), None)
-    return COLUMNS if metric is None else ("method", f"val {metric}", "vs adamw", "val loss", *COLUMNS[4:])
+    return COLUMNS if metric is None else (*COLUMNS[:2], f"val {metric}", "vs adamw", "val loss", *COLUMNS[5:])
 
 
 def _ratio(value: float, reference: float | None) -> str:
     return f"{value / reference:.2f}" if reference else "-"
 
 
+def _mean(r: dict[str, Any], key: str, digits: int = 4) -> str:
+    """``2.2460`` for one seed, ``2.2460 ± 0.0450`` for several."""
+    value = r.get(key, float("nan"))
+    sd = (r.get("spread") or {}).get(key)
+    return f"{value:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
+def _label(method: str, r: dict[str, Any]) -> str:
+    if r.get("diverged"):
+        return method + " (diverged)"
+    if r.get("diverged_seeds"):
+        return f"{method} (diverged {len(r['diverged_seeds'])}/{len(r['seeds'])})"
+    return method
+
+
 def table_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
-    """One row per method; "vs adamw" is the difference of the headline metric (loss: negative is better),
-    "x galore" the time in subspace updates over GaLore's (its SVDs), "x adamw" the state over AdamW's."""
+    """One row per method; "vs adamw" is the difference of the headline metric (loss: negative is better), marked
+    "(noise)" when it is within the seeds' spread (``spread.NOISE_RULE``); "x galore" the time in subspace updates
+    over GaLore's (its SVDs), "x adamw" the state over AdamW's. Several seeds: mean ± standard deviation."""
+    from .spread import within_noise
+
     ref = results.get("adamw")
     svd = (results.get("galore") or {}).get("update_seconds")
     rows = []
     for method, r in results.items():
         key = r["metric"] if r.get("metric") else "val_loss"
-        diff = f"{r[key] - ref[key]:+.4f}" if ref and method != "adamw" else "-"
-        quality = (
-            [f"{r[key]:.4f}", diff, f"{r['val_loss']:.4f}"]
-            if r.get("metric")
-            else [f"{r[key]:.4f}", diff, f"{r['val_ppl']:.2f}"]
-        )
+        diff = "-"
+        if ref and method != "adamw":
+            diff = f"{r[key] - ref[key]:+.4f}" + (" (noise)" if within_noise(r, ref, key) else "")
+        quality = [_mean(r, key), diff, _mean(r, "val_loss") if r.get("metric") else _mean(r, "val_ppl", 2)]
+        lr = r.get("lr")
         rows.append(
             [
-                method + (" (diverged)" if r.get("diverged") else ""),
+                _label(method, r),
+                f"{lr:g}" if isinstance(lr, (int, float)) else "-",
                 *quality,
                 f"{r['wall_time']:.1f}",
                 f"{r['update_seconds']:.2f}",
                 _ratio(r["update_seconds"], svd) if method != "adamw" else "-",
-                f"{r['state_bytes']:,}",
+                f"{r['state_bytes']:,.0f}",
                 _ratio(r["state_bytes"], ref and ref["state_bytes"]),
-                f"{r['peak_memory']:,}",
+                f"{r['peak_memory']:,.0f}",
             ]
         )
     return rows
+
+
+def tuning_rows(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The learning-rate grid: each tuning run's validation loss per method, and the rate chosen."""
+    tuned = {m: r["tuning"] for m, r in results.items() if r.get("tuning")}
+    rates = sorted({float(lr) for t in tuned.values() for lr in t["val_loss"]})
+    header = ["method", *(f"lr {lr:g}" for lr in rates), "chosen"]
+    rows = []
+    for method, t in tuned.items():
+        losses = {float(lr): v for lr, v in t["val_loss"].items()}
+        cells = [
+            ("-" if lr not in losses else "diverged" if losses[lr] == float("inf") else f"{losses[lr]:.4f}")
+            for lr in rates
+        ]
+        rows.append([method, *cells, f"{t['chosen']:g}"])
+    return header, rows
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
@@ -104,6 +139,32 @@ def text_table(results: dict[str, dict[str, Any]]) -> str:
         if n == 0:
             out.append("-" * len(out[0]))
     return "\n".join(out)
+
+
+def _curves(r: dict[str, Any]) -> tuple[tuple[list, list], tuple[list, list, list | None]]:
+    """((train steps, losses), (validation steps, means, sds or None)) of one method: its run's curves, or for
+    several seeds the mean at the steps every seed has (the training curve smoothed over 1/50 of the run)."""
+    import statistics
+
+    seeds = list((r.get("curves") or {}).values())
+    if not seeds:
+        history, evals = r.get("history", []), r.get("evals", [])
+        val = [e for e in evals if "val_loss" in e]
+        return ([h["step"] for h in history], [h["loss"] for h in history]), (
+            [e["step"] for e in val],
+            [e["val_loss"] for e in val],
+            None,
+        )
+    per_step = [{h["step"]: h["loss"] for h in c["history"]} for c in seeds]
+    steps = sorted(set.intersection(*(set(p) for p in per_step)))
+    mean = [statistics.fmean(p[t] for p in per_step) for t in steps]
+    w = max(1, len(steps) // 50)
+    smooth = [statistics.fmean(mean[max(0, i - w + 1) : i + 1]) for i in range(len(mean))]
+    per_eval = [{e["step"]: e["val_loss"] for e in c["evals"] if "val_loss" in e} for c in seeds]
+    at = sorted(set.intersection(*(set(p) for p in per_eval)))
+    values = [[p[t] for p in per_eval] for t in at]
+    sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+    return (steps, smooth), (at, [statistics.fmean(v) for v in values], sds)
 
 
 def _short(name: str) -> str:
@@ -132,24 +193,20 @@ def write_plots(folder: Path, results: dict[str, dict[str, Any]]) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, r in results.items():
         c = color(method, results)
-        ax.plot(
-            [h["step"] for h in r["history"]],
-            [h["loss"] for h in r["history"]],
-            label=method,
-            linewidth=1,
-            color=c,
-            alpha=0.8,
-        )
-        if r.get("evals"):
-            ax.plot(
-                [e["step"] for e in r["evals"]],
-                [e["val_loss"] for e in r["evals"]],
-                "o-",
-                markersize=3,
-                linewidth=0.8,
-                color=c,
-            )
-    ax.set(xlabel="step", ylabel="loss (thin: train, dots: validation)", title="Loss")
+        train, val = _curves(r)
+        ax.plot(train[0], train[1], label=method, linewidth=1, color=c, alpha=0.8)
+        if val[0]:
+            ax.plot(val[0], val[1], "o-", markersize=3, linewidth=0.8, color=c)
+            if val[2] is not None:
+                low = [m - sd for m, sd in zip(val[1], val[2])]
+                high = [m + sd for m, sd in zip(val[1], val[2])]
+                ax.fill_between(val[0], low, high, color=c, alpha=0.2, linewidth=0)
+    several = any(r.get("curves") for r in results.values())
+    ax.set(
+        xlabel="step",
+        ylabel="loss (thin: train, dots: validation)",
+        title="Loss" + (": mean over seeds, band ± 1 sd (validation)" if several else ""),
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(folder / "loss.png", dpi=110)
@@ -248,12 +305,43 @@ def write_run_plots(folder: Path, summary: dict[str, Any], lines: list[dict[str,
     return ["curves.png", *_per_layer_plots(folder, {summary.get("method", "run"): summary})]
 
 
-def write_report(folder: str | Path, results: dict[str, dict[str, Any]], config: dict[str, Any]) -> Path:
-    """``report.md``, ``metrics.json`` and the PNG plots in ``folder``; returns the report's path."""
+def summary_markdown(results: dict[str, dict[str, Any]], config: dict[str, Any]) -> str:
+    """The comparison's table, the best method and those within noise of it (several seeds), and the learning-rate
+    grid's results: what report.md and docs/results.md show."""
+    from .spread import NOISE_RULE, best_and_ties
+
+    parts = [markdown_table(list(columns(results)), table_rows(results))]
+    metric = next((r["metric"] for r in results.values() if r.get("metric")), None)
+    key = metric or "val_loss"
+    best, ties = best_and_ties(results, key, lower=metric is None or "loss" in metric)
+    if best and len(config.get("seeds") or [0]) > 1:
+        tied = f"within noise of it: {', '.join(ties)}" if ties else "no other method is within noise of it"
+        parts.append(f"**Best {key.replace('_', ' ')}: {best}**; {tied}. Rule: {NOISE_RULE}.")
+    header, tuning = tuning_rows(results)
+    if tuning:
+        t = next(r["tuning"] for r in results.values() if r.get("tuning"))
+        parts.append(
+            f"Learning rate per method: the validation loss of a {t['steps']}-step run (seed {t['seed']}) at each "
+            "rate of the grid; the full runs use the best.\n\n" + markdown_table(header, tuning)
+        )
+    return "\n\n".join(parts)
+
+
+def write_report(
+    folder: str | Path,
+    results: dict[str, dict[str, Any]],
+    config: dict[str, Any],
+    runs: dict[str, dict[int, dict[str, Any]]] | None = None,
+) -> Path:
+    """``report.md``, ``metrics.json`` (with every seed's summary in ``runs``) and the PNG plots in ``folder``;
+    returns the report's path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     plots = write_plots(folder, results)
-    (folder / "metrics.json").write_text(json.dumps({"config": config, "results": results}, indent=1, default=str))
+    compact = {m: {k: v for k, v in r.items() if k != "curves"} for m, r in results.items()}
+    (folder / "metrics.json").write_text(
+        json.dumps({"config": config, "results": compact, "runs": runs or {}}, indent=1, default=str)
+    )
     if "task" in config:
         setting = (
             f"`{config['model']}` fine-tuned on `{config['task']}`, {config['steps']} steps, batch "
@@ -265,20 +353,26 @@ def write_report(folder: str | Path, results: dict[str, dict[str, Any]], config:
             f"LLaMA-{config['preset']} on `{config['dataset']}`, {config['steps']} steps, batch "
             f"{config['batch_size']} x {config['seq_len']} tokens (x{config['grad_accum']} accumulation)"
         )
+    seeds = config.get("seeds") or [config["seed"]]
+    seeds_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))} (mean ± sd)"
     lines = [
         "# gradspace compare",
         "",
-        f"{setting}, seed {config['seed']}, device {config['device']}, dtype {config['dtype']}.",
+        f"{setting}, {seeds_text}, device {config['device']}, dtype {config['dtype']}.",
         "",
-        markdown_table(list(columns(results)), table_rows(results)),
+        summary_markdown(results, config),
         "",
+    ]
+    lines += [
         (
             "Each method runs in its own process: peak memory is that process's maximum resident set size on CPU, "
             "`torch.cuda.max_memory_allocated` on GPU. `vs adamw`: the headline metric minus AdamW's (for a loss, "
-            "negative is better); one seed, so a difference smaller than the run-to-run spread is noise. "
-            "Subspace-update time is `optimizer.diagnostics()['update_seconds']` (basis computations and moves, with "
-            "the moment transport); `x galore` divides it by GaLore's, whose updates are its SVDs. `x adamw`: "
+            "negative is better"
+            + ("; one seed, so a difference smaller than the run-to-run spread is noise. " if len(seeds) == 1 else ". ")
+            + "Subspace-update time is `optimizer.diagnostics()['update_seconds']` (basis computations and moves, "
+            "with the moment transport); `x galore` divides it by GaLore's, whose updates are its SVDs. `x adamw`: "
             "optimizer state over AdamW's."
+            + (" Runs shared the CPU (`--jobs`), so wall times are indicative." if config.get("jobs", 1) > 1 else "")
         ),
         "",
         *[f"![{p[:-4]}]({p})" for p in plots],

@@ -6,9 +6,9 @@ import contextlib
 import json
 import math
 import os
-import resource
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,19 +22,11 @@ from .report import write_run_plots
 from .reporters import Reporters
 from .reporters import parse as parse_reporters
 from .runfolder import RunLock
+from .summary import RunDiverged, build_summary, has_diverged, logged_before, logged_by
 
 if TYPE_CHECKING:
     from .encoder import FinetuneSetup
 from .streams import Data
-
-
-def _peak_memory(device) -> int:
-    import torch
-
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 def run_training(cfg: dict[str, Any], out: Path, **kwargs) -> dict[str, Any]:
@@ -120,14 +112,18 @@ def _run_training(
             runfolder.clear(out)
         (out / "config.json").write_text(json.dumps(cfg, indent=1))
         if start and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
-            kept = [ln for ln in metrics_path.read_text().splitlines() if _logged_by(ln, start)]
+            kept = [ln for ln in metrics_path.read_text().splitlines() if logged_by(ln, start)]
             metrics_path.write_text("".join(ln + "\n" for ln in kept))
         elif not start:
             metrics_path.write_text("")
+    # a resumed run's summary covers the whole run: the curves and wall time logged before the checkpoint
+    history_before, evals_before, elapsed_before = logged_before(metrics_path) if main and start else ([], [], 0.0)
     metrics = metrics_path.open("a") if main else open(os.devnull, "w")  # noqa: SIM115 - closed below
     reporters = Reporters(parse_reporters(cfg.get("report_to")) if main else [], out, cfg)
     stack.callback(reporters.close)
-    evals: list[dict] = []
+    evals: list[dict] = evals_before
+    seen: list[dict[str, Any]] = []  # every step's loss, for a summary however the run ends
+    clock = [time.perf_counter()]
 
     def log(line: dict[str, Any]) -> None:
         metrics.write(json.dumps(line) + "\n")
@@ -164,7 +160,7 @@ def _run_training(
         unit="step",
         dynamic_ncols=True,
         file=sys.stderr,
-        disable=not main,
+        disable=not main or os.environ.get("GRADSPACE_PROGRESS") == "0",  # compare --jobs: no bars
     )
 
     last: list[dict] = []
@@ -175,6 +171,7 @@ def _run_training(
             r["loss"] = parallel.mean(r["loss"])
             r["tokens_per_s"] *= parallel.world
         last[:] = [r]
+        seen.append({"step": r["step"], "loss": r["loss"]})
         if math.isfinite(r["loss"]):
             window.append(r["loss"])
         if r["step"] % cfg["log_every"] == 0 or r["step"] == cfg["steps"]:
@@ -189,6 +186,7 @@ def _run_training(
                     "tokens_per_s": r["tokens_per_s"],
                     "step_time": r["step_time"],
                     "grad_norm": r["grad_norm"],
+                    "elapsed": elapsed_before + time.perf_counter() - clock[0],
                 }
             )
 
@@ -206,6 +204,7 @@ def _run_training(
                 flag.request()
             return parallel.any(flag.requested)  # every rank stops at the same step
 
+        clock[0] = time.perf_counter()
         try:
             result = train(
                 model,
@@ -228,10 +227,26 @@ def _run_training(
                 "aborted by a second Ctrl-C without saving; resume from the last checkpoint with "
                 f"`gradspace {command} --resume {out}`"
             ) from None
-        except FloatingPointError as err:
+        except FloatingPointError as err:  # a non-finite loss or gradient: the run has diverged
             bar.close()
             metrics.close()
-            raise UsageError(str(err)) from None
+            if main:
+                nan = float("nan")
+                summary = build_summary(
+                    cfg,
+                    start,
+                    optimizer,
+                    device,
+                    history=[*history_before, *seen],
+                    evals=evals,
+                    wall_time=elapsed_before + time.perf_counter() - clock[0],
+                    extra={**settings, **(extra or {})},
+                    diverged=True,
+                    nonfinite=str(err),
+                    **dict.fromkeys(("train_loss", "final_loss", "val_loss", "val_ppl", "tokens_per_s"), nan),
+                )
+                (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+            raise RunDiverged(f"{err} (the run is marked diverged in {out / 'summary.json'})") from None
     bar.close()
     if result["stopped_at"] is not None:
         path = save(result["stopped_at"])
@@ -248,31 +263,23 @@ def _run_training(
     do_eval(cfg["steps"])
     save(cfg["steps"])
     metrics.close()
-    diag = optimizer.diagnostics()
     final = {k: v for k, v in evals[-1].items() if k != "step"} if evals else dict(no_eval or {})
-    summary = {
-        "method": cfg["method"],
-        "steps": cfg["steps"],
-        "start_step": start,
-        "train_loss": result["train_loss"],
-        "final_loss": result["history"][-1]["loss"],
-        "skipped_steps": result["skipped_steps"] + optimizer.skipped_steps,
-        "diverged": _diverged(result["history"], result["train_loss"]),
+    summary = build_summary(
+        cfg,
+        start,
+        optimizer,
+        device,
+        history=[*history_before, *({"step": r["step"], "loss": r["loss"]} for r in result["history"])],
+        evals=evals,
+        wall_time=elapsed_before + result["wall_time"],
+        extra={**settings, **(extra or {})},
+        train_loss=result["train_loss"],
+        final_loss=result["history"][-1]["loss"],
+        skipped_steps=result["skipped_steps"] + optimizer.skipped_steps,
+        diverged=has_diverged(result["history"], result["train_loss"]),
         **final,
-        "wall_time": result["wall_time"],
-        "tokens_per_s": result["tokens_per_s"],
-        "update_seconds": diag["update_seconds"],
-        "state_bytes": diag["state_bytes"],
-        "peak_memory": _peak_memory(device),
-        "history": [{"step": r["step"], "loss": r["loss"]} for r in result["history"]],
-        "evals": evals,
-        "weights": {
-            name: {"rank": w["rank"], "energy": w["energy"], "updates": w["updates"], "state_bytes": w["state_bytes"]}
-            for name, w in diag["weights"].items()
-        },
-        **settings,
-        **(extra or {}),
-    }
+        tokens_per_s=result["tokens_per_s"],
+    )
     if main:
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         lines = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
@@ -284,35 +291,6 @@ def _run_training(
             f"in {out}); lower --lr (now {settings['lr']:g}), lengthen --warmup, or keep --grad-clip on"
         )
     return summary
-
-
-class RunDiverged(Exception):
-    """The run finished and was saved, but its loss ended well above where it started (exit code 3)."""
-
-
-#: a run whose last steps' mean train loss is this much above its first steps' (relatively) has diverged; runs
-#: shorter than DIVERGENCE_MIN_STEPS are judged only by non-finite losses (a few noisy batches say nothing)
-DIVERGENCE_MARGIN = 0.5
-DIVERGENCE_MIN_STEPS = 20
-
-
-def _diverged(history: list[dict[str, Any]], train_loss: float) -> bool:
-    finite = [r["loss"] for r in history if math.isfinite(r["loss"])]
-    if not finite or not math.isfinite(train_loss):
-        return True
-    if len(history) < DIVERGENCE_MIN_STEPS:
-        return False
-    window = max(1, min(10, len(history) // 10))
-    first = sum(finite[:window]) / len(finite[:window])
-    return train_loss > first * (1 + DIVERGENCE_MARGIN)
-
-
-def _logged_by(line: str, step: int) -> bool:
-    """A metrics.jsonl line written at or before ``step`` (a half-written last line, from a killed run, is dropped)."""
-    try:
-        return json.loads(line)["step"] <= step
-    except (ValueError, KeyError, TypeError):
-        return False
 
 
 def _make_optimizer(cfg: dict[str, Any], model, settings: dict[str, Any], default_targets, **extra):
