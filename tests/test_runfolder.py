@@ -39,12 +39,17 @@ def test_a_live_writer_locks_the_folder_and_a_stale_lock_is_taken_over(tmp_path,
     assert not (out / LOCK).exists()
 
 
-def test_compare_refuses_a_used_folder_unless_overwrite(tmp_path, capsys):
+def test_compare_continues_its_own_folder_and_refuses_another_comparison_unless_overwrite(tmp_path, capsys):
     out = tmp_path / "cmp"
     args = ["compare", "--methods", "adamw", *SMALL, "--steps", "2", "--out", out]
     assert run(*args) == 0
-    assert_clean_error(capsys, run(*args), "already holds a comparison", "--overwrite")
-    assert run(*args, "--overwrite") == 0
+    done = (out / "adamw" / "summary.json").stat().st_mtime_ns
+    assert run(*args) == 0 and (out / "adamw" / "summary.json").stat().st_mtime_ns == done  # nothing reran
+    assert_clean_error(capsys, run(*args, "--lr", "1e-3"), "other settings (lr)", "--overwrite")
+    assert run(*args, "--lr", "1e-3", "--overwrite") == 0
+    assert (out / "adamw" / "summary.json").stat().st_mtime_ns != done
+    (out / "compare.json").unlink()  # a folder from before compare.json: nothing says what it was
+    assert_clean_error(capsys, run(*args), "cannot be resumed", "--overwrite")
 
 
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
