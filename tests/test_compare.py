@@ -161,3 +161,17 @@ def test_sigterm_to_compare_stops_its_children_with_a_checkpoint_and_a_rerun_fin
     assert "run the same command again" in err and list((out / "galore" / "checkpoints").glob("ckpt-*.pt"))
     assert run(*argv) == 0
     assert json.loads((out / "galore" / "summary.json").read_text())["start_step"] > 0
+
+
+def test_a_grid_may_grow_but_not_lose_rates(tmp_path):
+    m = {"config": {"steps": 2}, "lr_grid": {"galore": [1e-3, 3e-3]}, "tune_fraction": 0.25}
+    (tmp_path / "compare.json").write_text(json.dumps(m))
+    grown = {**m, "lr_grid": {"galore": [1e-3, 3e-3, 1e-2]}}
+    assert compare.check_manifest(tmp_path, grown, False)["lr_grid"] == grown["lr_grid"]
+    with pytest.raises(UsageError, match="lr_grid of galore"):
+        compare.check_manifest(tmp_path, {**m, "lr_grid": {"galore": [1e-2]}}, False)
+    with pytest.raises(UsageError, match="tune_fraction"):
+        compare.check_manifest(tmp_path, {**m, "tune_fraction": 0.5}, False)
+    kept = compare.check_manifest(tmp_path, {**m, "lr_grid": {"adamw": [1e-3]}}, False)["lr_grid"]
+    assert kept == {"galore": [1e-3, 3e-3], "adamw": [1e-3]}  # the other method's grid stays on record
+    assert compare.check_manifest(tmp_path, {**m, "config": {"steps": 3}}, True)["config"] == {"steps": 3}

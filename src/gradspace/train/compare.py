@@ -307,7 +307,8 @@ def check_manifest(out: Path, manifest: dict[str, Any], overwrite: bool) -> dict
         return manifest
     saved = json.loads(path.read_text())
     grid, saved_grid = manifest["lr_grid"], saved.get("lr_grid") or {}
-    differ = [f"lr_grid of {m}" for m in grid if m in saved_grid and saved_grid[m] != grid[m]]
+    # a grid may grow (its finished tuning runs are kept; a full run whose chosen rate changes reruns)
+    differ = [f"lr_grid of {m}" for m in grid if m in saved_grid and not set(saved_grid[m]) <= set(grid[m])]
     differ += ["tune_fraction"] if grid and saved.get("tune_fraction") != manifest["tune_fraction"] else []
     differ += _differing(saved.get("config", {}), manifest["config"])
     if differ:

@@ -114,7 +114,8 @@ def tuning_rows(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[lis
             ("-" if lr not in losses else "diverged" if losses[lr] == float("inf") else f"{losses[lr]:.4f}")
             for lr in rates
         ]
-        rows.append([method, *cells, f"{t['chosen']:g}"])
+        edge = len(losses) > 2 and t["chosen"] in (min(losses), max(losses))
+        rows.append([method, *cells, f"{t['chosen']:g}" + (" (edge of the grid)" if edge else "")])
     return header, rows
 
 
