@@ -91,6 +91,10 @@ def runs(tmp_path_factory):
     out["ddp_resumed"] = torchrun(
         "--resume", root / "ddp" / "checkpoints" / "ckpt-0000003.pt", "--threads", 1, "--out", root / "ddp_resumed"
     )
+    noclip = [*ARGS, "--grad-clip", "0"]
+    assert cli.main(["pretrain", *noclip, "--batch-size", "4", "--out", str(root / "single_noclip")]) == 0
+    out["layerwise"] = torchrun(*noclip, "--batch-size", 2, "--layerwise", "--out", root / "layerwise")
+    out["layerwise_fsdp"] = torchrun(*noclip, "--batch-size", 2, "--layerwise", "--fsdp", "--out", root / "lf")
     out["fsdp"] = torchrun(*ARGS, "--batch-size", 2, "--fsdp", "--out", root / "fsdp", "--stop-after", 3)
     out["fsdp_resumed"] = torchrun("--resume", root / "fsdp", "--fsdp", "--threads", 1)
     return out
@@ -103,6 +107,16 @@ def test_ddp_run_matches_one_process_with_the_global_batch(runs):
     assert (root / "ddp" / "summary.json").is_file() and (root / "ddp" / "metrics.jsonl").is_file()
     assert sorted(p.name for p in (root / "ddp" / "checkpoints").iterdir()) == ["ckpt-0000003.pt", "ckpt-0000006.pt"]
     assert_close(final_model(root / "ddp"), final_model(root / "single"))
+
+
+def test_torchrun_layerwise_is_data_parallel_and_matches_one_process(runs):
+    root = runs["root"]
+    assert runs["layerwise"].returncode == 0, runs["layerwise"].stderr[-3000:]
+    assert "2 processes, ddp" in runs["layerwise"].stderr
+    assert_close(final_model(root / "layerwise"), final_model(root / "single_noclip"))
+    refused = runs["layerwise_fsdp"]
+    assert refused.returncode != 0 and "--layerwise does not run under --fsdp" in refused.stderr
+    assert not (root / "lf").exists()
 
 
 def test_ddp_resume_is_bit_identical(runs):

@@ -7,6 +7,7 @@ sharded updates must give the replicated run's exact bits, and FSDP2 must match 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
@@ -18,8 +19,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from gradspace import SubspaceOptimizer, create_optimizer
-from gradspace.distributed import owners, wrap_model
+from gradspace.distributed import owners, replicate, wrap_model
+from gradspace.layerwise import Layerwise
 from gradspace.methods import METHODS
+from gradspace.train.loop import train as train_loop
 
 WORLD = 2
 STEPS = 14  # with GAP 4: bases move at steps 4, 8 and 12 (adarank: by its criteria, within [1, 4])
@@ -67,6 +70,18 @@ def train(model, opt, steps, rank=None, start=0):
         opt.step()
 
 
+def train_accumulating(model, opt, steps, rank, ddp: bool):
+    """Two micro-batches per step (the rank's two halves): DDP reduces only the second (``no_sync``); layer-wise
+    mode counts its own windows."""
+    for t in range(steps):
+        x, y = batch(t, rank)
+        opt.zero_grad(set_to_none=True)
+        for i, half in enumerate((slice(0, len(x) // 2), slice(len(x) // 2, None))):
+            with model.no_sync() if ddp and i == 0 else contextlib.nullcontext():
+                (nn.functional.mse_loss(model(x[half]), y[half]) / 2).backward()
+        opt.step()
+
+
 def full(model) -> dict[str, torch.Tensor]:
     return {
         n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()
@@ -99,6 +114,22 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 opt = optimizer(name, model, distributed=mode)
                 train(model, opt, STEPS, rank)
                 out[("fsdp2", name, mode)] = full(model)
+            model = replicate(make_net())  # layer-wise data parallelism: each gradient averaged, then stepped
+            opt = optimizer(name, model)
+            Layerwise(opt, process_group=dist.group.WORLD)
+            train(model, opt, STEPS, rank)
+            out[("layerwise", name)] = full(model)
+        for name in ("galore", "grassjump", "subtrack++"):  # projected accumulation (galore, grassjump), and not
+            model = wrap_model(make_net(), "ddp")
+            opt = optimizer(name, model.module)
+            train_accumulating(model, opt, STEPS, rank, ddp=True)
+            out[("ddp-accum", name)] = full(model.module)
+            model = replicate(make_net())
+            opt = optimizer(name, model)
+            Layerwise(opt, accumulation_steps=2, process_group=dist.group.WORLD)
+            train_accumulating(model, opt, STEPS, rank, ddp=False)
+            out[("layerwise-accum", name)] = full(model)
+        out["nan"] = _nan_on_one_rank(rank)
         out["resume"] = _resume_matches(rank)
         model = make_net()
         wrap_model(model, "fsdp2", blocks=[model.up, model.down])
@@ -132,6 +163,49 @@ def _resume_matches(rank: int) -> dict[str, bool]:
     return out
 
 
+class Out(dict):
+    @property
+    def loss(self):
+        return self["loss"]
+
+
+class LossNet(nn.Module):
+    """The Net with a Hugging Face-like output, for the training loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_net()
+
+    def forward(self, input_ids, labels):
+        return Out(loss=nn.functional.mse_loss(self.net(input_ids), labels))
+
+
+def _nan_on_one_rank(rank: int) -> dict:
+    """Only rank 1's loss is NaN at step 2: every rank must raise, or skip, at that step (else rank 0 would wait
+    in the gradient all-reduce for ever)."""
+
+    def all_ok(ok: bool) -> bool:
+        flag = torch.tensor([1.0 if ok else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
+    def batches():
+        for t in range(4):
+            x, y = batch(t, rank)
+            yield {"input_ids": x.fill_(float("nan")) if (rank, t) == (1, 1) else x, "labels": y}
+
+    out = {}
+    for mode in ("error", "skip"):
+        model = wrap_model(LossNet(), "ddp")
+        opt = optimizer("galore", model.module)
+        try:
+            result = train_loop(model, opt, batches(), 4, grad_clip=0, skip_nonfinite=mode == "skip", all_finite=all_ok)
+            out[mode] = (result["skipped_steps"], [r["step"] for r in result["history"]], full(model.module))
+        except FloatingPointError as err:
+            out[mode] = str(err)
+    return out
+
+
 def _nonfinite_shard_skips_everywhere(rank: int) -> tuple[int, bool]:
     """FSDP2: an inf in rank 1's rows only; with nonfinite="skip" both ranks must skip (or they would diverge)."""
     model = make_net()
@@ -146,10 +220,21 @@ def _nonfinite_shard_skips_everywhere(rank: int) -> tuple[int, bool]:
     return opt.skipped_steps, all(torch.equal(before[k], v) for k, v in full(model).items())
 
 
+HANG = 300  # seconds: the workers take about a minute; a collective that never completes fails the tests
+
+
 @pytest.fixture(scope="module")
 def runs():
+    import time
+
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
+        ctx = mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=False)
+        deadline = time.monotonic() + HANG
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                pytest.fail(f"the distributed workers did not finish in {HANG} s: a rank is stuck in a collective")
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
 
 
@@ -187,6 +272,28 @@ def test_sharded_updates_give_the_replicated_bits(runs, name):
     assert all(torch.equal(replicated[k], sharded[k]) for k in replicated)
     assert runs[0][("updates", name, None)] == runs[1][("updates", name, "shard_updates")]
     assert max(runs[0][("updates", name, None)]) >= 3 or name.startswith("osd")  # osd moves every step instead
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_layerwise_data_parallel_matches_ddp(runs, name):
+    r0, r1 = runs[0][("layerwise", name)], runs[1][("layerwise", name)]
+    assert all(torch.equal(r0[k], r1[k]) for k in r0), f"{name}: ranks differ"
+    assert_close(r0, runs[0][("ddp", name, None)], f"{name} layer-wise data-parallel vs DDP")
+
+
+@pytest.mark.parametrize("name", ["galore", "grassjump", "subtrack++"])
+def test_layerwise_data_parallel_accumulation_matches_ddp_no_sync(runs, name):
+    for r in range(WORLD):
+        assert_close(runs[r][("layerwise-accum", name)], runs[0][("ddp-accum", name)], f"{name} rank {r}")
+    assert not torch.equal(runs[0][("ddp-accum", name)]["up.weight"], runs[0][("ddp", name, None)]["up.weight"])
+
+
+def test_a_nan_loss_on_one_rank_makes_every_rank_decide_the_same(runs):
+    errors = [r["nan"]["error"] for r in runs]
+    assert "loss is nan at step 2" in errors[1] and "not finite on another rank at step 2" in errors[0]
+    (skipped0, steps0, weights0), (skipped1, steps1, weights1) = (r["nan"]["skip"] for r in runs)
+    assert skipped0 == skipped1 == 1 and steps0 == steps1 == [1, 2, 3, 4]
+    assert all(torch.equal(weights0[k], weights1[k]) for k in weights0)
 
 
 @pytest.mark.parametrize("name", list(METHODS))

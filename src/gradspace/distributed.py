@@ -262,6 +262,15 @@ def wrap_model(model: nn.Module, strategy: str = "none", *, blocks: Iterable[nn.
     raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
 
 
+@torch.no_grad()
+def replicate(model: nn.Module, group=None) -> nn.Module:
+    """Rank 0's parameters and buffers on every rank (what DDP's constructor does), for layer-wise data
+    parallelism, which steps an unwrapped model (``Layerwise(opt, process_group=...)``)."""
+    for t in model.state_dict().values():
+        dist.broadcast(t, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return model
+
+
 def init_from_env(device: str = "cpu") -> tuple[int, int, torch.device]:
     """``(rank, world size, device)`` of this process under ``torchrun``, which sets RANK, WORLD_SIZE and LOCAL_RANK.
 

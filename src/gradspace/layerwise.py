@@ -18,6 +18,13 @@ Differences from the normal mode, by necessity: a non-finite gradient is caught 
 skips the affected parameter's step only. A parameter that receives no gradient in a backward pass does not count
 that pass. Save checkpoints at accumulation boundaries (a partial window's buffers are not in the state dict).
 
+**Data-parallel** (``process_group``, e.g. ``torch.distributed.group.WORLD`` under torchrun, with the model *not*
+wrapped in DDP): at the last backward of a window each gradient is averaged over the ranks by its own all-reduce,
+then stepped and freed, so no rank ever holds the whole gradient set (DDP's buckets are a second copy of it, which
+is why this does not go through DDP). Micro-batches before the last reduce nothing, as under DDP's ``no_sync``.
+Every rank must give every parameter a gradient in every backward pass (as DDP requires by default), and the
+model must start equal on every rank: :func:`gradspace.distributed.replicate` broadcasts rank 0's.
+
 A training loop that decides the windows itself (the Hugging Face Trainer shortens an epoch's last window)
 passes ``sync``, a callable that is true during the last backward of a window, instead of counting:
 ``Layerwise(opt, sync=lambda: accelerator.sync_gradients)``. The optimizer's own ``step()`` then finds no
@@ -44,6 +51,7 @@ class Layerwise:
         accumulation_steps: int = 1,
         *,
         sync: Callable[[], bool] | None = None,
+        process_group=None,
     ):
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
@@ -52,6 +60,8 @@ class Layerwise:
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
         self.sync = sync
+        self.group = process_group
+        self.world = 1 if process_group is None else torch.distributed.get_world_size(process_group)
         self._count: dict[torch.Tensor, int] = {}  # backward passes so far in the parameter's current window
         self._projected: dict[torch.Tensor, torch.Tensor] = {}
         # indices, not group dicts: load_state_dict replaces the dicts, and LR schedulers write the new ones
@@ -76,6 +86,10 @@ class Layerwise:
         if boundary:
             self._count[p] = 0
             self._projected.pop(p, None)
+            if self.world > 1:  # the same parameters in the same order on every rank: autograd's order
+                for t in (p.grad, acc) if acc is not None else (p.grad,):
+                    torch.distributed.all_reduce(t, group=self.group)
+                    t.div_(self.world)
             self.optimizer.step_param(p, acc, self._group(p))
             p.grad = None
             return

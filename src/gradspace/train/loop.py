@@ -55,6 +55,7 @@ def train(
     grad_accum: int = 1,
     step_hook: Callable[[int], bool | None] | None = None,
     skip_nonfinite: bool = False,
+    all_finite: Callable[[bool], bool] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` for ``steps`` optimizer steps on ``batches`` (e.g. a :class:`~gradspace.train.data.BatchStream`
     of ``(input_ids, labels)``, or a :class:`~gradspace.train.tasks.ExampleStream` of input dicts).
@@ -66,6 +67,8 @@ def train(
     seconds, "tokens": count (not padding), "stopped_at": step or None}``. Evaluation is the caller's, from
     ``step_hook``. A non-finite loss raises
     ``FloatingPointError``, or with ``skip_nonfinite`` skips that optimizer step (counted in ``skipped_steps``).
+    Under torchrun ``all_finite(ok)`` is true only when every rank's loss is finite (``Parallel.all_ok``): ranks
+    decide together, so one rank's NaN never leaves the others waiting in the gradient all-reduce.
 
     Resuming: ``start_step`` is the number of steps already done (the model, optimizer, scheduler and batches
     restored by the caller); steps ``start_step + 1 .. steps`` run. ``grad_accum`` micro-batches are averaged per
@@ -93,11 +96,12 @@ def train(
         for _ in range(grad_accum):
             inputs = _model_inputs(next(batches), device)
             loss = model(**inputs).loss
-            if not torch.isfinite(loss):
+            here = bool(torch.isfinite(loss))
+            if not (here if all_finite is None else all_finite(here)):
                 if not skip_nonfinite:
+                    what = f"loss is {loss.item()}" if not here else "the loss is not finite on another rank"
                     raise FloatingPointError(
-                        f"loss is {loss.item()} at step {step}; lower the learning rate, or pass --nonfinite skip "
-                        "to skip such steps"
+                        f"{what} at step {step}; lower the learning rate, or pass --nonfinite skip to skip such steps"
                     )
                 finite = False  # the rest of the window is still drawn, so the data position stays the same
                 continue

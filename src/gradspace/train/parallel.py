@@ -25,13 +25,26 @@ class Parallel:
         self.distributed = "shard_updates" if shard_updates else None
         self.main = self.rank == 0
 
-    def wrap(self, model, blocks) -> tuple[Any, Any]:
+    def wrap(self, model, blocks, layerwise: bool = False) -> tuple[Any, Any]:
         """``(model to train, module whose parameters the optimizer gets)``. Under DDP that is ``model.module``,
-        with the single-process parameter names, so target modules match and checkpoints are interchangeable."""
-        from ..distributed import wrap_model
+        with the single-process parameter names, so target modules match and checkpoints are interchangeable.
+        Layer-wise data parallelism trains the model unwrapped, started from rank 0's weights (its gradients are
+        averaged by ``Layerwise``)."""
+        from ..distributed import replicate, wrap_model
 
+        if layerwise and self.strategy == "ddp":
+            return replicate(model), model
         wrapped = wrap_model(model, self.strategy, blocks=blocks)
         return wrapped, model
+
+    @property
+    def group(self):
+        """The process group of the job (None in one process)."""
+        if self.world == 1:
+            return None
+        import torch.distributed as dist
+
+        return dist.group.WORLD
 
     def _reduce(self, value: float, op) -> float:
         import torch

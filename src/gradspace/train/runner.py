@@ -219,6 +219,7 @@ def _run_training(
                 log_every=1,
                 step_hook=hook,
                 skip_nonfinite=cfg["nonfinite"] == "skip",
+                all_finite=parallel.all_ok if parallel.world > 1 else None,
             )
         except KeyboardInterrupt:
             bar.close()
@@ -293,9 +294,12 @@ def _run_training(
     return summary
 
 
-def _make_optimizer(cfg: dict[str, Any], model, settings: dict[str, Any], default_targets, **extra):
+def _make_optimizer(
+    cfg: dict[str, Any], model, settings: dict[str, Any], default_targets, parallel: Parallel | None = None, **extra
+):
     """The method's optimizer with the run's options, its schedule (``transformers.get_scheduler``), and
-    layer-wise mode when asked for; bad options are one-line errors."""
+    layer-wise mode when asked for (under torchrun averaging each gradient over the ranks); bad options are
+    one-line errors."""
     from transformers import get_scheduler
 
     from .. import create_optimizer
@@ -336,16 +340,21 @@ def _make_optimizer(cfg: dict[str, Any], model, settings: dict[str, Any], defaul
         num_training_steps=cfg["steps"],
         scheduler_specific_kwargs=kwargs,
     )
-    layerwise = Layerwise(optimizer, accumulation_steps=cfg["grad_accum"]) if cfg["layerwise"] else None
+    group = parallel.group if parallel is not None else None
+    layerwise = (
+        Layerwise(optimizer, accumulation_steps=cfg["grad_accum"], process_group=group) if cfg["layerwise"] else None
+    )
     return optimizer, scheduler, layerwise
 
 
 def _prepare_model(cfg: dict[str, Any], model, parallel: Parallel):
-    """Gradient checkpointing and torch.compile, as asked; layer-wise mode needs one process."""
-    if cfg["layerwise"] and parallel.world > 1:
+    """Gradient checkpointing and torch.compile, as asked; layer-wise mode under torchrun is data-parallel
+    without FSDP2."""
+    if cfg["layerwise"] and parallel.strategy == "fsdp2":
         raise UsageError(
-            "--layerwise runs in one process for now; drop it under torchrun (DDP/FSDP2 keep all "
-            "gradients until the step)"
+            "--layerwise does not run under --fsdp yet: drop --fsdp (layer-wise under torchrun averages each "
+            "gradient over the ranks and steps it at once, so no rank holds the whole gradient set), or drop "
+            "--layerwise"
         )
     if cfg["grad_checkpointing"]:
         if not hasattr(model, "gradient_checkpointing_enable"):
@@ -387,13 +396,17 @@ def run_pretrain(
     stream = parallel.shard(data.stream())
     torch.manual_seed(cfg["seed"])
     model = _causal_lm(cfg, data.vocab_size).to(device=device, dtype=dtype)
-    model, inner = parallel.wrap(_prepare_model(cfg, model, parallel), blocks=_blocks(model))
+    model, inner = parallel.wrap(
+        _prepare_model(cfg, model, parallel), blocks=_blocks(model), layerwise=cfg["layerwise"]
+    )
     settings = PRETRAIN.settings(cfg)
     own_rank = "rank" in preset_projection(cfg["method"])
     if cfg.get("model") and METHODS[cfg["method"]] is not None and cfg.get("rank") is None and not own_rank:
         hidden = getattr(inner.config, "hidden_size", None) or getattr(inner.config, "n_embd", 512)
         settings["rank"] = max(1, hidden // 4)  # rank d/4, the papers' ratio
-    optimizer, scheduler, _layerwise = _make_optimizer(cfg, inner, settings, None, **_distributed_option(parallel))
+    optimizer, scheduler, _layerwise = _make_optimizer(
+        cfg, inner, settings, None, parallel, **_distributed_option(parallel)
+    )
     model = _compiled(cfg, model)
     evaluate_fn = (lambda: evaluate(model, data.eval_batches)) if data.eval_batches else None
     summary = run_training(
@@ -526,10 +539,12 @@ def run_finetune(
     setup = setup or FinetuneSetup(cfg)
     task = setup.task
     model = setup.model.to(device=device, dtype=dtype)
-    model, inner = parallel.wrap(_prepare_model(cfg, model, parallel), blocks=_blocks(model))
+    model, inner = parallel.wrap(
+        _prepare_model(cfg, model, parallel), blocks=_blocks(model), layerwise=cfg["layerwise"]
+    )
     settings = FINETUNE.settings(cfg)
     optimizer, scheduler, _layerwise = _make_optimizer(
-        cfg, inner, settings, setup.targets, **_distributed_option(parallel)
+        cfg, inner, settings, setup.targets, parallel, **_distributed_option(parallel)
     )
     model = _compiled(cfg, model)
     collate = collate_fn(setup.tokenizer, cfg["max_length"], dtype if task.regression else torch.long)
