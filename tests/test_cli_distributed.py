@@ -182,3 +182,34 @@ def test_parallel_flags_need_torchrun(flag, capsys, tmp_path, monkeypatch):
         code = exc.code
     err = capsys.readouterr().err
     assert code == 2 and "needs several processes" in err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to torchrun", "Ctrl-C to the process group"])
+def test_a_signal_to_torchrun_saves_one_checkpoint_and_the_run_resumes(how, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "gradspace"]
+    argv = [*ARGS, "--batch-size", "2", "--steps", "40", "--eval-every", "0", "--out", str(out)]
+    proc = subprocess.Popen(
+        [*cmd, "pretrain", *argv], env={**env, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if how.startswith("SIGTERM"):
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: every process of the group gets it
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0 and err.count("interrupted at step") == 1, err[-3000:]
+    (ckpt,) = list_checkpoints(out / "checkpoints")  # exactly one, written by rank 0 for both ranks
+    step = load_checkpoint(ckpt)["step"]
+    assert 2 <= step < 40
+    resumed = torchrun("--resume", out, "--threads", 1)
+    assert resumed.returncode == 0 and f"resuming at step {step}" in resumed.stderr, resumed.stderr[-3000:]
+    assert load_checkpoint(list_checkpoints(out / "checkpoints")[-1])["step"] == 40
