@@ -408,3 +408,12 @@ def test_gradspace_trainer_honours_args_optim(tmp_path):
 def test_pytorch_optimizers_argument_order_gets_a_message():
     with pytest.raises(TypeError, match="the method name comes first"):
         create_optimizer(tiny_llama(), "galore")
+
+
+def test_gradspace_trainer_under_fsdp_refuses_and_says_what_works(tmp_path):
+    args = hf_args(tmp_path / "f", max_steps=2, save_strategy="no")
+    trainer = GradspaceTrainer(model_init=tiny_llama, args=args, train_dataset=Tokens(), method="galore")
+    trainer.is_fsdp_enabled = True  # what the Trainer sets from Accelerate's FSDP plugin
+    with pytest.raises(NotImplementedError, match=r"does not run under FSDP.*DDP.*gradspace pretrain --fsdp"):
+        trainer.create_optimizer()
+    assert trainer.optimizer is None

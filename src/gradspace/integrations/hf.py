@@ -274,6 +274,13 @@ class GradspaceTrainer(Trainer):
         super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model=None):
+        if self.optimizer is None and getattr(self, "is_fsdp_enabled", False):
+            raise NotImplementedError(
+                "GradspaceTrainer does not run under FSDP yet: Accelerate's FSDP saves and loads the optimizer "
+                "state by parameter shards, which does not fit gradspace's per-weight bases and projected moments. "
+                "Train with DDP (torchrun/accelerate without an FSDP config; layer-wise needs one process here), or "
+                "use `torchrun ... gradspace pretrain --fsdp` / `gradspace finetune --fsdp`, which run FSDP2"
+            )
         if self.optimizer is None:
             model = self.model if model is None else model
             g = self.gradspace
