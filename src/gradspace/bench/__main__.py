@@ -45,6 +45,8 @@ def main(argv=None) -> None:
     dst = sub.add_parser("distributed", help="subspace updates sharded over 2 gloo ranks vs replicated vs 1 process")
     dst.add_argument("--tracker", default="svd")
     dst.add_argument("--steps", type=int, default=3)
+    dst.add_argument("--memory", action="store_true", help="instead: per-rank memory of DDP, layer-wise DDP, FSDP2")
+    dst.add_argument("--preset", default="60m", help="with --memory: the LLaMA preset")
     ada = sub.add_parser("adarank", help="AdaRankGrad: refresh-criterion sweep, or --variants: rank rules vs GaLore")
     ada.add_argument("--steps", type=int, default=300)
     ada.add_argument(
@@ -124,9 +126,14 @@ def main(argv=None) -> None:
         print(budget.run(args.preset, args.rank, extra))
 
     elif args.bench == "distributed":
-        from . import sharded_updates
+        if args.memory:
+            from . import distributed_memory
 
-        print(sharded_updates.run(args.tracker, args.steps))
+            print(distributed_memory.run(args.preset))
+        else:
+            from . import sharded_updates
+
+            print(sharded_updates.run(args.tracker, args.steps))
 
     elif args.bench == "adarank":
         from . import adarank_sweep

@@ -21,7 +21,7 @@ import torch
 from ..layerwise import Layerwise
 from ..methods import METHODS, create_optimizer, preset_projection
 from ..optimizer import optimizer_state_bytes
-from ..train.models import PRESETS, build_llama
+from ..train.models import PRESETS, build_llama, checkpoint_activations
 from ..train.report import markdown_table
 from .memory import formula_bytes
 
@@ -59,9 +59,7 @@ def child(spec: dict) -> dict:
     cuda = spec["device"].startswith("cuda")
     torch.manual_seed(0)
     model = build_llama(spec["preset"], vocab_size=spec["vocab"]).to(spec["device"])
-    model.config.use_cache = False
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    enable({"use_reentrant": False}) if enable else model.gradient_checkpointing_enable({"use_reentrant": False})
+    checkpoint_activations(model)
     x = torch.randint(0, spec["vocab"], (1, spec["seq_len"]), generator=torch.Generator().manual_seed(1))
     x = x.to(spec["device"])
     method, options = spec["method"], dict(spec["options"])

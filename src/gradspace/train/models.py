@@ -71,3 +71,14 @@ def build_llama(preset: str, vocab_size: int = 50257, device: str | torch.device
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def checkpoint_activations(model) -> None:
+    """Gradient checkpointing of a Hugging Face model, non-reentrant, under either name transformers gives it."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False

@@ -359,12 +359,9 @@ def _prepare_model(cfg: dict[str, Any], model, parallel: Parallel):
     if cfg["grad_checkpointing"]:
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise UsageError("--grad-checkpointing needs a Hugging Face model (gradient_checkpointing_enable)")
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name for it
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if getattr(model, "config", None) is not None:
-            model.config.use_cache = False
+        from .models import checkpoint_activations
+
+        checkpoint_activations(model)
     return model
 
 
