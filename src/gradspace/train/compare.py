@@ -356,7 +356,9 @@ def run_compare(
         what = f"fine-tuning {cfg['model']} on {setup.info}"
     else:
         what = f"llama-{cfg['preset']}, {Data(run_config(cfg, methods[0], seed_list[0])).info}"
-    shown = f"{', '.join(methods)} x {seeds} seed(s)" + (f", lr tuned over {grid}" if grid else "")
+    grids = {tuple(g) for g in grid.values()}
+    rates = ", ".join(f"{lr:g}" for lr in next(iter(grids))) if len(grids) == 1 and len(grid) == len(methods) else ""
+    shown = f"{', '.join(methods)} x {seeds} seed(s)" + (f", lr tuned over {rates or grid}" if grid else "")
     print(f"gradspace compare: {shown}; {what}; report in {out}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
