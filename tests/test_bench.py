@@ -50,3 +50,18 @@ def test_svd_bench_reports_every_grid_point(monkeypatch):
     out = svd.run("tiny", rank=4, grid=((0, 0), (8, 1)))
     rows = _rows(out)
     assert {"0", "8"} <= set(rows) and float(rows["8"][1]) < 5.0  # shortfall in %, power iteration on
+
+
+def test_distributed_memory_bench_shows_what_each_strategy_holds_per_rank():
+    from gradspace.bench import distributed_memory
+
+    table = distributed_memory.run("tiny")
+    rows = {
+        line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table.splitlines() if ", rank " in line
+    }
+    assert len(rows) == 6
+    weights = {k: float(v[0]) for k, v in rows.items()}
+    grads = {k: float(v[1]) for k, v in rows.items()}
+    assert grads["DDP layer-wise, rank 0"] == grads["DDP layer-wise, rank 1"] == 0  # freed after each step
+    assert grads["DDP, rank 0"] == weights["DDP, rank 0"] > 0
+    assert abs(weights["FSDP2, rank 0"] - weights["DDP, rank 0"] / 2) < 0.01 * weights["DDP, rank 0"]  # rows
