@@ -356,7 +356,7 @@ def test_compare_on_a_task_reports_the_metric_per_method(tmp_path, sentiment_csv
     )
     report = (out / "report.md").read_text()
     assert (
-        "| method | val f1 | vs adamw | val loss |" in report and "| galore |" in report and "fine-tuned on" in report
+        "| method | lr | val f1 | vs adamw | val loss |" in report and "| galore |" in report and "fine-tuned on" in report
     )
     raw = json.loads((out / "metrics.json").read_text())["results"]
     assert raw["galore"]["state_bytes"] < raw["adamw"]["state_bytes"]
