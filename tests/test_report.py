@@ -44,3 +44,29 @@ def test_rank_plot_only_when_a_rank_varies(tmp_path):
     assert "rank.png" not in report.write_plots(tmp_path, fixed)
     assert "rank.png" in report.write_plots(tmp_path, RESULTS)
     assert (tmp_path / "state_bytes.png").stat().st_size > 1000
+
+
+def test_several_seeds_show_mean_and_spread_and_mark_differences_within_noise():
+    def seeds(loss, sd):
+        return {**summary(loss, 100, 1.0, [8]), "n": 3, "seeds": [0, 1, 2], "spread": {"val_loss": sd}}
+
+    results = {"adamw": seeds(2.0, 0.02), "galore": seeds(2.03, 0.02), "fira": seeds(2.1, 0.02)}
+    rows = {r[0]: r for r in report.table_rows(results)}
+    at = {c: i for i, c in enumerate(report.columns(results))}
+    assert rows["galore"][at["val loss"]] == "2.0300 ± 0.0200"
+    assert rows["galore"][at["vs adamw"]] == "+0.0300 (noise)"  # 0.03 <= 0.02 + 0.02
+    assert rows["fira"][at["vs adamw"]] == "+0.1000"  # beyond the spreads: a real difference
+    text = report.summary_markdown(results, {"seeds": [0, 1, 2]})
+    assert "**Best val loss: adamw**; within noise of it: galore." in text
+
+
+def test_the_tuning_table_marks_a_rate_at_the_edge_of_the_grid():
+    tuned = {
+        "galore": {**RESULTS["galore"], "tuning": {"val_loss": {"0.001": 2.5, "0.003": 2.2, "0.01": 2.1},
+                                                   "chosen": 0.01, "steps": 5, "seed": 0}},
+        "adamw": {**RESULTS["adamw"], "tuning": {"val_loss": {"0.001": 2.3, "0.003": 2.2, "0.01": float("inf")},
+                                                 "chosen": 0.003, "steps": 5, "seed": 0}},
+    }  # fmt: skip
+    header, rows = report.tuning_rows(tuned)
+    assert header == ["method", "lr 0.001", "lr 0.003", "lr 0.01", "chosen"]
+    assert rows[0][-1] == "0.01 (edge of the grid)" and rows[1] == ["adamw", "2.3000", "2.2000", "diverged", "0.003"]
