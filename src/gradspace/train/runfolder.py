@@ -29,12 +29,11 @@ def holds_compare(folder: Path) -> bool:
 
 
 def refuse_existing(folder: Path, command: str, overwrite: bool) -> None:
-    """Exit 2 (nothing touched) when ``folder`` already holds a run and ``overwrite`` was not asked for."""
-    held = holds_compare(folder) if command == "compare" else holds_run(folder)
-    if held and not overwrite:
-        resume = "" if command == "compare" else f"resume it with `gradspace {command} --resume {folder}`, "
+    """Exit 2 (nothing touched) when ``folder`` already holds a run and ``overwrite`` was not asked for (a
+    comparison's folder is checked by ``compare.check_manifest``: a rerun continues it)."""
+    if holds_run(folder) and not overwrite:
         raise UsageError(
-            f"{folder} already holds a {'comparison' if command == 'compare' else 'run'}: {resume}choose another "
+            f"{folder} already holds a run: resume it with `gradspace {command} --resume {folder}`, choose another "
             "--out, or pass --overwrite to replace it"
         )
 
