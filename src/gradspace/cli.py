@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 from .methods import METHODS
-from .train.compare import COMPARE_OPTIONS, parse_methods, run_compare
+from .train.compare import parse_methods, run_compare
 from .train.config import (
+    COMPARE_OPTIONS,
     DEFAULT_COMPARE,
     EVAL_BATCH,
     FINETUNE,

@@ -35,8 +35,6 @@ from .encoder import FinetuneSetup
 from .interrupt import ChildHandlesInterrupt
 from .streams import Data
 
-#: compare's own options (flags and config-file keys) and their defaults
-COMPARE_OPTIONS: dict[str, Any] = {"seeds": 1, "lr_grid": None, "tune_fraction": 0.25, "jobs": 1}
 #: what a method's options may set directly; any other key is a tracker or rule option
 RUN_KEYS = (
     "base",

@@ -12,8 +12,10 @@ from ..methods import METHODS, preset_projection
 
 PRESET_NAMES = ("tiny", "mini", "60m", "130m", "350m", "1b", "7b")
 DEFAULT_COMPARE = "adamw,galore,fira,apollo,apollo-mini,subtrack++,osd,grassjump"
+#: ``gradspace compare``'s own options (flags and config-file keys) and their defaults
+COMPARE_OPTIONS: dict[str, Any] = {"seeds": 1, "lr_grid": None, "tune_fraction": 0.25, "jobs": 1}
 #: a config file's keys that only ``gradspace compare`` reads
-COMPARE_KEYS = ("methods", "seeds", "lr_grid", "tune_fraction", "jobs")
+COMPARE_KEYS = ("methods", *COMPARE_OPTIONS)
 EVAL_BATCH = 64  # validation examples per forward pass in fine-tuning
 #: pretraining vocabularies: GPT-2's BPE (compacted to the tokens the corpus uses, unless --full-vocab), or the
 #: corpus's characters
