@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from gradspace import cli
 from gradspace.train.checkpoint import list_checkpoints, load_checkpoint
+from gradspace.train.sharded import full_state
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 SRC = str(Path(cli.__file__).resolve().parent.parent)
@@ -67,9 +68,11 @@ def torchrun(*argv, nproc: int = 2) -> subprocess.CompletedProcess:
 
 
 def final_model(run: Path, step: int = 6) -> dict[str, torch.Tensor]:
-    ckpt = load_checkpoint(list_checkpoints(run / "checkpoints")[-1])
+    """The model of a run's last checkpoint (an FSDP2 one read whole from its DCP folder)."""
+    path = list_checkpoints(run / "checkpoints")[-1]
+    ckpt = load_checkpoint(path)
     assert ckpt["step"] == step
-    return ckpt["model"]
+    return full_state(path) if ckpt.get("dcp") else ckpt["model"]
 
 
 def assert_close(a: dict, b: dict, exact: bool = False) -> None:
@@ -88,15 +91,18 @@ def runs(tmp_path_factory):
     assert cli.main(["pretrain", *ARGS, "--batch-size", "4", "--out", str(root / "single")]) == 0
     out = {"root": root}
     out["ddp"] = torchrun(*ARGS, "--batch-size", 2, "--save-every", 3, "--out", root / "ddp")
-    out["ddp_resumed"] = torchrun(
-        "--resume", root / "ddp" / "checkpoints" / "ckpt-0000003.pt", "--threads", 1, "--out", root / "ddp_resumed"
-    )
+    ddp_cut = root / "ddp" / "checkpoints" / "ckpt-0000003.pt"
+    out["ddp_resumed"] = torchrun("--resume", ddp_cut, "--threads", 1, "--out", root / "ddp_resumed")
+    out["ddp_to_fsdp"] = torchrun("--resume", ddp_cut, "--fsdp", "--threads", 1, "--out", root / "ddp_fsdp")
     noclip = [*ARGS, "--grad-clip", "0"]
     assert cli.main(["pretrain", *noclip, "--batch-size", "4", "--out", str(root / "single_noclip")]) == 0
     out["layerwise"] = torchrun(*noclip, "--batch-size", 2, "--layerwise", "--out", root / "layerwise")
     out["layerwise_fsdp"] = torchrun(*noclip, "--batch-size", 2, "--layerwise", "--fsdp", "--out", root / "lf")
     out["fsdp"] = torchrun(*ARGS, "--batch-size", 2, "--fsdp", "--out", root / "fsdp", "--stop-after", 3)
     out["fsdp_resumed"] = torchrun("--resume", root / "fsdp", "--fsdp", "--threads", 1)
+    cut = root / "fsdp" / "checkpoints" / "ckpt-0000003.pt"  # the 2-process FSDP2 checkpoint, resumed elsewhere:
+    out["fsdp_to_ddp"] = torchrun("--resume", cut, "--threads", 1, "--out", root / "fsdp_ddp")  # by 2 DDP ranks
+    out["fsdp_to_one"] = cli.main(["pretrain", "--resume", str(cut), "--threads", "1", "--out", str(root / "fsdp_one")])
     return out
 
 
@@ -132,7 +138,12 @@ def test_fsdp2_interrupt_resume_matches_one_process(runs):
     assert cut.returncode != 0 and cut.stderr.count("interrupted at step 3 of 6") == 1, cut.stderr[-3000:]
     assert "2 processes, fsdp2" in cut.stderr and "exitcode  : 130" in cut.stderr  # the ranks' code
     names = sorted(p.name for p in (root / "fsdp" / "checkpoints").iterdir())
-    assert names == ["ckpt-0000003.pt", "ckpt-0000003.rank1.pt", "ckpt-0000006.pt", "ckpt-0000006.rank1.pt"]
+    assert names == ["ckpt-0000003.dcp", "ckpt-0000003.pt", "ckpt-0000006.dcp", "ckpt-0000006.pt"]
+    assert sorted(p.name for p in (root / "fsdp" / "checkpoints" / "ckpt-0000006.dcp").iterdir()) == [
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]  # each rank wrote its own shards
     assert runs["fsdp_resumed"].returncode == 0, runs["fsdp_resumed"].stderr[-3000:]
     assert "resuming at step 3" in runs["fsdp_resumed"].stderr
     ckpt = load_checkpoint(root / "fsdp" / "checkpoints" / "ckpt-0000006.pt")
@@ -141,7 +152,7 @@ def test_fsdp2_interrupt_resume_matches_one_process(runs):
     from transformers import AutoModelForCausalLM  # the run's model folder holds the gathered, unsharded weights
 
     exported = AutoModelForCausalLM.from_pretrained(root / "fsdp" / "model")
-    trained = ckpt["model"]
+    trained = final_model(root / "fsdp")
     embed = "model.embed_tokens.weight"
     used = trained[embed].shape[0]  # the compact vocabulary's rows, scattered back into GPT-2's
     assert exported.config.vocab_size == 50257 and used < 50257
@@ -150,27 +161,32 @@ def test_fsdp2_interrupt_resume_matches_one_process(runs):
             assert torch.equal(value, trained[key]), key
 
 
-def test_fsdp2_checkpoint_needs_the_same_world_size(runs, capsys):
-    try:
-        code = cli.main(
-            [
-                "pretrain",
-                "--resume",
-                str(runs["root"] / "fsdp"),
-                "--threads",
-                "1",
-                "--steps",
-                "8",
-                "--out",
-                str(runs["root"] / "fsdp_single"),
-            ]
-        )
+def test_fsdp2_checkpoint_resumes_with_ddp_and_in_one_process(runs):
+    """Two FSDP2 ranks' checkpoint at step 3, finished by two DDP ranks and by one process (with the global batch,
+    4, that it derives from the checkpoint), and a DDP checkpoint finished by two FSDP2 ranks: all match the
+    uninterrupted one-process run."""
+    root = runs["root"]
+    assert runs["ddp_to_fsdp"].returncode == 0, runs["ddp_to_fsdp"].stderr[-3000:]
+    assert "resuming at step 3; 2 processes, fsdp2" in runs["ddp_to_fsdp"].stderr
+    assert_close(final_model(root / "ddp_fsdp"), final_model(root / "single"))
+    assert runs["fsdp_to_ddp"].returncode == 0, runs["fsdp_to_ddp"].stderr[-3000:]
+    assert "resuming at step 3; 2 processes, ddp" in runs["fsdp_to_ddp"].stderr
+    assert runs["fsdp_to_one"] == 0
+    assert load_checkpoint(list_checkpoints(root / "fsdp_one" / "checkpoints")[-1])["config"]["batch_size"] == 4
+    for run in ("fsdp_ddp", "fsdp_one"):
+        assert_close(final_model(root / run), final_model(root / "single"))
+
+
+def test_a_global_batch_that_the_processes_cannot_split_is_a_clear_error(runs, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun --nproc_per_node 3 would set it; checked before any rank
+    try:  # starts a process group
+        code = cli.main(["pretrain", "--resume", str(runs["root"] / "fsdp"), "--fsdp", "--threads", "1"])
     except SystemExit as exc:
         code = exc.code
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     (line,) = [ln for ln in err.splitlines() if ln.startswith("gradspace: error:")]
-    assert "2 process(es) with fsdp2" in line and "--nproc_per_node 2" in line
+    assert "2 process(es) with batch size 2 each (global batch 4)" in line and "(1, 2, 4)" in line
 
 
 @pytest.mark.parametrize("flag", ["--fsdp", "--shard-updates"])

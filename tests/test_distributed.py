@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import tempfile
 
 import pytest
 import torch
@@ -129,6 +128,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             Layerwise(opt, accumulation_steps=2, process_group=dist.group.WORLD)
             train_accumulating(model, opt, STEPS, rank, ddp=False)
             out[("layerwise-accum", name)] = full(model)
+        out["dcp"] = {name: _fsdp2_checkpoint(rank, name, out_dir) for name in METHODS}
         out["nan"] = _nan_on_one_rank(rank)
         out["resume"] = _resume_matches(rank)
         model = make_net()
@@ -160,6 +160,49 @@ def _resume_matches(rank: int) -> dict[str, bool]:
         opt.load_state_dict(saved_opt)
         train(model, opt, 5, rank, start=4)
         out[name] = all(torch.equal(expected[k], v) for k, v in full(model.module).items())
+    return out
+
+
+CUT = 6  # FSDP2 checkpoints are written at step 6, after the first subspace update
+
+
+def fsdp2_net() -> Net:
+    model = make_net()
+    wrap_model(model, "fsdp2", blocks=[model.up, model.down])
+    return model
+
+
+def _fsdp2_checkpoint(rank: int, name: str, out_dir: str) -> dict:
+    """FSDP2: save through DCP at step CUT, finish; read the checkpoint into a fresh FSDP2 model and optimizer and
+    finish again. The folder stays for the one-process resume (``test_fsdp2_checkpoint_resumes_in_one_process``)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from gradspace.train import sharded
+
+    folder = os.path.join(out_dir, f"dcp-{name}")
+    model = fsdp2_net()
+    opt = optimizer(name, model)
+    train(model, opt, CUT, rank)
+    rest = sharded.save(folder, model, opt)
+    if rank == 0:
+        torch.save(rest, os.path.join(out_dir, f"dcp-{name}.pt"))
+    train(model, opt, STEPS - CUT, rank, start=CUT)
+    expected = full(model)
+    model = fsdp2_net()
+    opt = optimizer(name, model)
+    sharded.load(folder, roundtrip(rest), model, opt, fsdp=True)
+    train(model, opt, STEPS - CUT, rank, start=CUT)
+    out = {"expected": expected, "resumed": full(model)}
+    one = make_net()  # a one-process checkpoint at step CUT, cut into each rank's part
+    one_opt = optimizer(name, one)
+    train(one, one_opt, CUT)
+    saved_model, saved_opt = roundtrip(one.state_dict()), roundtrip(one_opt.state_dict())
+    model = fsdp2_net()
+    opt = optimizer(name, model)
+    set_model_state_dict(model, saved_model, options=StateDictOptions(full_state_dict=True))
+    opt.load_state_dict(sharded.shard_full_state(opt, saved_opt))
+    train(model, opt, STEPS - CUT, rank, start=CUT)
+    out["from_one_process"] = full(model)
     return out
 
 
@@ -224,18 +267,20 @@ HANG = 300  # seconds: the workers take about a minute; a collective that never 
 
 
 @pytest.fixture(scope="module")
-def runs():
+def runs(tmp_path_factory):
     import time
 
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=False)
-        deadline = time.monotonic() + HANG
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                for proc in ctx.processes:
-                    proc.kill()
-                pytest.fail(f"the distributed workers did not finish in {HANG} s: a rank is stuck in a collective")
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
+    tmp = str(tmp_path_factory.mktemp("distributed"))
+    ctx = mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + HANG
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"the distributed workers did not finish in {HANG} s: a rank is stuck in a collective")
+    out = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
+    out[0]["dir"] = tmp
+    return out
 
 
 def single_process(name: str) -> dict[str, torch.Tensor]:
@@ -308,6 +353,52 @@ def test_fsdp2_with_sharded_updates_gives_the_replicated_bits(runs, name):
     for r in range(WORLD):
         got = runs[r][("fsdp2", name, "shard_updates")]
         assert all(torch.equal(expected[k], got[k]) for k in expected), f"rank {r}"
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_fsdp2_resumes_on_two_ranks_from_its_checkpoint_and_from_one_process(runs, name):
+    for r in range(WORLD):
+        got = runs[r]["dcp"][name]
+        assert_close(got["resumed"], got["expected"], f"{name} FSDP2 resumed from DCP, rank {r}")
+        assert_close(got["from_one_process"], got["expected"], f"{name} FSDP2 resumed from one process, rank {r}")
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_fsdp2_checkpoint_resumes_in_one_process(runs, name):
+    """The checkpoint two FSDP2 ranks wrote, read whole into one process (no process group): it finishes the run
+    on the global batch as the two ranks did."""
+    from gradspace.train import sharded
+
+    tmp = runs[0]["dir"]
+    model = make_net()
+    opt = optimizer(name, model)
+    rest = torch.load(os.path.join(tmp, f"dcp-{name}.pt"), weights_only=True)
+    sharded.load(os.path.join(tmp, f"dcp-{name}"), rest, model, opt, fsdp=False)
+    assert set(opt.state_dict()["state"]) == set(rest["state"])  # every parameter's state came back
+    train(model, opt, STEPS - CUT, start=CUT)
+    assert_close(full(model), runs[0]["dcp"][name]["expected"], f"{name} FSDP2 checkpoint resumed in one process")
+
+
+def test_fsdp2_checkpoint_stores_each_ranks_rows_once(runs):
+    """Each rank writes only its rows: of the model, of the unprojected biases' moments, and of the moments of
+    ``up``, which steps on its rows; ``down``'s moments (its gradient is gathered) and both bases are the same on
+    every rank and stored once."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from gradspace.train import sharded
+
+    meta = sharded.read_metadata(os.path.join(runs[0]["dir"], "dcp-galore")).state_dict_metadata
+    chunks = {k: len(v.chunks) for k, v in meta.items() if isinstance(v, TensorStorageMetadata)}
+    net = make_net()
+    names = {id(p): n for n, p in net.named_parameters()}
+    numbering = [names[id(p)] for g in optimizer("galore", net).param_groups for p in g["params"]]
+    saved = {(numbering[int(k.split(".")[1])], k.split(".", 2)[2]): n for k, n in chunks.items() if "optimizer." in k}
+    expected = {("up.weight", "basis"): 1, ("down.weight", "basis"): 1}
+    expected |= {("up.weight", m): 2 for m in ("exp_avg", "exp_avg_sq")}
+    expected |= {("down.weight", m): 1 for m in ("exp_avg", "exp_avg_sq")}
+    expected |= {(b, m): 2 for b in ("up.bias", "down.bias") for m in ("exp_avg", "exp_avg_sq")}
+    assert {k: v for k, v in saved.items() if k in expected} == expected, saved
+    assert all(n == WORLD for k, n in chunks.items() if k.startswith("model.")), chunks
 
 
 def test_optimizer_checkpoint_resumes_bit_identically_under_ddp(runs):

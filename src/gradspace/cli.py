@@ -210,7 +210,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         refuse_existing(out, "pretrain", args.overwrite)
     parallel = Parallel(args.fsdp, args.shard_updates, cfg["device"])
     try:
-        data = parallel.first(lambda: Data(cfg))
+        data = parallel.first(lambda: Data(cfg, parallel.world))
         if parallel.main:
             print(
                 f"gradspace pretrain: {cfg.get('model') or 'llama-' + cfg['preset']}, {cfg['method']} "

@@ -134,15 +134,86 @@ class ParamView:
         return self._full
 
 
+def steps_on_shard(p: torch.Tensor, right: bool, gather: bool) -> bool:
+    """Whether an FSDP2 weight is projected and stepped on its local rows alone (basis on the right, and no
+    output that reads the full gradient), so that its moments hold only this rank's rows too."""
+    return isinstance(p, DTensor) and right and not gather
+
+
 def param_view(p: torch.Tensor, right: bool, gather: bool = False) -> ParamView:
     """Plain tensors step in place. An FSDP2 weight steps its local rows when its basis is on the right (the
     projection ``G_local Q`` and the write back are row-local); otherwise, or with ``gather``, the projection
     reads the full gradient and only the write is local."""
     if not isinstance(p, DTensor):
         return ParamView(p, p.grad)
-    if right and not gather:
+    if steps_on_shard(p, right, gather):
         return ParamView(p.to_local(), p.grad.to_local(), local=True, _source=p.grad)
     return ParamView(p.to_local(), p.grad.full_tensor(), rows=_rows(p))
+
+
+def local_rows(p: torch.Tensor) -> int:
+    """How many of the weight's rows this rank holds (all of them for a plain tensor)."""
+    if not isinstance(p, DTensor):
+        return p.shape[0]
+    rows = _rows(p)
+    return rows.stop - rows.start
+
+
+# ------------------------------------------------------------------------------- sharded optimizer state (DCP)
+def state_shard_dim(opt, p: torch.Tensor, key: str, shape: tuple[int, ...]) -> int | None:
+    """Under FSDP2, the dimension along which this rank holds only its part of the state entry ``key`` of ``p``
+    (whose shape in one process is ``shape``); None when every rank holds all of it (bases, tracker state,
+    moments of gathered weights), which a checkpoint then stores once.
+
+    An unprojected weight's moments are sharded like the weight (dim 0); a weight stepped on its rows
+    (``steps_on_shard``) has ``r x rows`` inner-rule moments in the oriented frame (dim 1)."""
+    if not isinstance(p, DTensor):
+        return None
+    group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+    layout = opt._layout(p, group) if hasattr(opt, "_layout") else None
+    if layout is None:
+        return 0 if tuple(shape) == tuple(p.shape) else None
+    from .update import needs_full_gradient
+
+    owned = key.startswith(get_rule(group["base"]).state_prefix)
+    if steps_on_shard(p, layout[0], needs_full_gradient(group)) and owned and len(shape) == 2:
+        return 1 if shape[1] == p.shape[0] else None
+    return None
+
+
+def _from_local(value: torch.Tensor, shape: list[int], p: DTensor, dim: int) -> DTensor:
+    """``value`` as this rank's part, along ``dim``, of a contiguous DTensor of global ``shape`` on ``p``'s mesh."""
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(
+        value, p.device_mesh, [Shard(dim)], shape=torch.Size(shape), stride=stride, run_check=False
+    )
+
+
+def as_sharded(value: torch.Tensor, p: DTensor, dim: int) -> torch.Tensor:
+    """``value`` (this rank's part along ``dim``, or already a DTensor) as a DTensor on ``p``'s mesh."""
+    if isinstance(value, DTensor):
+        return value
+    shape = list(value.shape)
+    shape[dim] = p.shape[0]
+    return _from_local(value, shape, p, dim)
+
+
+def shard_of(value: torch.Tensor, p: DTensor, dim: int) -> DTensor:
+    """This rank's part of the whole tensor ``value``, split along ``dim`` as FSDP2 splits ``p``'s rows."""
+    mesh = p.device_mesh
+    size, offset = Shard.local_shard_size_and_offset(value.shape[dim], mesh.size(), mesh.get_local_rank())
+    return _from_local(value.narrow(dim, offset, size).contiguous(), list(value.shape), p, dim)
+
+
+def empty_sharded(shape: tuple[int, ...], dtype: torch.dtype, p: DTensor, dim: int) -> torch.Tensor:
+    """An uninitialised DTensor of global ``shape``, split along ``dim`` over ``p``'s mesh as FSDP2 splits rows
+    (``torch.chunk``): the target into which a checkpoint reads this rank's part."""
+    mesh = p.device_mesh
+    size, _ = Shard.local_shard_size_and_offset(shape[dim], mesh.size(), mesh.get_local_rank())
+    local_shape = list(shape)
+    local_shape[dim] = size
+    value = torch.empty(local_shape, dtype=dtype, device=p.to_local().device)
+    return _from_local(value, list(shape), p, dim)
 
 
 def all_finite(ok: bool, params: Iterable[torch.Tensor]) -> bool:

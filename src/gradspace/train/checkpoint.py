@@ -62,7 +62,7 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``ckpt-<step>.pt`` in ``folder`` (temp file in the same folder, then ``os.replace``), keeping the
-    newest ``keep`` checkpoints (0: all, with their ``.rank<r>`` shard files). Returns the path.
+    newest ``keep`` checkpoints (0: all; the older ones go with their FSDP2 folders). Returns the path.
 
     ``model_state`` replaces ``model.state_dict()`` (e.g. the full state gathered from FSDP2 shards); ``extra``
     adds or replaces fields (e.g. how many processes wrote it; ``optimizer=None`` with ``extra["optimizer"]``)."""
@@ -83,10 +83,19 @@ def save_checkpoint(
     _atomic_save(payload, path)
     if keep:
         for old in list_checkpoints(folder)[:-keep]:
-            old.unlink(missing_ok=True)
-            for shard in folder.glob(f"{old.stem}.rank*.pt"):
-                shard.unlink(missing_ok=True)
+            remove_checkpoint(old)
     return path
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint with the parts that go with it (its FSDP2 folder, older per-rank files); the main file
+    first, so what is left is never taken for a checkpoint."""
+    import shutil
+
+    path.unlink(missing_ok=True)
+    shutil.rmtree(path.with_suffix(".dcp"), ignore_errors=True)
+    for shard in path.parent.glob(f"{path.stem}.rank*.pt"):
+        shard.unlink(missing_ok=True)
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -101,18 +110,9 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def shard_path(checkpoint: Path, rank: int) -> Path:
-    """The file next to ``ckpt-<step>.pt`` holding rank ``rank``'s part (FSDP2 optimizer shards)."""
+    """The file next to ``ckpt-<step>.pt`` holding rank ``rank``'s optimizer part, in the FSDP2 format of earlier
+    versions (read, no longer written: see ``gradspace.train.sharded``)."""
     return checkpoint.with_name(f"{checkpoint.stem}.rank{rank}.pt")
-
-
-def save_shard(folder: str | Path, step: int, rank: int, payload: dict[str, Any]) -> Path:
-    """Write one rank's part of the checkpoint of ``step``, atomically. Written before rank 0's main file, which
-    is the only one ``find_checkpoint`` picks: a checkpoint whose main file exists is complete."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = shard_path(checkpoint_path(folder, step), rank)
-    _atomic_save(payload, path)
-    return path
 
 
 def load_shard(checkpoint: Path, rank: int) -> dict[str, Any]:
@@ -136,11 +136,17 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
 
 def remove_orphans(folder: str | Path) -> list[Path]:
     """Delete ``.*.tmp`` files that a killed save left behind (a file whose writer, the pid in its name, is still
-    alive is kept)."""
+    alive is kept), and FSDP2 folders ``ckpt-<step>.dcp`` whose main file was never written."""
+    import shutil
+
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
+    for part in folder.glob("ckpt-*.dcp"):
+        if part.is_dir() and not part.with_suffix(".pt").exists():
+            shutil.rmtree(part, ignore_errors=True)
+            removed.append(part)
     for tmp in folder.glob(".*.tmp"):
         pid = next((int(x) for x in reversed(tmp.name.split(".")) if x.isdigit()), 0)
         if pid and pid != os.getpid() and _alive(pid):

@@ -109,9 +109,10 @@ class Parallel:
 
 
 class RankStream:
-    """Rank ``rank``'s part of a stream: of every ``world`` consecutive batches, the ``rank``-th. All ranks advance
-    the same seeded stream, so the data position is the stream's own state (saved once, resumable), and ranks
-    with batch B see together what one process with batch ``world * B`` sees."""
+    """Rank ``rank``'s rows of each global batch. The stream itself draws batches of ``world * B`` (what one
+    process with batch ``world * B`` sees) and rank r takes rows ``[r B, (r + 1) B)``, so the data position is the
+    stream's own state, the same whatever the number of processes: a run resumes on another number of processes
+    with the same global batch and sees the batches it would have seen."""
 
     def __init__(self, stream, rank: int, world: int):
         self.stream, self.rank, self.world = stream, rank, world
@@ -120,36 +121,62 @@ class RankStream:
         return self
 
     def __next__(self):
-        batches = [next(self.stream) for _ in range(self.world)]
-        return batches[self.rank]
+        return self._rows(next(self.stream))
+
+    def _rows(self, batch):
+        if isinstance(batch, dict):
+            return {k: self._rows(v) for k, v in batch.items()}
+        if isinstance(batch, (tuple, list)):
+            return type(batch)(self._rows(v) for v in batch)
+        size = batch.shape[0] // self.world
+        return batch[self.rank * size : (self.rank + 1) * size]
 
     def state_dict(self) -> dict[str, Any]:
         return self.stream.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stream.load_state_dict(state)
+        if int(state.get("batch_size", 0)) * self.world == self.stream.batch_size:  # earlier versions: the stream
+            state = {**state, "batch_size": self.stream.batch_size, "step": int(state["step"]) // self.world}  # drew
+        self.stream.load_state_dict(state)  # `world` batches of B per step; the same data as one of world * B
+
+
+def resumed_batch_size(saved: dict[str, Any], saved_world: int, world: int, path: Path) -> int:
+    """The per-process batch size that keeps a checkpoint's global batch (batch size x processes) on ``world``
+    processes; a global batch that ``world`` processes cannot split evenly is an error saying what can."""
+    from .checkpoint import CheckpointError
+
+    total = int(saved["batch_size"]) * saved_world
+    if total % world:
+        fits = ", ".join(str(n) for n in range(1, total + 1) if total % n == 0)
+        raise CheckpointError(
+            f"checkpoint {path} was written by {saved_world} process(es) with batch size {saved['batch_size']} "
+            f"each (global batch {total}), which {world} processes cannot split evenly: resume it with a number "
+            f"of processes that divides {total} ({fits})"
+        )
+    return total // world
 
 
 def save_parallel(
     folder: Path, step: int, parallel: Parallel, *, model, inner, optimizer, scheduler, stream, config: dict[str, Any]
 ) -> Path:
-    """Rank 0 writes ``ckpt-<step>.pt`` with the unwrapped model's full state dict, so one process can resume a
-    torchrun run and the other way round. DDP's optimizer state is the same on every rank: rank 0's is saved.
-    FSDP2's is per rank: each other rank writes ``ckpt-<step>.rank<r>.pt`` first, and rank 0 writes its main file
-    only after a barrier, so a main file that exists is a complete checkpoint."""
+    """Rank 0 writes ``ckpt-<step>.pt``. DDP and one process: with the unwrapped model's full state dict and the
+    optimizer state (the same on every DDP rank), so one process can resume a torchrun run and the other way
+    round. FSDP2: every rank first writes its shards into ``ckpt-<step>.dcp/`` (``gradspace.train.sharded``), and
+    rank 0 writes the main file, the rest of the state, only after them, so a main file that exists is a
+    complete checkpoint."""
     from . import checkpoint as ck
+    from . import sharded
 
-    state = None
+    extra: dict[str, Any] = {"world_size": parallel.world, "strategy": parallel.strategy}
     if parallel.strategy == "fsdp2":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        part = _local_optimizer_state(optimizer)
-        if not parallel.main:
-            ck.save_shard(folder, step, parallel.rank, {"step": step, **part})
+        dcp_folder = sharded.dcp_path(ck.checkpoint_path(folder, step))
+        if parallel.main:
+            sharded.remove(dcp_folder)  # left by a save of this step that did not finish
         parallel.barrier()
+        rest = sharded.save(dcp_folder, model, optimizer)
+        extra.update(model=None, optimizer=rest, dcp=dcp_folder.name)
     else:
-        part = {"optimizer": optimizer.state_dict()}
+        extra["optimizer"] = optimizer.state_dict()
     if parallel.main:
         ck.save_checkpoint(
             folder,
@@ -159,57 +186,58 @@ def save_parallel(
             scheduler=scheduler,
             stream=stream,
             config=config,
-            model_state=state,
-            extra={**part, "world_size": parallel.world, "strategy": parallel.strategy},
+            model_state={} if parallel.strategy == "fsdp2" else None,
+            extra=extra,
         )
     parallel.barrier()
     return ck.checkpoint_path(folder, step)
 
 
-def _local_optimizer_state(optimizer) -> dict[str, Any]:
-    """FSDP2: the optimizer state with its DTensors (moments of unprojected weights) as this rank's local tensors,
-    which load with ``weights_only=True`` and without a device mesh; ``dtensor_keys`` says where to re-wrap them."""
-    from ..distributed import is_dtensor
-
-    sd = optimizer.state_dict()
-    keys = [[i, k] for i, s in sd["state"].items() for k, v in s.items() if is_dtensor(v)]
-    sd["state"] = {i: {k: v.to_local() if is_dtensor(v) else v for k, v in s.items()} for i, s in sd["state"].items()}
-    return {"optimizer": sd, "dtensor_keys": keys}
-
-
 def load_parallel(resume: dict, parallel: Parallel, model, inner, optimizer) -> None:
-    """The model and optimizer state of ``resume``. FSDP2 checkpoints need the same strategy and world size (each
-    rank's optimizer state fits its own shard); DDP and single-process checkpoints load into each other."""
-    from . import checkpoint as ck
+    """The model and optimizer state of ``resume``, whatever layout wrote it and whatever this run's is: an FSDP2
+    checkpoint (``dcp``) is read by DCP into FSDP2 shards on any number of processes, or whole into DDP ranks or
+    one process; a DDP or one-process checkpoint loads into each other (its full state is on every rank)."""
+    from . import sharded
 
-    saved_world, saved = int(resume.get("world_size", 1)), resume.get("strategy", "none")
-    if (saved == "fsdp2" or parallel.strategy == "fsdp2") and (saved, saved_world) != (
-        parallel.strategy,
-        parallel.world,
-    ):
-        how = (
-            f"with torchrun --nproc_per_node {saved_world} ... --fsdp"
-            if saved == "fsdp2"
-            else "without --fsdp (with DDP or in one process)"
-        )
-        raise ck.CheckpointError(
-            f"checkpoint {resume.get('path', '')} was written by {saved_world} process(es) "
-            f"with {saved}; resume it {how}"
-        )
+    path = Path(resume.get("path", ""))
+    if resume.get("dcp"):
+        target = model if parallel.strategy == "fsdp2" else inner
+        sharded.load(path.parent / resume["dcp"], resume["optimizer"], target, optimizer, parallel.strategy == "fsdp2")
+        return
+    if resume.get("strategy") == "fsdp2":  # the earlier format: rank 0's full model, one optimizer file per rank
+        _load_per_rank(resume, parallel, model, optimizer)
+        return
     if parallel.strategy == "fsdp2":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        from torch.distributed.tensor import DTensor
 
         set_model_state_dict(model, resume["model"], options=StateDictOptions(full_state_dict=True))
-        part = resume if parallel.main else ck.load_shard(Path(resume["path"]), parallel.rank)
-        sd = part["optimizer"]
-        params = [p for g in optimizer.param_groups for p in g["params"]]  # state_dict's numbering
-        for index, key in part.get("dtensor_keys", []):
-            p, state = params[index], sd["state"][index]
-            state[key] = DTensor.from_local(
-                state[key].to(p.device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
-            )
-        optimizer.load_state_dict(sd)
-    else:
-        inner.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
+        optimizer.load_state_dict(sharded.shard_full_state(optimizer, resume["optimizer"]))
+        return
+    inner.load_state_dict(resume["model"])
+    optimizer.load_state_dict(resume["optimizer"])
+
+
+def _load_per_rank(resume: dict, parallel: Parallel, model, optimizer) -> None:
+    """An FSDP2 checkpoint of the earlier format (``ckpt-<step>.rank<r>.pt`` beside the main file), which only the
+    same number of FSDP2 processes can read."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    from . import checkpoint as ck
+
+    saved_world = int(resume.get("world_size", 1))
+    if (parallel.strategy, parallel.world) != ("fsdp2", saved_world):
+        raise ck.CheckpointError(
+            f"checkpoint {resume.get('path', '')} was written by {saved_world} FSDP2 processes in the per-rank "
+            f"format of an earlier gradspace; resume it with torchrun --nproc_per_node {saved_world} ... --fsdp"
+        )
+    set_model_state_dict(model, resume["model"], options=StateDictOptions(full_state_dict=True))
+    part = resume if parallel.main else ck.load_shard(Path(resume["path"]), parallel.rank)
+    sd = part["optimizer"]
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # state_dict's numbering
+    for index, key in part.get("dtensor_keys", []):
+        p, state = params[index], sd["state"][index]
+        state[key] = DTensor.from_local(
+            state[key].to(p.device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+        )
+    optimizer.load_state_dict(sd)

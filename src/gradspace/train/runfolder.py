@@ -99,6 +99,7 @@ def resolve_run(args: argparse.Namespace, command: Command, name) -> tuple[dict[
     """``(config, run folder, checkpoint or None)`` from the flags, the config file and ``--resume``."""
     from . import checkpoint as ck
     from .config import FINETUNE, explicit_options
+    from .parallel import resumed_batch_size
 
     defaults = command.defaults
     explicit = explicit_options(args, defaults)
@@ -112,6 +113,9 @@ def resolve_run(args: argparse.Namespace, command: Command, name) -> tuple[dict[
     if ("task" in saved) != (command is FINETUNE):
         other = "finetune" if "task" in saved else "pretrain"
         raise ck.CheckpointError(f"checkpoint {path} is from `gradspace {other}`; resume it with that command")
+    world, saved_world = int(os.environ.get("WORLD_SIZE", "1")), int(resume.get("world_size", 1))
+    if world != saved_world and "batch_size" in saved:  # the same global batch on another number of processes
+        saved = {**saved, "batch_size": resumed_batch_size(saved, saved_world, world, path)}
     for key in command.identity:
         if key in explicit and key in saved and explicit[key] != saved[key]:
             raise ck.CheckpointError(

@@ -389,8 +389,8 @@ def run_pretrain(
 
     PRETRAIN.validate(cfg)
     parallel, device, dtype = _placement(cfg, parallel)
-    data = data or Data(cfg)
-    stream = parallel.shard(data.stream())
+    data = data or Data(cfg, parallel.world)
+    stream = parallel.shard(data.stream(parallel.world * cfg["batch_size"]))  # each rank its rows
     torch.manual_seed(cfg["seed"])
     model = _causal_lm(cfg, data.vocab_size).to(device=device, dtype=dtype)
     model, inner = parallel.wrap(
@@ -545,7 +545,7 @@ def run_finetune(
     )
     model = _compiled(cfg, model)
     collate = collate_fn(setup.tokenizer, cfg["max_length"], dtype if task.regression else torch.long)
-    stream = parallel.shard(ExampleStream(task.train, collate, cfg["batch_size"], seed=cfg["seed"]))
+    stream = parallel.shard(ExampleStream(task.train, collate, parallel.world * cfg["batch_size"], seed=cfg["seed"]))
     batches = eval_batches(task.validation, collate, EVAL_BATCH, cfg["eval_batches"] * EVAL_BATCH)
     summary = run_training(
         cfg,

@@ -92,13 +92,16 @@ def user_tokenizer(cfg: dict[str, Any]):
 
 
 class Data:
-    """The training stream factory and fixed validation batches of one config."""
+    """The training stream factory and fixed validation batches of one config. Under torchrun (``world``
+    processes) the validation batches have the global batch size, so that a run's validation set does not depend
+    on how many processes run it (and a run resumed on another number of processes keeps its curve)."""
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: dict[str, Any], world: int = 1):
         from .data import CORPORA, BatchStream, TokenDataset
 
         name = str(cfg["dataset"])
         self.cfg = cfg
+        batch = cfg["batch_size"] * world
         local = name in CORPORA or Path(name).expanduser().exists()
         if not local and not cfg.get("streaming"):
             raise UsageError(
@@ -114,7 +117,7 @@ class Data:
             self._tok = tok
             self.eval_batches = []
             try:
-                val = HFStream(name, "validation", cfg["batch_size"], cfg["seq_len"], tok, seed=None)
+                val = HFStream(name, "validation", batch, cfg["seq_len"], tok, seed=None)
                 self.eval_batches = [next(val) for _ in range(cfg["eval_batches"])]
             except UsageError:
                 raise
@@ -143,16 +146,16 @@ class Data:
                 raise UsageError(
                     f"seq-len {cfg['seq_len']} does not fit the data: the {split} split of {name} has only {n} tokens"
                 )
-        self.eval_batches = self.dataset.fixed_batches(
-            "val", cfg["eval_batches"], cfg["batch_size"], cfg["seq_len"], seed=1234
-        )
+        self.eval_batches = self.dataset.fixed_batches("val", cfg["eval_batches"], batch, cfg["seq_len"], seed=1234)
         self.info = (
             f"{name}: {self.dataset.train.numel():,} train / {self.dataset.val.numel():,} validation "
             f"tokens, vocabulary {self.vocab_size:,}"
         )
 
-    def stream(self):
+    def stream(self, batch_size: int | None = None):
+        """The training batches (``batch_size``: the run's own by default; under torchrun the global batch)."""
         cfg = self.cfg
+        batch = batch_size or cfg["batch_size"]
         if self.hf:
-            return HFStream(str(cfg["dataset"]), "train", cfg["batch_size"], cfg["seq_len"], self._tok, cfg["seed"])
-        return self._BatchStream(self.dataset, "train", cfg["batch_size"], cfg["seq_len"], seed=cfg["seed"])
+            return HFStream(str(cfg["dataset"]), "train", batch, cfg["seq_len"], self._tok, cfg["seed"])
+        return self._BatchStream(self.dataset, "train", batch, cfg["seq_len"], seed=cfg["seed"])
