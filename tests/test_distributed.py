@@ -113,6 +113,13 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 opt = optimizer(name, model, distributed=mode)
                 train(model, opt, STEPS, rank)
                 out[("fsdp2", name, mode)] = full(model)
+            model = fsdp2_net()  # layer-wise under FSDP2: each block's weights step after its reduce-scatter
+            opt = optimizer(name, model)
+            layerwise = Layerwise(opt, blocks=[model.up, model.down])
+            out[("fsdp2-layerwise-early", name)] = _steps_in_backward(model, opt, rank)
+            train(model, opt, STEPS - 1, rank, start=1)
+            out[("fsdp2-layerwise", name)] = full(model)
+            layerwise.remove()
             model = replicate(make_net())  # layer-wise data parallelism: each gradient averaged, then stepped
             opt = optimizer(name, model)
             Layerwise(opt, process_group=dist.group.WORLD)
@@ -128,6 +135,15 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             Layerwise(opt, accumulation_steps=2, process_group=dist.group.WORLD)
             train_accumulating(model, opt, STEPS, rank, ddp=False)
             out[("layerwise-accum", name)] = full(model)
+            model = fsdp2_net()
+            opt = optimizer(name, model)
+            train_accumulating(model, opt, STEPS, rank, ddp=False)
+            out[("fsdp2-accum", name)] = full(model)
+            model = fsdp2_net()
+            opt = optimizer(name, model)
+            Layerwise(opt, accumulation_steps=2, blocks=[model.up, model.down])
+            train_accumulating(model, opt, STEPS, rank, ddp=False)
+            out[("fsdp2-layerwise-accum", name)] = full(model)
         out["dcp"] = {name: _fsdp2_checkpoint(rank, name, out_dir) for name in METHODS}
         out["nan"] = _nan_on_one_rank(rank)
         out["resume"] = _resume_matches(rank)
@@ -161,6 +177,20 @@ def _resume_matches(rank: int) -> dict[str, bool]:
         train(model, opt, 5, rank, start=4)
         out[name] = all(torch.equal(expected[k], v) for k, v in full(model.module).items())
     return out
+
+
+def _steps_in_backward(model, opt, rank: int) -> dict:
+    """The first step of layer-wise FSDP2, looked at between backward and ``opt.step()``: ``down`` (reduced
+    first) has already stepped and dropped its gradient inside backward; ``up`` waits for ``step()``."""
+    before = full(model)
+    x, y = batch(0, rank)
+    nn.functional.mse_loss(model(x), y).backward()
+    after = full(model)
+    moved = {n: not torch.equal(before[n], after[n]) for n in before}
+    grads = {n: p.grad is not None for n, p in model.named_parameters()}
+    opt.step()  # the rest of step 1
+    opt.zero_grad(set_to_none=True)
+    return {"moved": moved, "grads": grads}
 
 
 CUT = 6  # FSDP2 checkpoints are written at step 6, after the first subspace update
@@ -339,6 +369,23 @@ def test_a_nan_loss_on_one_rank_makes_every_rank_decide_the_same(runs):
     (skipped0, steps0, weights0), (skipped1, steps1, weights1) = (r["nan"]["skip"] for r in runs)
     assert skipped0 == skipped1 == 1 and steps0 == steps1 == [1, 2, 3, 4]
     assert all(torch.equal(weights0[k], weights1[k]) for k in weights0)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_layerwise_fsdp2_steps_each_block_in_backward_and_matches_fsdp2(runs, name):
+    for r in range(WORLD):
+        early = runs[r][("fsdp2-layerwise-early", name)]
+        assert early["moved"] == {"up.weight": False, "up.bias": False, "down.weight": True, "down.bias": True}
+        assert early["grads"] == {"up.weight": True, "up.bias": True, "down.weight": False, "down.bias": False}
+        expected = runs[r][("fsdp2", name, None)]
+        assert_close(runs[r][("fsdp2-layerwise", name)], expected, f"{name} layer-wise FSDP2 rank {r}")
+
+
+@pytest.mark.parametrize("name", ["galore", "grassjump", "subtrack++"])
+def test_layerwise_fsdp2_accumulation_matches_fsdp2(runs, name):
+    for r in range(WORLD):
+        got, expected = runs[r][("fsdp2-layerwise-accum", name)], runs[r][("fsdp2-accum", name)]
+        assert_close(got, expected, f"{name} layer-wise FSDP2 with accumulation, rank {r}")
 
 
 @pytest.mark.parametrize("name", list(METHODS))

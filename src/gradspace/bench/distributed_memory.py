@@ -1,5 +1,5 @@
-"""Per-rank memory of data-parallel training with GaLore: DDP, gradspace's layer-wise data parallelism and FSDP2,
-two gloo processes: ``python -m gradspace.bench distributed --memory --preset 60m``.
+"""Per-rank memory of data-parallel training with GaLore: DDP and FSDP2, each in the ordinary and the layer-wise
+mode, two gloo processes: ``python -m gradspace.bench distributed --memory --preset 60m``.
 
 Each rank builds LLaMA-<preset> (vocabulary 32,000, float32, gradient checkpointing), wraps it, and takes two
 steps of batch 1 x 256 tokens (its own tokens) with GaLore at the preset's rank and the randomized SVD. Per rank:
@@ -21,7 +21,12 @@ from ..train.report import markdown_table
 
 GiB = 2**30
 #: (label, strategy, layer-wise)
-STRATEGIES = [("DDP", "ddp", False), ("DDP layer-wise", "ddp", True), ("FSDP2", "fsdp2", False)]
+STRATEGIES = [
+    ("DDP", "ddp", False),
+    ("DDP layer-wise", "ddp", True),
+    ("FSDP2", "fsdp2", False),
+    ("FSDP2 layer-wise", "fsdp2", True),
+]
 WORLD = 2
 
 
@@ -46,23 +51,24 @@ def _worker(rank: int, init: str, spec: dict, path: str) -> None:
         torch.manual_seed(0)
         model = build_llama(spec["preset"], vocab_size=32000)
         checkpoint_activations(model)
-        if spec["layerwise"]:
+        ddp = spec["strategy"] == "ddp"
+        if spec["layerwise"] and ddp:
             train = replicate(model)
         else:
             train = wrap_model(model, spec["strategy"], blocks=model.model.layers)
         opt = create_optimizer(
             "galore", model, lr=1e-5, rank=spec["rank"], update_proj_gap=200, svd="randomized", diagnostics=False
         )
-        layerwise = Layerwise(opt, process_group=dist.group.WORLD) if spec["layerwise"] else None
+        if spec["layerwise"]:
+            Layerwise(opt, **({"process_group": dist.group.WORLD} if ddp else {"blocks": model.model.layers}))
         built = _rss()
         x = torch.randint(0, 32000, (1, 256), generator=torch.Generator().manual_seed(1 + rank))
         grads = 0
         for _ in range(2):
             train(input_ids=x, labels=x).loss.backward()
             grads = max(grads, _bytes(p.grad for p in model.parameters()))
-            if layerwise is None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            opt.step()  # layer-wise: what backward left (FSDP2: the first block and the root's parameters)
+            opt.zero_grad(set_to_none=True)
         state = _bytes(v for s in opt.state.values() for v in s.values())
         out = {"weights": _bytes(model.parameters()), "grads": grads, "state": state, "built": built, "peak": _hwm()}
         torch.save(out, path.format(rank=rank))
@@ -86,7 +92,7 @@ def run(preset: str = "60m") -> str:
             path = os.path.join(tmp, "rank{rank}.pt")
             mp.spawn(_worker, args=(f"file://{tmp}/init", spec, path), nprocs=WORLD)
             results = [torch.load(path.format(rank=r), weights_only=True) for r in range(WORLD)]
-        grads = 0 if layerwise else weights
+        grads = 0 if layerwise else weights  # (FSDP2 layer-wise holds the root's and one block's, sharded)
         formula = (weights + grads + state) / GiB
         for r, m in enumerate(results):
             rest = m["peak"] - m["built"] - m["grads"] - m["state"]

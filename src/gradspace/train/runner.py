@@ -340,22 +340,16 @@ def _make_optimizer(
         num_training_steps=cfg["steps"],
         scheduler_specific_kwargs=kwargs,
     )
-    group = parallel.group if parallel is not None else None
-    layerwise = (
-        Layerwise(optimizer, accumulation_steps=cfg["grad_accum"], process_group=group) if cfg["layerwise"] else None
-    )
+    layerwise = None
+    if cfg["layerwise"]:  # under torchrun: DDP averages each gradient itself, FSDP2 after each block's reduce-scatter
+        fsdp = parallel is not None and parallel.strategy == "fsdp2"
+        where = {"blocks": _blocks(model)} if fsdp else {"process_group": parallel.group if parallel else None}
+        layerwise = Layerwise(optimizer, accumulation_steps=cfg["grad_accum"], **where)
     return optimizer, scheduler, layerwise
 
 
-def _prepare_model(cfg: dict[str, Any], model, parallel: Parallel):
-    """Gradient checkpointing and torch.compile, as asked; layer-wise mode under torchrun is data-parallel
-    without FSDP2."""
-    if cfg["layerwise"] and parallel.strategy == "fsdp2":
-        raise UsageError(
-            "--layerwise does not run under --fsdp yet: drop --fsdp (layer-wise under torchrun averages each "
-            "gradient over the ranks and steps it at once, so no rank holds the whole gradient set), or drop "
-            "--layerwise"
-        )
+def _prepare_model(cfg: dict[str, Any], model):
+    """Gradient checkpointing, as asked."""
     if cfg["grad_checkpointing"]:
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise UsageError("--grad-checkpointing needs a Hugging Face model (gradient_checkpointing_enable)")
@@ -393,9 +387,7 @@ def run_pretrain(
     stream = parallel.shard(data.stream(parallel.world * cfg["batch_size"]))  # each rank its rows
     torch.manual_seed(cfg["seed"])
     model = _causal_lm(cfg, data.vocab_size).to(device=device, dtype=dtype)
-    model, inner = parallel.wrap(
-        _prepare_model(cfg, model, parallel), blocks=_blocks(model), layerwise=cfg["layerwise"]
-    )
+    model, inner = parallel.wrap(_prepare_model(cfg, model), blocks=_blocks(model), layerwise=cfg["layerwise"])
     settings = PRETRAIN.settings(cfg)
     own_rank = "rank" in preset_projection(cfg["method"])
     if cfg.get("model") and METHODS[cfg["method"]] is not None and cfg.get("rank") is None and not own_rank:
@@ -536,9 +528,7 @@ def run_finetune(
     setup = setup or FinetuneSetup(cfg)
     task = setup.task
     model = setup.model.to(device=device, dtype=dtype)
-    model, inner = parallel.wrap(
-        _prepare_model(cfg, model, parallel), blocks=_blocks(model), layerwise=cfg["layerwise"]
-    )
+    model, inner = parallel.wrap(_prepare_model(cfg, model), blocks=_blocks(model), layerwise=cfg["layerwise"])
     settings = FINETUNE.settings(cfg)
     optimizer, scheduler, _layerwise = _make_optimizer(
         cfg, inner, settings, setup.targets, parallel, **_distributed_option(parallel)
