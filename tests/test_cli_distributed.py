@@ -200,7 +200,7 @@ def test_parallel_flags_need_torchrun(flag, capsys, tmp_path, monkeypatch):
     assert code == 2 and "needs several processes" in err and not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("how", ["SIGTERM to torchrun", "Ctrl-C to the process group"])
+@pytest.mark.parametrize("how", ["SIGTERM to torchrun", "Ctrl-C to the process group", "SIGTERM to torchrun, FSDP2"])
 def test_a_signal_to_torchrun_saves_one_checkpoint_and_the_run_resumes(how, tmp_path):
     import signal
     import time
@@ -208,7 +208,8 @@ def test_a_signal_to_torchrun_saves_one_checkpoint_and_the_run_resumes(how, tmp_
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "gradspace"]
-    argv = [*ARGS, "--batch-size", "2", "--steps", "40", "--eval-every", "0", "--out", str(out)]
+    fsdp = ["--fsdp"] if how.endswith("FSDP2") else []
+    argv = [*ARGS, "--batch-size", "2", "--steps", "40", "--eval-every", "0", *fsdp, "--out", str(out)]
     proc = subprocess.Popen(
         [*cmd, "pretrain", *argv], env={**env, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
@@ -226,6 +227,8 @@ def test_a_signal_to_torchrun_saves_one_checkpoint_and_the_run_resumes(how, tmp_
     (ckpt,) = list_checkpoints(out / "checkpoints")  # exactly one, written by rank 0 for both ranks
     step = load_checkpoint(ckpt)["step"]
     assert 2 <= step < 40
-    resumed = torchrun("--resume", out, "--threads", 1)
+    if fsdp:  # and its shards, complete: the main file is written last
+        assert (ckpt.with_suffix(".dcp") / ".metadata").is_file()
+    resumed = torchrun("--resume", out, "--threads", 1, *fsdp)
     assert resumed.returncode == 0 and f"resuming at step {step}" in resumed.stderr, resumed.stderr[-3000:]
     assert load_checkpoint(list_checkpoints(out / "checkpoints")[-1])["step"] == 40
