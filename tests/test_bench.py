@@ -59,9 +59,11 @@ def test_distributed_memory_bench_shows_what_each_strategy_holds_per_rank():
     rows = {
         line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table.splitlines() if ", rank " in line
     }
-    assert len(rows) == 6
+    assert len(rows) == 8
     weights = {k: float(v[0]) for k, v in rows.items()}
     grads = {k: float(v[1]) for k, v in rows.items()}
     assert grads["DDP layer-wise, rank 0"] == grads["DDP layer-wise, rank 1"] == 0  # freed after each step
+    assert grads["FSDP2 layer-wise, rank 0"] == grads["FSDP2 layer-wise, rank 1"] == 0  # after each reduce-scatter
+    assert grads["FSDP2, rank 0"] == weights["FSDP2, rank 0"] > 0
     assert grads["DDP, rank 0"] == weights["DDP, rank 0"] > 0
     assert abs(weights["FSDP2, rank 0"] - weights["DDP, rank 0"] / 2) < 0.01 * weights["DDP, rank 0"]  # rows

@@ -177,16 +177,26 @@ def test_fsdp2_checkpoint_resumes_with_ddp_and_in_one_process(runs):
         assert_close(final_model(root / run), final_model(root / "single"))
 
 
-def test_a_global_batch_that_the_processes_cannot_split_is_a_clear_error(runs, capsys, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun --nproc_per_node 3 would set it; checked before any rank
-    try:  # starts a process group
-        code = cli.main(["pretrain", "--resume", str(runs["root"] / "fsdp"), "--fsdp", "--threads", "1"])
+@pytest.mark.parametrize(
+    ("world", "flags", "says"),
+    [
+        ("3", ["--fsdp"], "which 3 processes cannot split evenly: resume it with a number of processes that "
+         "divides 4 (1, 2, 4)"),
+        ("1", ["--batch-size", "2"], "on 1 processes that is batch size 4, but this run asks for 2 (drop "
+         "--batch-size to have it derived)"),
+    ],
+    ids=["3 processes", "1 process with the per-rank batch"],
+)  # fmt: skip
+def test_a_batch_that_changes_the_global_batch_is_a_clear_error(runs, world, flags, says, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", world)  # as torchrun --nproc_per_node N would set it; checked before any
+    try:  # rank starts a process group
+        code = cli.main(["pretrain", "--resume", str(runs["root"] / "fsdp"), *flags, "--threads", "1"])
     except SystemExit as exc:
         code = exc.code
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     (line,) = [ln for ln in err.splitlines() if ln.startswith("gradspace: error:")]
-    assert "2 process(es) with batch size 2 each (global batch 4)" in line and "(1, 2, 4)" in line
+    assert "2 process(es) with batch size 2 each (global batch 4)" in line and says in line, line
 
 
 @pytest.mark.parametrize("flag", ["--fsdp", "--shard-updates"])

@@ -115,7 +115,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 out[("fsdp2", name, mode)] = full(model)
             model = fsdp2_net()  # layer-wise under FSDP2: each block's weights step after its reduce-scatter
             opt = optimizer(name, model)
-            layerwise = Layerwise(opt, blocks=[model.up, model.down])
+            layerwise = Layerwise(opt)
             out[("fsdp2-layerwise-early", name)] = _steps_in_backward(model, opt, rank)
             train(model, opt, STEPS - 1, rank, start=1)
             out[("fsdp2-layerwise", name)] = full(model)
@@ -141,7 +141,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             out[("fsdp2-accum", name)] = full(model)
             model = fsdp2_net()
             opt = optimizer(name, model)
-            Layerwise(opt, accumulation_steps=2, blocks=[model.up, model.down])
+            Layerwise(opt, accumulation_steps=2)
             train_accumulating(model, opt, STEPS, rank, ddp=False)
             out[("fsdp2-layerwise-accum", name)] = full(model)
         out["dcp"] = {name: _fsdp2_checkpoint(rank, name, out_dir) for name in METHODS}
@@ -180,8 +180,8 @@ def _resume_matches(rank: int) -> dict[str, bool]:
 
 
 def _steps_in_backward(model, opt, rank: int) -> dict:
-    """The first step of layer-wise FSDP2, looked at between backward and ``opt.step()``: ``down`` (reduced
-    first) has already stepped and dropped its gradient inside backward; ``up`` waits for ``step()``."""
+    """The first step of layer-wise FSDP2, looked at between backward and ``opt.step()``: every weight has
+    stepped inside backward, after its block's reduce-scatter, and dropped its gradient."""
     before = full(model)
     x, y = batch(0, rank)
     nn.functional.mse_loss(model(x), y).backward()
@@ -375,8 +375,8 @@ def test_a_nan_loss_on_one_rank_makes_every_rank_decide_the_same(runs):
 def test_layerwise_fsdp2_steps_each_block_in_backward_and_matches_fsdp2(runs, name):
     for r in range(WORLD):
         early = runs[r][("fsdp2-layerwise-early", name)]
-        assert early["moved"] == {"up.weight": False, "up.bias": False, "down.weight": True, "down.bias": True}
-        assert early["grads"] == {"up.weight": True, "up.bias": True, "down.weight": False, "down.bias": False}
+        assert early["moved"] == dict.fromkeys(("up.weight", "up.bias", "down.weight", "down.bias"), True)
+        assert early["grads"] == dict.fromkeys(("up.weight", "up.bias", "down.weight", "down.bias"), False)
         expected = runs[r][("fsdp2", name, None)]
         assert_close(runs[r][("fsdp2-layerwise", name)], expected, f"{name} layer-wise FSDP2 rank {r}")
 

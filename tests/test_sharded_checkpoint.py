@@ -14,7 +14,7 @@ import torch
 from gradspace import create_optimizer
 from gradspace.train import sharded
 from gradspace.train.checkpoint import CheckpointError, remove_orphans, save_checkpoint
-from gradspace.train.parallel import RankStream, resumed_batch_size
+from gradspace.train.parallel import RankStream, resumed_batch_size, stream_state
 
 
 def trained(steps: int = 3):
@@ -49,13 +49,31 @@ class Payload:
         return (exec, ("open('ran', 'w').write('code ran')",))
 
 
-def test_metadata_that_would_run_code_is_refused(tmp_path, monkeypatch):
+def _through_a_module_attribute(module: str, name: str, arg: str) -> bytes:
+    """A protocol-4 pickle calling ``module.name(arg)``, where ``name`` may be dotted (``os.mkdir``)."""
+
+    def text(s: str) -> bytes:
+        return b"\x8c" + bytes([len(s)]) + s.encode()
+
+    return b"\x80\x04" + text(module) + text(name) + b"\x93" + text(arg) + b"\x85R."
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pickle.dumps(Payload()),
+        _through_a_module_attribute("torch.distributed.checkpoint.filesystem", "os.mkdir", "ran"),
+        _through_a_module_attribute("torch", "load", "ran"),
+    ],
+    ids=["exec", "a dotted name in an allowed module", "another torch function"],
+)
+def test_metadata_that_would_run_code_is_refused(payload, tmp_path, monkeypatch):
     model, opt = trained()
     folder = tmp_path / "ckpt-0000003.dcp"
     rest = sharded.save(folder, model, opt)
-    (folder / ".metadata").write_bytes(pickle.dumps(Payload()))
+    (folder / ".metadata").write_bytes(payload)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(CheckpointError, match=r"corrupt.*builtins\.exec is not part of a checkpoint.s metadata"):
+    with pytest.raises(CheckpointError, match=r"corrupt.*is not part of a checkpoint.s metadata"):
         sharded.load(folder, rest, *trained(0), fsdp=False)
     assert not (tmp_path / "ran").exists()
 
@@ -80,7 +98,8 @@ def test_an_unfinished_folder_is_removed_and_old_ones_go_with_their_checkpoint(t
         sharded.save(folder / f"ckpt-{step:07d}.dcp", model, opt)
         if step < 3:  # step 3's main file is never written: a save killed before its end
             save_checkpoint(folder, step, model=model, optimizer=None, model_state={}, extra={"dcp": "x"}, keep=0)
-    assert remove_orphans(folder) == [folder / "ckpt-0000003.dcp"]
+    sharded.save(folder / ".ckpt-0000003.dcp.tmp", model, opt)  # a save killed while the ranks were writing
+    assert remove_orphans(folder) == [folder / "ckpt-0000003.dcp", folder / ".ckpt-0000003.dcp.tmp"]
     save_checkpoint(folder, 4, model=model, optimizer=None, keep=2)
     assert sorted(p.name for p in folder.iterdir()) == ["ckpt-0000002.dcp", "ckpt-0000002.pt", "ckpt-0000004.pt"]
 
@@ -97,19 +116,17 @@ def test_rank_streams_take_their_rows_of_the_global_batch():
             ids = torch.arange(6) + 10 * self.step
             return {"input_ids": ids[:, None], "labels": ids}, (ids, ids)
 
-        def state_dict(self):
-            return {"step": self.step, "batch_size": self.batch_size}
-
-        def load_state_dict(self, state):
-            assert state["batch_size"] == self.batch_size
-            self.step = state["step"]
-
     ranks = [RankStream(Stream(), r, 3) for r in range(3)]
     parts = [next(s) for s in ranks]
     assert [p[0]["labels"].tolist() for p in parts] == [[10, 11], [12, 13], [14, 15]]
     assert torch.equal(parts[2][0]["input_ids"][:, 0], parts[2][1][0])
-    ranks[0].load_state_dict({"step": 9, "batch_size": 2})  # earlier versions: 3 batches of 2 per step
-    assert ranks[0].stream.step == 3
+
+
+def test_an_earlier_versions_torchrun_checkpoint_has_its_data_position_as_a_global_batch():
+    earlier = {"stream": {"step": 9, "batch_size": 2}, "world_size": 3, "config": {"batch_size": 2}}
+    assert stream_state(earlier) == {"step": 3, "batch_size": 6}  # it drew 3 batches of 2 per step
+    now = {"stream": {"step": 3, "batch_size": 6}, "world_size": 3, "config": {"batch_size": 2}}
+    assert stream_state(now) == now["stream"]
 
 
 def test_the_global_batch_is_kept_on_another_number_of_processes():

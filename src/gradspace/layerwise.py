@@ -25,12 +25,11 @@ is why this does not go through DDP). Micro-batches before the last reduce nothi
 Every rank must give every parameter a gradient in every backward pass (as DDP requires by default), and the
 model must start equal on every rank: :func:`gradspace.distributed.replicate` broadcasts rank 0's.
 
-**FSDP2** (``blocks``: the modules given to ``fully_shard``, e.g. the transformer layers): FSDP2 reduce-scatters a
-block's gradients when its backward is done, so each block's weights step on their shards as soon as the backward
-reaches the block before it (a hook on that block's output gradient), and their sharded gradients are freed; the
-last block to finish backward (the first in forward order) and the root's own parameters (embeddings, head),
-which FSDP2 reduces at the end of backward, step in ``optimizer.step()``. ``accumulation_steps`` counts backward
-passes per block; between windows FSDP2 accumulates the sharded gradients as usual.
+**FSDP2** (the model wrapped by ``fully_shard``, no ``process_group``): FSDP2 reduce-scatters each block's
+gradients when the block's backward is done and then calls the sharded parameters' post-accumulate-grad hooks
+(on its reduce stream, so a CUDA step reads a finished gradient), so each weight steps on its shard and frees its
+sharded gradient then; the root's own parameters (embeddings, head) step when FSDP2 reduces them at the end of
+backward. Between windows FSDP2 accumulates the sharded gradients in full (no projected accumulation).
 
 A training loop that decides the windows itself (the Hugging Face Trainer shortens an epoch's last window)
 passes ``sync``, a callable that is true during the last backward of a window, instead of counting:
@@ -60,7 +59,6 @@ class Layerwise:
         *,
         sync: Callable[[], bool] | None = None,
         process_group=None,
-        blocks=None,
     ):
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
@@ -71,25 +69,13 @@ class Layerwise:
         self.sync = sync
         self.group = process_group
         self.world = 1 if process_group is None else torch.distributed.get_world_size(process_group)
-        self._count: dict = {}  # backward passes so far in the current window, per parameter (FSDP2: per block)
+        self._count: dict[torch.Tensor, int] = {}  # backward passes so far in the parameter's current window
         self._projected: dict[torch.Tensor, torch.Tensor] = {}
         # indices, not group dicts: load_state_dict replaces the dicts, and LR schedulers write the new ones
         self._group_index = {p: i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
         params = [p for p in self._group_index if p.requires_grad]
-        sharded = any(is_dtensor(p) for p in params)
-        if sharded and blocks is None:
-            raise ValueError(
-                "the parameters are FSDP2 DTensors: pass blocks=, the modules given to fully_shard (e.g. the "
-                "transformer layers), so that each block steps after its reduce-scatter"
-            )
-        if blocks is not None:
-            if process_group is not None:
-                raise ValueError("under FSDP2 (blocks=) FSDP2 reduces the gradients: do not pass process_group")
-            self._blocks = list(blocks)
-            ours = {id(p) for p in params}
-            self._block_params = [[p for p in b.parameters() if id(p) in ours] for b in self._blocks]
-            self._handles = [b.register_forward_hook(self._watch_block) for b in self._blocks]
-            return
+        if any(is_dtensor(p) for p in params):
+            _check_fsdp2(process_group)
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
 
     def remove(self) -> None:
@@ -97,27 +83,6 @@ class Layerwise:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-    def _watch_block(self, block, args, output) -> None:
-        """FSDP2: hook the gradient of the block's output, which autograd computes after the backward of the next
-        block, and so after FSDP2 reduce-scattered that block's gradients."""
-        first = next((t for t in _tensors(output) if t.requires_grad), None)
-        if first is not None:
-            index = self._blocks.index(block)
-            first.register_hook(lambda grad: self._after_block(index))
-
-    @torch.no_grad()
-    def _after_block(self, index: int) -> None:
-        count = self._count.get(index, 0) + 1
-        boundary = self.sync() if self.sync is not None else count == self.accumulation_steps
-        self._count[index] = 0 if boundary else count
-        if not boundary:
-            return
-        for params in self._block_params[index + 1 :]:  # reduced in this backward; earlier blocks are not yet
-            for p in params:
-                if p.grad is not None:
-                    self.optimizer.step_param(p, None, self._group(p))
-                    p.grad = None
 
     def _group(self, p: torch.Tensor) -> dict:
         return self.optimizer.param_groups[self._group_index[p]]
@@ -153,7 +118,7 @@ class Layerwise:
         group = self._group(p)
         layout = opt._layout(p, group)
         state = opt.state.get(p)
-        if layout is None or not state or "basis" not in state or needs_full_gradient(group):
+        if layout is None or not state or "basis" not in state or needs_full_gradient(group) or is_dtensor(p):
             return None
         tracker = get_tracker(group["tracker"])
         right = layout[0]
@@ -162,12 +127,17 @@ class Layerwise:
         return right
 
 
-def _tensors(output):
-    """The tensors of a module's output: a tensor, a tuple or list, or a dict (a Hugging Face ModelOutput)."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)):
-        return [t for t in output if isinstance(t, torch.Tensor)]
-    return []
+def _check_fsdp2(process_group) -> None:
+    """FSDP2 reduces the gradients itself, and must call the sharded parameters' post-accumulate-grad hooks after
+    its reduce-scatter (the torch 2.13 FSDP2 does; an FSDP2 that does not would leave every step to ``step()``)."""
+    import inspect
+
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+
+    if process_group is not None:
+        raise ValueError("the parameters are FSDP2 DTensors: FSDP2 reduces their gradients, do not pass process_group")
+    if "_post_accumulate_grad_hooks" not in inspect.getsource(_fsdp_collectives.foreach_reduce):
+        raise ValueError(
+            f"layer-wise mode under FSDP2 needs an FSDP2 that calls post-accumulate-grad hooks after its "
+            f"reduce-scatter, which torch {torch.__version__} does not: upgrade torch, or use DDP"
+        )

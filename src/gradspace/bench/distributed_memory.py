@@ -60,14 +60,14 @@ def _worker(rank: int, init: str, spec: dict, path: str) -> None:
             "galore", model, lr=1e-5, rank=spec["rank"], update_proj_gap=200, svd="randomized", diagnostics=False
         )
         if spec["layerwise"]:
-            Layerwise(opt, **({"process_group": dist.group.WORLD} if ddp else {"blocks": model.model.layers}))
+            Layerwise(opt, process_group=dist.group.WORLD if ddp else None)
         built = _rss()
         x = torch.randint(0, 32000, (1, 256), generator=torch.Generator().manual_seed(1 + rank))
         grads = 0
         for _ in range(2):
             train(input_ids=x, labels=x).loss.backward()
             grads = max(grads, _bytes(p.grad for p in model.parameters()))
-            opt.step()  # layer-wise: what backward left (FSDP2: the first block and the root's parameters)
+            opt.step()  # layer-wise: nothing is left to step
             opt.zero_grad(set_to_none=True)
         state = _bytes(v for s in opt.state.values() for v in s.values())
         out = {"weights": _bytes(model.parameters()), "grads": grads, "state": state, "built": built, "peak": _hwm()}

@@ -136,15 +136,16 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
 
 def remove_orphans(folder: str | Path) -> list[Path]:
     """Delete ``.*.tmp`` files that a killed save left behind (a file whose writer, the pid in its name, is still
-    alive is kept), and FSDP2 folders ``ckpt-<step>.dcp`` whose main file was never written."""
+    alive is kept), and FSDP2 folders that a killed save left: ``.ckpt-<step>.dcp.tmp`` (being written), or
+    ``ckpt-<step>.dcp`` whose main file was never written."""
     import shutil
 
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
-    for part in folder.glob("ckpt-*.dcp"):
-        if part.is_dir() and not part.with_suffix(".pt").exists():
+    for part in [*folder.glob("ckpt-*.dcp"), *folder.glob(".ckpt-*.dcp.tmp")]:
+        if part.is_dir() and (part.name.endswith(".tmp") or not part.with_suffix(".pt").exists()):
             shutil.rmtree(part, ignore_errors=True)
             removed.append(part)
     for tmp in folder.glob(".*.tmp"):

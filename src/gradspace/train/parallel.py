@@ -101,11 +101,26 @@ class Parallel:
     def shard(self, stream) -> Any:
         return stream if self.world == 1 else RankStream(stream, self.rank, self.world)
 
+    def rows(self, batch):
+        """This rank's rows of a global batch."""
+        return batch if self.world == 1 else rank_rows(batch, self.rank, self.world)
+
     def close(self) -> None:
         if self.world > 1:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def rank_rows(batch, rank: int, world: int):
+    """Rank ``rank``'s rows ``[r B, (r + 1) B)`` of a batch of ``world * B`` rows (a tensor, a tuple or list of
+    them, or a dict of model inputs)."""
+    if isinstance(batch, dict):
+        return {k: rank_rows(v, rank, world) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(rank_rows(v, rank, world) for v in batch)
+    size = batch.shape[0] // world
+    return batch[rank * size : (rank + 1) * size]
 
 
 class RankStream:
@@ -121,23 +136,23 @@ class RankStream:
         return self
 
     def __next__(self):
-        return self._rows(next(self.stream))
-
-    def _rows(self, batch):
-        if isinstance(batch, dict):
-            return {k: self._rows(v) for k, v in batch.items()}
-        if isinstance(batch, (tuple, list)):
-            return type(batch)(self._rows(v) for v in batch)
-        size = batch.shape[0] // self.world
-        return batch[self.rank * size : (self.rank + 1) * size]
+        return rank_rows(next(self.stream), self.rank, self.world)
 
     def state_dict(self) -> dict[str, Any]:
         return self.stream.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if int(state.get("batch_size", 0)) * self.world == self.stream.batch_size:  # earlier versions: the stream
-            state = {**state, "batch_size": self.stream.batch_size, "step": int(state["step"]) // self.world}  # drew
-        self.stream.load_state_dict(state)  # `world` batches of B per step; the same data as one of world * B
+        self.stream.load_state_dict(state)
+
+
+def stream_state(resume: dict[str, Any]) -> dict[str, Any]:
+    """The data position of a checkpoint, as a stream of its global batch. Checkpoints of earlier versions' torchrun
+    runs hold a stream of the per-rank batch that drew ``world`` batches per step: the same data as one batch of
+    ``world`` times as many rows, so only the batch size and the count of batches drawn change."""
+    state, world = resume["stream"], int(resume.get("world_size", 1))
+    if world > 1 and "batch_size" in state and state["batch_size"] == resume["config"].get("batch_size"):
+        state = {**state, "batch_size": state["batch_size"] * world, "step": int(state["step"]) // world}
+    return state
 
 
 def resumed_batch_size(saved: dict[str, Any], saved_world: int, world: int, path: Path) -> int:
@@ -169,11 +184,17 @@ def save_parallel(
 
     extra: dict[str, Any] = {"world_size": parallel.world, "strategy": parallel.strategy}
     if parallel.strategy == "fsdp2":
-        dcp_folder = sharded.dcp_path(ck.checkpoint_path(folder, step))
+        main_file = ck.checkpoint_path(folder, step)
+        dcp_folder = sharded.dcp_path(main_file)
+        tmp = dcp_folder.with_name(f".{dcp_folder.name}.tmp")  # renamed into place once complete
         if parallel.main:
-            sharded.remove(dcp_folder)  # left by a save of this step that did not finish
+            sharded.remove(tmp)  # left by a save that did not finish
         parallel.barrier()
-        rest = sharded.save(dcp_folder, model, optimizer)
+        rest = sharded.save(tmp, model, optimizer)
+        if parallel.main:  # an older checkpoint of this step (a rerun from an earlier one) goes, main file first
+            main_file.unlink(missing_ok=True)
+            sharded.remove(dcp_folder)
+            tmp.rename(dcp_folder)
         extra.update(model=None, optimizer=rest, dcp=dcp_folder.name)
     else:
         extra["optimizer"] = optimizer.state_dict()

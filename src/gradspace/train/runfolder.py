@@ -115,7 +115,14 @@ def resolve_run(args: argparse.Namespace, command: Command, name) -> tuple[dict[
         raise ck.CheckpointError(f"checkpoint {path} is from `gradspace {other}`; resume it with that command")
     world, saved_world = int(os.environ.get("WORLD_SIZE", "1")), int(resume.get("world_size", 1))
     if world != saved_world and "batch_size" in saved:  # the same global batch on another number of processes
-        saved = {**saved, "batch_size": resumed_batch_size(saved, saved_world, world, path)}
+        per_process = resumed_batch_size(saved, saved_world, world, path)
+        if explicit.get("batch_size", per_process) != per_process:
+            raise ck.CheckpointError(
+                f"checkpoint {path} was written by {saved_world} process(es) with batch size {saved['batch_size']} "
+                f"each (global batch {saved['batch_size'] * saved_world}); on {world} processes that is batch size "
+                f"{per_process}, but this run asks for {explicit['batch_size']} (drop --batch-size to have it derived)"
+            )
+        saved = {**saved, "batch_size": per_process}
     for key in command.identity:
         if key in explicit and key in saved and explicit[key] != saved[key]:
             raise ck.CheckpointError(

@@ -17,7 +17,7 @@ from . import runfolder
 from .config import EVAL_BATCH, FINETUNE, PRETRAIN, UsageError, parse_optim_args
 from .export import export_causal_lm, export_classifier
 from .interrupt import StopFlag
-from .parallel import Parallel, load_parallel, save_parallel
+from .parallel import Parallel, load_parallel, save_parallel, stream_state
 from .report import write_run_plots
 from .reporters import Reporters
 from .reporters import parse as parse_reporters
@@ -90,7 +90,7 @@ def _run_training(
             if resume.get("scheduler") is not None:
                 scheduler.load_state_dict(resume["scheduler"])
             if resume.get("stream") is not None:
-                stream.load_state_dict(resume["stream"])
+                stream.load_state_dict(stream_state(resume))
         except ck.CheckpointError as err:
             error = err
         except (RuntimeError, ValueError, KeyError) as err:
@@ -140,7 +140,12 @@ def _run_training(
             shown = ", ".join(f"{k} {v:.4f}" for k, v in e.items() if k != "step" and isinstance(v, float))
             tqdm.write(f"step {step}: {shown}", file=sys.stderr)
 
+    saved: dict[str, int] = {}
+
     def save(step: int) -> Path:
+        if saved.get("step") == step:  # a stop on a save_every step: the state of this step is written already
+            return ck.checkpoint_path(ckpt_dir, step)
+        saved["step"] = step
         return save_parallel(
             ckpt_dir,
             step,
@@ -342,9 +347,9 @@ def _make_optimizer(
     )
     layerwise = None
     if cfg["layerwise"]:  # under torchrun: DDP averages each gradient itself, FSDP2 after each block's reduce-scatter
-        fsdp = parallel is not None and parallel.strategy == "fsdp2"
-        where = {"blocks": _blocks(model)} if fsdp else {"process_group": parallel.group if parallel else None}
-        layerwise = Layerwise(optimizer, accumulation_steps=cfg["grad_accum"], **where)
+        ddp = parallel is not None and parallel.strategy == "ddp"
+        group = parallel.group if ddp else None
+        layerwise = Layerwise(optimizer, accumulation_steps=cfg["grad_accum"], process_group=group)
     return optimizer, scheduler, layerwise
 
 
@@ -397,7 +402,12 @@ def run_pretrain(
         cfg, inner, settings, None, parallel, **_distributed_option(parallel)
     )
     model = _compiled(cfg, model)
-    evaluate_fn = (lambda: evaluate(model, data.eval_batches)) if data.eval_batches else None
+    mine = [parallel.rows(b) for b in data.eval_batches]  # every rank its rows of the same validation batches
+
+    def evaluate_fn():
+        loss = parallel.mean(evaluate(model, mine)["val_loss"])  # rows of equal length: the global batch's mean
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
     summary = run_training(
         cfg,
         out,
@@ -406,7 +416,7 @@ def run_pretrain(
         optimizer=optimizer,
         scheduler=scheduler,
         stream=stream,
-        evaluate_fn=evaluate_fn,
+        evaluate_fn=evaluate_fn if mine else None,
         settings=settings,
         resume=resume,
         stop_after=stop_after,

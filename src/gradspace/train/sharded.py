@@ -38,15 +38,33 @@ def dcp_path(checkpoint: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------ reading safely
 class _MetadataUnpickler(pickle.Unpickler):
-    ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
-    ALLOWED |= {("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+    """Only the classes a DCP ``.metadata`` file is made of, each named exactly (no dotted names: a pickle could
+    otherwise reach ``os.system`` through a module attribute)."""
+
+    ALLOWED = {
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "TensorProperties",
+            "ChunkStorageMetadata",
+            "BytesStorageMetadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
+    }
+    ALLOWED |= {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size")}
+    ALLOWED |= {("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+    ALLOWED |= {("pathlib", name) for name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath")}
 
     def find_class(self, module: str, name: str):
-        if module in self.ALLOWED_MODULES or (module, name) in self.ALLOWED:
+        if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
-            return getattr(torch, name)
+        if module == "torch" and "." not in name:
+            found = getattr(torch, name, None)
+            if isinstance(found, (torch.dtype, torch.memory_format)):
+                return found
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
 
 

@@ -93,8 +93,9 @@ def user_tokenizer(cfg: dict[str, Any]):
 
 class Data:
     """The training stream factory and fixed validation batches of one config. Under torchrun (``world``
-    processes) the validation batches have the global batch size, so that a run's validation set does not depend
-    on how many processes run it (and a run resumed on another number of processes keeps its curve)."""
+    processes) the validation batches have the global batch size, each rank evaluating its rows of them, so that
+    a run's validation set does not depend on how many processes run it (a run resumed on another number of
+    processes keeps its curve)."""
 
     def __init__(self, cfg: dict[str, Any], world: int = 1):
         from .data import CORPORA, BatchStream, TokenDataset
