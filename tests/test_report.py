@@ -1,5 +1,7 @@
 """The compare report: differences and ratios against AdamW and GaLore, one colour per method, no empty plots."""
 
+import pytest
+
 from gradspace.train import report
 
 
@@ -70,3 +72,19 @@ def test_the_tuning_table_marks_a_rate_at_the_edge_of_the_grid():
     header, rows = report.tuning_rows(tuned)
     assert header == ["method", "lr 0.001", "lr 0.003", "lr 0.01", "chosen"]
     assert rows[0][-1] == "0.01 (edge of the grid)" and rows[1] == ["adamw", "2.3000", "2.2000", "diverged", "0.003"]
+
+
+def test_a_seeds_mean_curve_is_smoothed_over_steps_not_points():
+    """A resumed seed is logged every 10 steps before its checkpoint: the smoothing window (1/50 of the run) is a
+    span of steps, so at step 250 it averages steps 220-250, not the 22 points back to step 30."""
+    from gradspace.train.report import _curves
+
+    def loss(t):
+        return 1000.0 / t
+
+    every = {"history": [{"step": t, "loss": loss(t)} for t in range(1, 2001)], "evals": []}
+    resumed = {"history": [{"step": t, "loss": loss(t)} for t in [*range(10, 1000, 10), *range(1000, 2001)]]}
+    (steps, smooth), _ = _curves({"curves": {"0": every, "1": {**resumed, "evals": []}}})
+    at = dict(zip(steps, smooth))
+    assert loss(250) <= at[250] <= loss(220)
+    assert at[2000] == pytest.approx(sum(loss(t) for t in range(1962, 2001)) / 39)

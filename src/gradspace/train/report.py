@@ -159,8 +159,12 @@ def _curves(r: dict[str, Any]) -> tuple[tuple[list, list], tuple[list, list, lis
     per_step = [{h["step"]: h["loss"] for h in c["history"]} for c in seeds]
     steps = sorted(set.intersection(*(set(p) for p in per_step)))
     mean = [statistics.fmean(p[t] for p in per_step) for t in steps]
-    w = max(1, len(steps) // 50)
-    smooth = [statistics.fmean(mean[max(0, i - w + 1) : i + 1]) for i in range(len(mean))]
+    span = max(1, (steps[-1] - steps[0]) // 50) if steps else 1  # a window in steps: a resumed seed's curve may be
+    smooth, first = [], 0  # logged more sparsely before its checkpoint, so a window in points would reach back far
+    for i, t in enumerate(steps):
+        while steps[first] <= t - span:
+            first += 1
+        smooth.append(statistics.fmean(mean[first : i + 1]))
     per_eval = [{e["step"]: e["val_loss"] for e in c["evals"] if "val_loss" in e} for c in seeds]
     at = sorted(set.intersection(*(set(p) for p in per_eval)))
     values = [[p[t] for p in per_eval] for t in at]
