@@ -103,7 +103,8 @@ def read_metadata(folder: Path):
 
 
 def _tensor_sizes(folder: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """``{flat key: (global shape, dtype)}`` of the saved tensors (DCP's keys: ``optimizer.state.3.exp_avg``)."""
+    """``{flat key: (global shape, dtype)}`` of the saved tensors (DCP's keys: ``optimizer.3.exp_avg``,
+    ``model.<name>``)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     meta = read_metadata(folder).state_dict_metadata
