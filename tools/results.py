@@ -70,22 +70,31 @@ def load(name: str) -> dict | None:
 
 def verdict(claim: dict, results: dict) -> tuple[str, str]:
     """(ours, verdict) for a claim that ``method`` is ``better`` than, or ``not worse`` than, ``versus`` in
-    validation loss."""
+    validation loss, or in the fine-tuning task's own metric (higher is better) when the claim says
+    ``metric = "task"``."""
     a, b = results.get(claim["method"]), results.get(claim["versus"])
     if a is None or b is None:
         return "not run", "cannot tell: not run yet"
-    diff = a["val_loss"] - b["val_loss"]
-    sa, sb = (a.get("spread") or {}).get("val_loss"), (b.get("spread") or {}).get("val_loss")
-    ours = f"{a['val_loss']:.4f}" + (f" ± {sa:.4f}" if sa is not None else "")
-    ours += f" vs {b['val_loss']:.4f}" + (f" ± {sb:.4f}" if sb is not None else "") + f" (diff {diff:+.4f})"
-    noise = within_noise(a, b, "val_loss")
+    key = "val_loss"
+    if claim.get("metric") == "task":
+        key = a.get("metric") or ""
+        if not key:
+            raise ValueError(f"claim {claim['claim']!r}: metric = 'task' but {claim.get('study')} has no task metric")
+    elif claim.get("metric", "val_loss") != "val_loss":
+        raise ValueError(f"claim {claim['claim']!r}: metric must be 'val_loss' or 'task', not {claim['metric']!r}")
+    diff = a[key] - b[key]
+    gain = -diff if key == "val_loss" else diff  # positive: ``method`` is better
+    sa, sb = (a.get("spread") or {}).get(key), (b.get("spread") or {}).get(key)
+    ours = ("" if key == "val_loss" else f"{key} ") + f"{a[key]:.4f}" + (f" ± {sa:.4f}" if sa is not None else "")
+    ours += f" vs {b[key]:.4f}" + (f" ± {sb:.4f}" if sb is not None else "") + f" (diff {diff:+.4f})"
+    noise = within_noise(a, b, key)
     if noise is None:
         return ours, "cannot tell: one seed"
     if claim["expect"] == "better":
-        text = "cannot tell: within noise" if noise else "reproduces" if diff < 0 else "does not reproduce: worse"
+        text = "cannot tell: within noise" if noise else "reproduces" if gain > 0 else "does not reproduce: worse"
     elif claim["expect"] == "not worse":
         text = (
-            "reproduces: within noise" if noise else "reproduces: better" if diff < 0 else "does not reproduce: worse"
+            "reproduces: within noise" if noise else "reproduces: better" if gain > 0 else "does not reproduce: worse"
         )
     else:
         raise ValueError(f"claim {claim['claim']!r}: expect must be 'better' or 'not worse'")
@@ -100,8 +109,17 @@ def claims_table() -> str:
     for c in claims:
         metrics = load(c["study"])
         ours, text = verdict(c, metrics["results"]) if metrics else ("not run", "cannot tell: not run yet")
-        rows.append([c["paper"], c["claim"], c["paper_number"], f"{c['method']} vs {c['versus']}", ours, text])
-    header = ["paper", "claim", "paper's number", "here", "ours: val loss (mean ± sd)", "verdict"]
+        here = f"{c['method']} vs {c['versus']}"
+        rows.append([c["paper"], c["claim"], c["paper_number"], c["study"], here, ours, text])
+    header = [
+        "paper",
+        "claim",
+        "paper's number",
+        "study",
+        "here",
+        "ours: val loss, or the named task metric (mean ± sd)",
+        "verdict",
+    ]
     return markdown_table(header, rows)
 
 
