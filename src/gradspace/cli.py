@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from .methods import METHODS
+from .train import runfolder
 from .train.compare import parse_methods, run_compare
 from .train.config import (
     COMPARE_OPTIONS,
@@ -30,7 +31,7 @@ from .train.config import (
 )
 from .train.encoder import FinetuneSetup
 from .train.parallel import Parallel
-from .train.runfolder import refuse_existing, resolve_run
+from .train.runfolder import RunLock, resolve_run, target
 from .train.runner import run_finetune, run_pretrain
 from .train.streams import Data
 from .train.summary import RunDiverged
@@ -142,9 +143,20 @@ PARALLEL = [
 ]
 SAMPLE = [
     (["run"], {"help": "a run folder (its model/ folder) or a Hugging Face model folder"}),
-    (["--prompt"], {"default": "\n", "help": "the text to continue"}),
+    (
+        ["--prompt"],
+        {
+            "default": "\n",
+            "help": "the text to continue (a newline); '' starts from the tokenizer's BOS (else EOS) token, or a "
+            "newline where it has none (--tokenizer chars) or the model never trained on it, and prints only the "
+            "new text",
+        },
+    ),
     (["--max-new-tokens"], {"type": int, "default": 200}),
-    (["--temperature"], {"type": float, "default": 0.8}),
+    (
+        ["--temperature"],
+        {"type": float, "default": 0.8, "help": "sampling temperature (0.8); 0: greedy decoding (do_sample=False)"},
+    ),
     (["--seed"], {"type": int, "default": 0}),
     (["--threads"], {"type": int, "default": 0}),
 ]
@@ -167,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
             [(["--method"], methods), (["--resume"], resume), *SHARED, *PARALLEL, *FINETUNING],
         ),
         "sample": ("print text that a pretrained run's model writes after a prompt", SAMPLE),
+        "export": (
+            "write a run's model folder (RUN/model) from its newest good checkpoint, without training",
+            [
+                (
+                    ["run"],
+                    {"help": "a run folder (its newest checkpoint that loads) or a checkpoint file (its step)"},
+                ),
+                (["--threads"], {"type": int, "default": 0}),
+            ],
+        ),
         "compare": (
             "run several methods on identical data, seed and budget; write a report (fine-tuning with --task)",
             [
@@ -203,11 +225,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _locked(args: argparse.Namespace, command, name):
+    """The run folder, and its lock taken before anything is read from it (rank 0 of torchrun takes it): a resume
+    picks its checkpoint only once no other process can write a newer one."""
+    import contextlib
+    import os
+
+    out = target(args, command, name)
+    main = os.environ.get("RANK", "0") == "0"
+    return out, (RunLock(out, create=True) if main else contextlib.nullcontext())
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    cfg, out, resume = resolve_run(args, PRETRAIN, lambda c: f"{c['preset']}-{c['method']}")
+    out, lock = _locked(args, PRETRAIN, lambda c: f"{c['preset']}-{c['method']}")
+    with lock:
+        return _pretrain(args, out)
+
+
+def _pretrain(args: argparse.Namespace, out: Path) -> int:
+    cfg, resume = resolve_run(args, PRETRAIN)
     PRETRAIN.validate(cfg)
-    if resume is None:
-        refuse_existing(out, "pretrain", args.overwrite)
+    runfolder.check(out, resume, args.overwrite, "pretrain")
     parallel = Parallel(args.fsdp, args.shard_updates, cfg["device"])
     try:
         data = parallel.first(lambda: Data(cfg, parallel.world))
@@ -240,10 +278,15 @@ def _task_slug(task: str) -> str:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    cfg, out, resume = resolve_run(args, FINETUNE, lambda c: f"{_task_slug(c['task'])}-{c['method']}")
+    out, lock = _locked(args, FINETUNE, lambda c: f"{_task_slug(c['task'])}-{c['method']}")
+    with lock:
+        return _finetune(args, out)
+
+
+def _finetune(args: argparse.Namespace, out: Path) -> int:
+    cfg, resume = resolve_run(args, FINETUNE)
     FINETUNE.validate(cfg)
-    if resume is None:
-        refuse_existing(out, "finetune", args.overwrite)
+    runfolder.check(out, resume, args.overwrite, "finetune")
     parallel = Parallel(args.fsdp, args.shard_updates, cfg["device"])
     try:
         setup = parallel.first(lambda: FinetuneSetup(cfg))
@@ -302,6 +345,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .train.rebuild import export_run
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    folder, step = export_run(args.run)
+    print(f"exported the model of step {step} to {folder}")
+    return 0
+
+
 def _suggest(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """An unknown option is an error that names the closest known one (argparse alone only says "unrecognized")."""
     sub = next((a for a in argv if a in parser._subparsers._group_actions[0].choices), None)
@@ -323,7 +378,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .train.checkpoint import CheckpointError
 
-    commands = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "compare": cmd_compare, "sample": cmd_sample}
+    commands = {
+        "pretrain": cmd_pretrain,
+        "finetune": cmd_finetune,
+        "compare": cmd_compare,
+        "sample": cmd_sample,
+        "export": cmd_export,
+    }
     try:
         return commands[args.command](args)
     except (UsageError, CheckpointError) as err:

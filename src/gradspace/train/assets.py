@@ -46,6 +46,25 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     os.replace(tmp, path)
 
 
+def read_text(path: Path, what: str = "file", encoding: str = "utf-8") -> str:
+    """A user's text file (``Path.read_text``, so newlines are translated as before); one that is not UTF-8 is a
+    ValueError naming the file, the first bad byte's offset and the fix, where Python's names neither."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding=encoding)
+    except UnicodeDecodeError:
+        data = path.read_bytes()
+    try:  # the offset in the file itself (utf-8-sig counts from after the BOM)
+        data.decode("utf-8")
+        start, reason = 0, "not UTF-8"
+    except UnicodeDecodeError as err:
+        start, reason = err.start, err.reason
+    raise ValueError(
+        f"{what} {path} is not UTF-8 text: byte 0x{data[start]:02x} at offset {start} ({reason}); convert it to "
+        f"UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`) and use that"
+    ) from None
+
+
 def _pip(*args: str) -> None:
     cmd = [sys.executable, "-m", "pip", *args]
     try:

@@ -100,10 +100,14 @@ def remove_checkpoint(path: Path) -> None:
 
 def _atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temp file next to ``path``, then ``os.replace``: readers never see half a file."""
+    from .runfolder import write_failed
+
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # a full disk is "unexpected pos" from torch's zip writer
+        raise write_failed(err, path, "checkpoint") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -169,21 +173,23 @@ def _alive(pid: int) -> bool:
 
 def load_newest_good(path: str | Path) -> dict[str, Any]:
     """``load_checkpoint`` of ``find_checkpoint(path)`` (with its ``path``); for a run folder, a corrupt newest
-    checkpoint falls back to the previous one with a warning (a file named explicitly must load)."""
+    checkpoint falls back to the previous one with a warning (a file named explicitly must load). ``skipped``
+    lists the newer checkpoints that did not load (a resume in place sets them aside: see ``runfolder.prepare``)."""
     path = Path(path).expanduser()
     chosen = find_checkpoint(path)
     if path.is_file():
         return {**load_checkpoint(chosen), "path": str(chosen)}
-    errors = []
+    errors, skipped = [], []
     for candidate in list_checkpoints(chosen.parent)[::-1]:
         try:
             ckpt = load_checkpoint(candidate)
         except CheckpointError as err:
             errors.append(str(err))
+            skipped.append(str(candidate))
             continue
         for message in errors:
             print(f"gradspace: warning: {message}; resuming from {candidate.name} instead", file=sys.stderr)
-        return {**ckpt, "path": str(candidate)}
+        return {**ckpt, "path": str(candidate), "skipped": skipped}
     raise CheckpointError(errors[0] if len(errors) == 1 else f"no readable checkpoint in {chosen.parent}: {errors[0]}")
 
 

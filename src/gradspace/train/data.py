@@ -38,12 +38,12 @@ def load_corpus(name: str | Path = "shakespeare") -> str:
         return "\n\n".join(NAMED_CORPORA[n]() for n in NAMED_CORPORA)
     path = Path(key).expanduser()
     if path.is_file():
-        return path.read_text(encoding="utf-8")
+        return assets.read_text(path, "corpus file")
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise ValueError(f"corpus folder {path} holds no .txt files")
-        return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+        return "\n\n".join(assets.read_text(f, "corpus file") for f in files)
     raise ValueError(
         f"unknown corpus {key!r}: choose one of {', '.join(CORPORA)}, or give a .txt file or a folder of .txt files"
     )

@@ -59,8 +59,15 @@ def model_source(name: str) -> tuple[str, bool]:
 
 
 def _load(source: str, num_labels: int, regression: bool, local_files_only: bool) -> tuple[nn.Module, Any]:
+    """A local folder's broken config.json or truncated safetensors is a UsageError naming the file (transformers
+    blames the tokenizer, or raises a SafetensorError that says no file)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+    from .modelfolder import check_weights, read_config
+
+    if Path(source).is_dir():
+        read_config(Path(source))
+        check_weights(Path(source))
     with _quiet_transformers():
         config = AutoConfig.from_pretrained(
             source,

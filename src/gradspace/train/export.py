@@ -24,7 +24,12 @@ MODEL_DIR = "model"
 
 
 def char_tokenizer(chars: str):
-    """A ``PreTrainedTokenizerFast`` whose token i is the character ``chars[i]``."""
+    """A ``PreTrainedTokenizerFast`` whose token i is the character ``chars[i]``, with no special tokens: the
+    space (else ``chars[0]``) is only the backend's unknown token, so that ``decode(ids, skip_special_tokens=True)``
+    (``generate`` pipelines, ``gradspace sample``) gives back every trained character, spaces and newlines included.
+
+    Training never meets an unknown character (the vocabulary is every character of the training and validation
+    text); a character outside it, in a prompt, encodes as the space, and decodes as one."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -33,7 +38,7 @@ def char_tokenizer(chars: str):
     tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False)
 
 
 def _full_vocabulary(model, vocab_map: torch.Tensor, size: int):
@@ -66,11 +71,11 @@ def _full_vocabulary(model, vocab_map: torch.Tensor, size: int):
     return full
 
 
-def export_causal_lm(folder: Path, model, dataset, tokenizer=None) -> Path:
-    """``folder/model``: the pretrained model with a tokenizer that fits it (see the module docstring)."""
+def export_causal_lm(folder: Path, model, dataset, tokenizer=None, step: int | None = None) -> Path:
+    """``folder/model``: the pretrained model of ``step`` with a tokenizer that fits it (see the module docstring),
+    written whole or not at all (see :func:`_written`)."""
     from transformers import GenerationConfig
 
-    out = Path(folder) / MODEL_DIR
     chars = getattr(dataset, "chars", None)
     vocab_map = getattr(dataset, "vocab_map", None)
     suppress: list[int] = []
@@ -87,8 +92,6 @@ def export_causal_lm(folder: Path, model, dataset, tokenizer=None) -> Path:
             seen = torch.zeros(len(tok), dtype=torch.bool)
             seen[vocab_map.long()] = True
             suppress = torch.nonzero(~seen).flatten().tolist()
-    export.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
     eos = tok.eos_token_id
     gen = GenerationConfig(
         suppress_tokens=suppress or None,
@@ -98,39 +101,123 @@ def export_causal_lm(folder: Path, model, dataset, tokenizer=None) -> Path:
         temperature=0.8,
         top_k=50,
     )
-    gen.save_pretrained(out)
-    (out / "gradspace.json").write_text(
-        json.dumps({"vocabulary": "chars" if chars else "gpt2", "trained_tokens": len(tok) - len(suppress)}, indent=1)
-    )
-    return out
+    info = {"vocabulary": "chars" if chars else "gpt2", "trained_tokens": len(tok) - len(suppress)}
+    return _written(folder, export, tok, step, {"kind": "causal-lm", **info}, gen)
 
 
-def export_classifier(folder: Path, model, tokenizer) -> Path:
-    """``folder/model``: the fine-tuned classifier (or regressor) and its tokenizer."""
+def export_classifier(folder: Path, model, tokenizer, step: int | None = None) -> Path:
+    """``folder/model``: the fine-tuned classifier (or regressor) of ``step`` and its tokenizer."""
+    return _written(folder, model, tokenizer, step, {"kind": "classifier"})
+
+
+#: written last into an exported folder: what it holds and the training step it is the model of
+MARKER = "gradspace.json"
+
+
+def _written(folder: Path, model, tokenizer, step: int | None, info: dict[str, Any], generation=None) -> Path:
+    """``folder/model`` from ``save_pretrained`` into a temp folder that replaces it only once complete: a kill or a
+    full disk during the write leaves the previous export (or none), never a folder that half loads."""
+    from .runfolder import atomic_folder
+
     out = Path(folder) / MODEL_DIR
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    with atomic_folder(out, "the model folder") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if generation is not None:
+            generation.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps({**info, "step": step}, indent=1))
     return out
+
+
+def exported_step(folder: Path) -> int | None:
+    """The training step whose model ``folder/model`` holds, or None when there is no complete export."""
+    try:
+        return json.loads((Path(folder) / MODEL_DIR / MARKER).read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def sample(folder: Path, prompt: str, max_new_tokens: int = 100, seed: int = 0, **generate: Any) -> str:
-    """Text that the exported model of a run folder (or a model folder) writes after ``prompt``."""
+    """Text that the exported model of a run folder (or a model folder) writes after ``prompt``.
+
+    ``temperature=0`` decodes greedily (``do_sample=False``), as Hugging Face users expect; an empty prompt starts
+    from :func:`_start_ids` and prints only what the model writes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .config import UsageError
+    from .modelfolder import check_weights, read_config
 
     path = Path(folder)
     path = path / MODEL_DIR if (path / MODEL_DIR).is_dir() else path
-    if not (path / "config.json").exists():
+    config = read_config(path)
+    if config is None:
         raise UsageError(
             f"{folder} holds no model: give the run folder of a finished `gradspace pretrain` (it "
             f"writes {Path(folder) / MODEL_DIR}) or a Hugging Face model folder"
         )
-    if max_new_tokens < 1 or not generate.get("temperature", 1.0) > 0:
-        raise UsageError("--max-new-tokens must be >= 1 and --temperature > 0")
+    _refuse_non_causal(folder, path, config)
+    temperature = generate.pop("temperature", None)
+    if max_new_tokens < 1 or (temperature is not None and not temperature >= 0):
+        raise UsageError("--max-new-tokens must be >= 1 and --temperature >= 0 (0: greedy decoding)")
+    if temperature == 0:
+        generate.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    elif temperature is not None:
+        generate["temperature"] = temperature
+    check_weights(path)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
-    ids = tok(prompt, return_tensors="pt").input_ids
+    ids = tok(prompt, return_tensors="pt").input_ids if prompt else torch.zeros(1, 0, dtype=torch.long)
+    start = 0
+    if not ids.shape[1]:  # generate cannot start from nothing
+        ids = torch.tensor([_start_ids(tok, model)])
+        start = ids.shape[1]
     torch.manual_seed(seed)
-    out = model.generate(ids, max_new_tokens=max_new_tokens, **generate)
-    return tok.decode(out[0], skip_special_tokens=True)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, **generate)
+    return tok.decode(out[0, start:], skip_special_tokens=True)
+
+
+def _start_ids(tok, model) -> list[int]:
+    """Where a sample with an empty prompt starts: the tokenizer's BOS (else EOS) token, as a document does, unless
+    the model never trained on it (``suppress_tokens``: a compacted GPT-2 run); else a newline (``--tokenizer
+    chars``, whose tokenizer has neither)."""
+    suppressed = set(getattr(model.generation_config, "suppress_tokens", None) or [])
+    for token in (tok.bos_token_id, tok.eos_token_id):
+        if token is not None and token not in suppressed:
+            return [token]
+    return tok("\n", add_special_tokens=False).input_ids[:1] or [0]
+
+
+def _refuse_non_causal(folder: Path, path: Path, config: dict[str, Any]) -> None:
+    """A folder whose config names no causal-LM architecture (a fine-tuning run's classifier) is a UsageError
+    saying what it holds and what loads it: ``AutoModelForCausalLM`` would load it with a fresh LM head and write
+    random words."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from .config import UsageError
+
+    archs = [str(a) for a in config.get("architectures") or []]
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if not archs or any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise UsageError(
+            f"{folder} holds a {archs[0]}, not a causal language model: `gradspace sample` needs one "
+            "(a `gradspace pretrain` run, or a folder AutoModelForCausalLM loads)"
+        )
+    kind = "regressor" if config.get("problem_type") == "regression" else "classifier"
+    task = _run_task(path)
+    raise UsageError(
+        f"{folder} holds a sequence {kind} ({archs[0]}" + (f", fine-tuned on task {task}" if task else "") + "), "
+        f"not a language model to sample from: load it with AutoModelForSequenceClassification.from_pretrained"
+        f"('{path}') or pipeline('text-classification', model='{path}'); `gradspace sample` takes a "
+        "`gradspace pretrain` run"
+    )
+
+
+def _run_task(path: Path) -> str | None:
+    """The fine-tuning task of the run whose ``model`` folder ``path`` is (its config.json), if it says."""
+    try:
+        task = json.loads((path.parent / "config.json").read_text()).get("task") if path.name == MODEL_DIR else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(task) if task else None

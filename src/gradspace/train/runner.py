@@ -21,7 +21,7 @@ from .parallel import Parallel, load_parallel, save_parallel, stream_state
 from .report import write_run_plots
 from .reporters import Reporters
 from .reporters import parse as parse_reporters
-from .runfolder import RunLock
+from .runfolder import RunLock, write_atomic
 from .summary import RunDiverged, build_summary, has_diverged, logged_before, logged_by
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ from .streams import Data
 
 def run_training(cfg: dict[str, Any], out: Path, **kwargs) -> dict[str, Any]:
     """The run machinery shared by ``pretrain`` and ``finetune`` (see :func:`_run_training`); the run folder's lock
-    is released however the run ends."""
+    is held until the model is exported and released however the run ends."""
     with contextlib.ExitStack() as stack:
         return _run_training(stack, cfg, out, **kwargs)
 
@@ -56,12 +56,14 @@ def _run_training(
     parallel: Parallel | None = None,
     inner=None,
     overwrite: bool = False,
+    export=None,
 ) -> dict[str, Any]:
-    """Restore, train, evaluate, checkpoint; returns the run's summary.
+    """Restore, train, evaluate, checkpoint, export; returns the run's summary.
 
-    Restores a checkpoint (model, optimizer, scheduler, data position, RNG), then creates the run folder (only now,
-    so bad input leaves nothing behind), trains with metrics.jsonl lines, periodic ``evaluate_fn()`` and
-    checkpoints, handles Ctrl-C (save, exit 130), and ends with a final evaluation, checkpoint and summary.json.
+    Restores a checkpoint (model, optimizer, scheduler, data position, RNG), then prepares the run folder (only now,
+    so bad input leaves nothing behind; see ``runfolder.prepare``), trains with metrics.jsonl lines, periodic
+    ``evaluate_fn()`` and checkpoints, handles Ctrl-C (save, exit 130), and ends with a final evaluation and
+    checkpoint, ``export(model)`` (``RUN/model``) and, last, summary.json: a run folder with a summary is complete.
 
     Under torchrun (``parallel``; ``model`` wrapped, ``inner`` the unwrapped module) only rank 0 writes files and
     shows progress; see :meth:`save_parallel` for checkpoints.
@@ -80,10 +82,7 @@ def _run_training(
     if resume is not None:
         start = int(resume["step"])
         if start >= cfg["steps"]:
-            raise UsageError(
-                f"the checkpoint is at step {start}, the run has {cfg['steps']} steps: nothing to do "
-                "(give a larger --steps to continue)"
-            )
+            raise UsageError(_nothing_to_do(out, start, cfg["steps"], command))
         error = None
         try:
             load_parallel(resume, parallel, model, inner, optimizer)
@@ -104,18 +103,12 @@ def _run_training(
     ckpt_dir = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        stack.enter_context(RunLock(out))
-        for orphan in ck.remove_orphans(out / "checkpoints"):
-            print(f"gradspace: removed {orphan}, left by a save that did not finish", file=sys.stderr)
-        if overwrite and not start:
-            runfolder.clear(out)
-        (out / "config.json").write_text(json.dumps(cfg, indent=1))
-        if start and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
-            kept = [ln for ln in metrics_path.read_text().splitlines() if logged_by(ln, start)]
-            metrics_path.write_text("".join(ln + "\n" for ln in kept))
-        elif not start:
-            metrics_path.write_text("")
+        stack.enter_context(RunLock(out, create=True))
+        runfolder.prepare(out, resume, overwrite, command)
+        write_atomic(out / "config.json", json.dumps(cfg, indent=1))
+        # a resumed run drops the lines logged after its checkpoint (they are redone)
+        lines = metrics_path.read_text(encoding="utf-8").splitlines() if start and metrics_path.exists() else []
+        write_atomic(metrics_path, "".join(ln + "\n" for ln in lines if logged_by(ln, start)))
     # a resumed run's summary covers the whole run: the curves and wall time logged before the checkpoint
     history_before, evals_before, elapsed_before = logged_before(metrics_path) if main and start else ([], [], 0.0)
     metrics = metrics_path.open("a") if main else open(os.devnull, "w")  # noqa: SIM115 - closed below
@@ -126,8 +119,11 @@ def _run_training(
     clock = [time.perf_counter()]
 
     def log(line: dict[str, Any]) -> None:
-        metrics.write(json.dumps(line) + "\n")
-        metrics.flush()
+        try:
+            metrics.write(json.dumps(line) + "\n")
+            metrics.flush()
+        except OSError as err:
+            raise runfolder.write_failed(err, metrics_path, "metrics") from None
         reporters.log(line)
 
     def do_eval(step: int) -> None:
@@ -251,7 +247,7 @@ def _run_training(
                     nonfinite=str(err),
                     **dict.fromkeys(("train_loss", "final_loss", "val_loss", "val_ppl", "tokens_per_s"), nan),
                 )
-                (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+                write_atomic(out / "summary.json", json.dumps(summary, indent=1, default=str))
             raise RunDiverged(f"{err} (the run is marked diverged in {out / 'summary.json'})") from None
     bar.close()
     if result["stopped_at"] is not None:
@@ -286,8 +282,10 @@ def _run_training(
         **final,
         tokens_per_s=result["tokens_per_s"],
     )
+    if export is not None and not summary["diverged"]:
+        _export(parallel, out, summary, inner, export)
     if main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        write_atomic(out / "summary.json", json.dumps(summary, indent=1, default=str))
         lines = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
         summary["plots"] = write_run_plots(out, summary, lines)
     if summary["diverged"]:
@@ -425,20 +423,29 @@ def run_pretrain(
         parallel=parallel,
         inner=inner,
         overwrite=overwrite,
-    )
-    _export(
-        parallel,
-        out,
-        summary,
-        inner,
-        lambda m: export_causal_lm(out, m, getattr(data, "dataset", None), getattr(data, "_tok", None)),
+        export=lambda m, step: export_causal_lm(
+            out, m, getattr(data, "dataset", None), getattr(data, "_tok", None), step=step
+        ),
     )
     return summary
 
 
+def _nothing_to_do(out: Path, start: int, steps: int, command: str) -> str:
+    from .export import exported_step
+
+    if exported_step(out) == start and (out / "summary.json").exists():
+        return f"the checkpoint is at step {start}, the run has {steps} steps: nothing to do (give a larger --steps)"
+    return (
+        f"the run reached its last step {start}, but its model folder or summary was not written (the run was "
+        f"stopped while exporting): `gradspace export {out}` writes {out / 'model'} from the checkpoint; a larger "
+        "--steps continues training"
+    )
+
+
 def _export(parallel: Parallel, out: Path, summary: dict[str, Any], inner, write) -> None:
-    """Rank 0 writes ``RUN/model`` (a Hugging Face folder; see ``gradspace.train.export``) with ``write(model)``.
-    Under FSDP2 every rank first gathers the full state (a collective), and rank 0 writes an unsharded copy."""
+    """Rank 0 writes ``RUN/model`` (a Hugging Face folder; see ``gradspace.train.export``) with
+    ``write(model, step)``. Under FSDP2 every rank first gathers the full state (a collective), and rank 0 writes an
+    unsharded copy."""
     model = inner
     if parallel.strategy == "fsdp2":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -449,19 +456,26 @@ def _export(parallel: Parallel, out: Path, summary: dict[str, Any], inner, write
             model.load_state_dict(state)
     if not parallel.main:
         return
-    summary["model_folder"] = str(write(model))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    summary["model_folder"] = str(write(model, summary["steps"]))
 
 
 def _causal_lm(cfg: dict[str, Any], vocab_size: int):
-    """The preset's LLaMA, or ``--model``: a local Hugging Face folder (its weights unless ``--fresh``) or config."""
+    """The preset's LLaMA, or ``--model``: a local Hugging Face folder (its weights unless ``--fresh``) or config.
+
+    Its broken ``config.json`` or truncated safetensors are one-line errors naming the file; a folder with no
+    weights starts from random weights as ``--fresh`` does, and says so, as it does when the tokenizer has fewer
+    tokens than the model has embeddings (legitimate, since models pad their vocabularies, but worth knowing)."""
     if not cfg.get("model"):
         from .models import build_llama
 
         return build_llama(cfg["preset"], vocab_size=vocab_size)
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .modelfolder import check_weights, read_config
+    from .streams import tokenizer_choice
+
     path = Path(str(cfg["model"])).expanduser()
+    read_config(path.parent if path.is_file() else path)
     weights = path.is_dir() and any(
         (path / f).exists()
         for f in (
@@ -471,18 +485,33 @@ def _causal_lm(cfg: dict[str, Any], vocab_size: int):
             "pytorch_model.bin.index.json",
         )
     )
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one notice
     try:
         if weights and not cfg.get("fresh"):
+            check_weights(path)
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
         else:
             config = AutoConfig.from_pretrained(path.parent if path.is_file() else path, local_files_only=True)
             model = AutoModelForCausalLM.from_config(config)
+            if not weights and not cfg.get("fresh") and main:
+                print(
+                    f"gradspace: --model {path} is a config without weights: training starts from random weights "
+                    f"(as --fresh would), with {tokenizer_choice(cfg)[1]}",
+                    file=sys.stderr,
+                )
     except (OSError, ValueError, KeyError) as err:
         raise UsageError(f"--model {path} does not load as a causal LM ({str(err).splitlines()[0][:200]})") from None
-    if model.get_input_embeddings().num_embeddings < vocab_size:
+    rows = model.get_input_embeddings().num_embeddings
+    if rows < vocab_size:
         raise UsageError(
-            f"--model {path} has {model.get_input_embeddings().num_embeddings} token embeddings, fewer "
+            f"--model {path} has {rows} token embeddings, fewer "
             f"than the tokenizer's {vocab_size} tokens: give the model's own tokenizer with --tokenizer"
+        )
+    if rows > vocab_size and main:
+        print(
+            f"gradspace: --model {path} has {rows:,} token embeddings and the tokenizer {vocab_size:,} tokens: "
+            f"the other {rows - vocab_size:,} rows match no token (models often pad their embeddings)",
+            file=sys.stderr,
         )
     return model
 
@@ -564,6 +593,6 @@ def run_finetune(
         parallel=parallel,
         inner=inner,
         overwrite=overwrite,
+        export=lambda m, step: export_classifier(out, m, setup.tokenizer, step=step),
     )
-    _export(parallel, out, summary, inner, lambda m: export_classifier(out, m, setup.tokenizer))
     return summary

@@ -68,25 +68,42 @@ class HFStream:
             next(self)
 
 
+#: files that make a folder a tokenizer folder
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def tokenizer_choice(cfg: dict[str, Any]) -> tuple[str, str]:
+    """``(tokenizer, which and why, in words)``: ``--tokenizer PATH``, else the ``--model`` folder's own, else
+    GPT-2's (full vocabulary)."""
+    tok = cfg.get("tokenizer") or "gpt2"
+    model = Path(str(cfg["model"])).expanduser() if cfg.get("model") else None
+    if tok == "chars":
+        return tok, "the corpus's characters (--tokenizer chars)"
+    if tok != "gpt2":
+        return tok, f"the tokenizer of {tok} (--tokenizer)"
+    if model is None:
+        return tok, "GPT-2's tokenizer"
+    if model.is_dir() and any((model / f).exists() for f in TOKENIZER_FILES):
+        return str(model), f"the tokenizer of {model} (its own)"
+    why = f"{model} has no tokenizer files ({', '.join(TOKENIZER_FILES)})" if model.is_dir() else "--model is a file"
+    return tok, f"GPT-2's tokenizer, since {why}; --tokenizer FOLDER gives another"
+
+
 def user_tokenizer(cfg: dict[str, Any]):
-    """``--tokenizer PATH``, else the ``--model`` folder's own tokenizer, else GPT-2's (full vocabulary)."""
+    """The tokenizer of :func:`tokenizer_choice`. A folder's broken ``config.json`` (which transformers reads to
+    find the tokenizer's class) is reported as itself, not as a tokenizer that does not load."""
     from transformers import AutoTokenizer
 
     from . import assets
+    from .modelfolder import read_config
 
-    tok = cfg.get("tokenizer") or "gpt2"
-    model = Path(str(cfg["model"])).expanduser() if cfg.get("model") else None
-    if (
-        tok == "gpt2"
-        and model is not None
-        and model.is_dir()
-        and any((model / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
-    ):
-        tok = str(model)
+    tok = tokenizer_choice(cfg)[0]
     if tok == "gpt2":
         return assets.tokenizer()
+    folder = Path(tok).expanduser()
+    read_config(folder)
     try:
-        return AutoTokenizer.from_pretrained(str(Path(tok).expanduser()), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as err:
         raise UsageError(f"tokenizer {tok} does not load ({str(err).splitlines()[0][:160]})") from None
 

@@ -195,7 +195,7 @@ def split_rows(rows: list[dict], n_validation: int) -> tuple[Split, Split]:
 # ---------------------------------------------------------------------------------------------- local files
 def _read_table(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8-sig")
+    text = assets.read_text(path, "task file", "utf-8-sig")
     if suffix in (".jsonl", ".json"):
         try:
             return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -1,0 +1,69 @@
+"""``gradspace export RUN``: the model of a run's newest good checkpoint (or of a checkpoint file), rebuilt and
+written to ``RUN/model`` without training: after a run stopped while exporting, or to export an earlier step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint as ck
+from .runfolder import RunLock, folder_of
+
+
+def export_run(path: str | Path) -> tuple[Path, int]:
+    """Write the model of ``path`` (a run folder: its newest checkpoint that loads; or a checkpoint file) into its
+    run folder's ``model/``, replacing the folder whole; returns ``(model folder, step)``."""
+    path = Path(path).expanduser()
+    run = folder_of(ck.find_checkpoint(path))
+    with RunLock(run):
+        resume = ck.load_newest_good(path)
+        step, cfg = int(resume["step"]), resume["config"]
+        state = _model_state(resume)
+        if "task" in cfg:
+            return _classifier(run, cfg, state, step), step
+        return _causal_lm(run, cfg, state, step), step
+
+
+def _model_state(resume: dict[str, Any]) -> dict[str, Any]:
+    if resume.get("dcp"):  # FSDP2: the shards, read whole in this one process
+        from .sharded import full_state
+
+        return full_state(Path(resume["path"]))
+    return resume["model"]
+
+
+def _load(model, state: dict[str, Any], path) -> None:
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0][:200]
+        raise ck.CheckpointError(f"checkpoint of {path} does not fit the model its config builds ({first})") from None
+
+
+def _causal_lm(run: Path, cfg: dict[str, Any], state: dict[str, Any], step: int) -> Path:
+    import torch
+
+    from .config import PRETRAIN
+    from .export import export_causal_lm
+    from .runner import _causal_lm as build
+    from .streams import Data
+
+    cfg = {**PRETRAIN.defaults, **cfg}
+    data = Data(cfg, 1)  # the vocabulary the run trained with: the export's tokenizer
+    model = build({**cfg, "fresh": True}, data.vocab_size)  # the checkpoint's weights replace the folder's
+    model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]])
+    _load(model, state, run)
+    return export_causal_lm(run, model, getattr(data, "dataset", None), getattr(data, "_tok", None), step=step)
+
+
+def _classifier(run: Path, cfg: dict[str, Any], state: dict[str, Any], step: int) -> Path:
+    import torch
+
+    from .config import FINETUNE
+    from .encoder import FinetuneSetup
+    from .export import export_classifier
+
+    setup = FinetuneSetup({**FINETUNE.defaults, **cfg})
+    model = setup.model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]])
+    _load(model, state, run)
+    return export_classifier(run, model, setup.tokenizer, step=step)
