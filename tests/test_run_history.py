@@ -14,6 +14,7 @@ from conftest import lines, run
 from gradspace.train import export as export_module
 from gradspace.train.runfolder import LOCK, QUARANTINE
 from test_cli import SMALL, assert_clean_error
+from test_finetune import sentiment_csv  # noqa: F401 - the fixture
 from test_runfolder import snapshot
 
 
@@ -192,3 +193,24 @@ def test_export_rebuilds_the_runs_own_model_and_any_checkpoints(finished):
     assert layers and all(torch.equal(earlier[k], state[k]) for k in layers)
     assert not all(torch.equal(earlier[k], own[k]) for k in layers)
     assert json.loads((finished / "model" / export_module.MARKER).read_text())["step"] == 4
+
+
+def test_a_finetuning_run_exports_its_labels_and_export_rebuilds_it(tmp_path, sentiment_csv):  # noqa: F811
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    from gradspace.train.tasks import load_task
+    from test_finetune import FAST
+
+    out = tmp_path / "run"
+    assert run("finetune", "--task", sentiment_csv, "--steps", "3", *FAST, "--out", out) == 0
+    names = load_task(str(sentiment_csv)).labels
+    own = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    assert list(own.config.id2label.values()) == names
+    shutil.rmtree(out / "model")
+    assert run("export", out, "--threads", "1") == 0
+    again = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in own.state_dict().items())
+    answer = pipeline("text-classification", model=str(out / "model"))("a fine film")[0]["label"]
+    assert answer in names

@@ -105,8 +105,12 @@ def export_causal_lm(folder: Path, model, dataset, tokenizer=None, step: int | N
     return _written(folder, export, tok, step, {"kind": "causal-lm", **info}, gen)
 
 
-def export_classifier(folder: Path, model, tokenizer, step: int | None = None) -> Path:
-    """``folder/model``: the fine-tuned classifier (or regressor) of ``step`` and its tokenizer."""
+def export_classifier(folder: Path, model, tokenizer, step: int | None = None, labels=()) -> Path:
+    """``folder/model``: the fine-tuned classifier (or regressor) of ``step`` and its tokenizer; with the task's
+    class names as ``id2label``, so that ``pipeline("text-classification")`` answers with them."""
+    if labels and len(labels) == model.config.num_labels:
+        model.config.id2label = dict(enumerate(map(str, labels)))
+        model.config.label2id = {str(name): i for i, name in enumerate(labels)}
     return _written(folder, model, tokenizer, step, {"kind": "classifier"})
 
 

@@ -66,4 +66,4 @@ def _classifier(run: Path, cfg: dict[str, Any], state: dict[str, Any], step: int
     setup = FinetuneSetup({**FINETUNE.defaults, **cfg})
     model = setup.model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]])
     _load(model, state, run)
-    return export_classifier(run, model, setup.tokenizer, step=step)
+    return export_classifier(run, model, setup.tokenizer, step=step, labels=setup.task.labels)

@@ -593,6 +593,6 @@ def run_finetune(
         parallel=parallel,
         inner=inner,
         overwrite=overwrite,
-        export=lambda m, step: export_classifier(out, m, setup.tokenizer, step=step),
+        export=lambda m, step: export_classifier(out, m, setup.tokenizer, step=step, labels=task.labels),
     )
     return summary
