@@ -127,6 +127,20 @@ def test_negative_lr_and_unknown_names_raise():
         SubspaceOptimizer(projected_groups(model), betaz=(0.9, 0.9))
 
 
+def _complex(*shape):
+    return nn.Parameter(torch.randn(*shape, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("projected", [True, False])
+def test_a_complex_parameter_is_an_error_in_any_group(projected):
+    """It used to train on its real part in a projected group (and fail at the first step in a full-rank one)."""
+    extra = {"rank": 2} if projected else {}
+    with pytest.raises(ValueError, match=r"^w has dtype torch.complex64; gradspace supports real floating-point"):
+        SubspaceOptimizer([{"params": [("w", _complex(8, 16))], **extra}])
+    with pytest.raises(ValueError, match=r"param 0 of param group 1 \(shape \(8, 16\)\) has dtype torch.complex64"):
+        SubspaceOptimizer([{"params": make_model().parameters()}, {"params": [_complex(8, 16)], **extra}])
+
+
 def test_non_2d_target_raises():
     model = make_model()
     with pytest.raises(ValueError, match="only 2-D"):
@@ -259,6 +273,56 @@ def test_deepcopy_and_add_param_group():
     twin = copy.deepcopy(opt)
     assert twin.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
     assert optimizer_state_bytes(twin) == optimizer_state_bytes(opt) > 0
+
+
+def test_add_param_group_takes_plain_tensors_after_create_optimizer():
+    """create_optimizer names its groups; a user adding plain tensors, as with torch.optim, used to get torch's
+    "cannot add param group without names"."""
+    model, extra = make_model(), nn.Linear(16, 32)
+    opt = create_optimizer("galore", model, lr=1e-2, rank=4, target_modules=PROJECTED)
+    opt.add_param_group({"params": [extra.weight], "rank": 4})
+    opt.add_param_group({"params": extra.bias})
+    count = len(list(model.parameters()))
+    assert opt.param_groups[-2]["param_names"] == [f"param{count}"]
+    assert opt.param_groups[-1]["param_names"] == [f"param{count + 1}"]
+    train(model, opt, batches(2))
+    extra.weight.grad, extra.bias.grad = torch.randn(32, 16), torch.randn(32)
+    opt.step()
+    assert opt.state[extra.weight]["basis"].shape == (16, 4) and f"param{count}" in opt.diagnostics()["weights"]
+    unnamed = SubspaceOptimizer(model.parameters())
+    with pytest.raises(ValueError, match="its other groups have none, so pass this group's tensors without names"):
+        unnamed.add_param_group({"params": [("extra.weight", extra.weight)]})
+
+
+def _frozen(opt):
+    sd = opt.state_dict()
+    groups = [{**g, "params": [id(p) for p in g["params"]]} for g in opt.param_groups]
+    return groups, {k: {n: torch.as_tensor(v).clone() for n, v in st.items()} for k, st in sd["state"].items()}
+
+
+def test_a_rejected_add_param_group_leaves_the_optimizer_as_it_was(caplog):
+    model, extra = make_model(), nn.Linear(16, 32)
+    opt = create_optimizer("galore", model, lr=1e-2, rank=4, target_modules=PROJECTED)
+    train(model, opt, batches(2))
+    before = _frozen(opt)
+    rejected = [
+        ({"params": [extra.weight], "rank": 0}, "rank must be a positive integer"),
+        ({"params": [extra.weight], "betas": (1.5, 0.9)}, "betas"),
+        ({"params": [extra.weight, _complex(4)]}, "complex"),
+        ({"params": [_complex(16, 32)], "rank": 4}, "complex"),
+        ({"params": [extra.weight, model.up.weight]}, "more than one parameter group"),
+        ({"params": [nn.Linear(2, 3).weight, extra.bias], "rank": 4}, "bias|2-D|flatten"),  # clipped, then 1-D
+    ]
+    for group, message in rejected:
+        with pytest.raises(ValueError, match=message):
+            opt.add_param_group(group)
+        groups, state = _frozen(opt)
+        assert groups == before[0] and state.keys() == before[1].keys()
+        assert all(torch.equal(state[k][n], v) for k in state for n, v in before[1][k].items())
+    with caplog.at_level(logging.WARNING, logger="gradspace"):
+        opt.add_param_group({"params": [extra.weight], "rank": 16})  # added later: warned then, and only for itself
+    (record,) = [r for r in caplog.records if "full rank" in r.getMessage()]
+    assert "1 weight(s)" in record.getMessage() and "(32, 16)" in record.getMessage()
 
 
 def test_state_bytes_equal_the_formula():

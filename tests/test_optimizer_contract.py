@@ -8,6 +8,7 @@ from torch import nn
 
 from conftest import batches, make_model, projected_groups, train
 from gradspace import METHODS, SubspaceOptimizer, create_optimizer
+from gradspace.rules import get_rule
 from test_optimizer import roundtrip
 
 
@@ -110,6 +111,63 @@ def test_keys_that_torch_schedulers_and_trainers_add_are_accepted():
     train(model, opt, batches(2))
     scheduler.step()
     assert "initial_lr" in opt.param_groups[0] and "max_lr" in opt.param_groups[0]
+
+
+# ---------------------------------------------------------------------------------------- LR schedulers
+def cycling(scheduler, opt, steps):
+    """A momentum-cycling scheduler at its defaults (cycle_momentum=True): it needs ``betas`` in ``defaults``."""
+    if scheduler == "OneCycleLR":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps)
+    return torch.optim.lr_scheduler.CyclicLR(opt, base_lr=1e-3, max_lr=1e-2, step_size_up=4)
+
+
+def scheduled(opt, model, data, scheduler=None):
+    """Train, stepping the scheduler after each step; returns the beta1 of every step."""
+    used = []
+    for x, y in data:
+        opt.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(model(x), y).backward()
+        used.append(opt.param_groups[0]["betas"][0])
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+    return used
+
+
+@pytest.mark.parametrize("scheduler", ["OneCycleLR", "CyclicLR"])
+def test_momentum_cycling_schedulers_drive_the_betas_as_with_torch_adamw(scheduler):
+    """The adamw preset against torch.optim.AdamW under the same scheduler (eps ~0, where the HF form and torch's
+    agree): the same beta1 every step and the same weights; cycling moved them, so the betas were read."""
+    data = batches(12)
+    reference = make_model()
+    torch_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, eps=1e-12, weight_decay=0.0)
+    torch_betas = scheduled(torch_opt, reference, data, cycling(scheduler, torch_opt, len(data)))
+    model = make_model()
+    opt = create_optimizer("adamw", model.parameters(), lr=1e-3, eps=1e-12)
+    assert opt.defaults["betas"] == (0.9, 0.999)
+    betas = scheduled(opt, model, data, cycling(scheduler, opt, len(data)))
+    assert betas == torch_betas and len(set(betas)) > 3
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert float((p - q).detach().norm() / q.detach().norm()) < 1e-6
+    fixed = make_model()
+    opt = create_optimizer("adamw", fixed.parameters(), lr=1e-3, eps=1e-12)
+    sched = cycling(scheduler, opt, len(data))
+    sched.cycle_momentum = False  # the same learning rates, beta1 no longer cycled
+    scheduled(opt, fixed, data, sched)
+    assert float((fixed.up.weight - model.up.weight).detach().norm() / model.up.weight.detach().norm()) > 1e-4
+
+
+@pytest.mark.parametrize(
+    ("base", "key"), [("adamw", "betas"), ("adamw8bit", "betas"), ("lion", "betas"), ("sgd", "momentum")]
+)
+def test_the_inner_rules_hyperparameters_are_defaults_as_in_torch_optim(base, key):
+    opt = create_optimizer("galore", projected_groups(make_model()), base=base)
+    assert opt.defaults[key] == opt.param_groups[0][key] == get_rule(base).defaults[key]
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10)  # cycle_momentum at its default
+    assert opt.param_groups[0][key] != get_rule(base).defaults[key]
+    # a group with its own rule keeps that rule's defaults, not those of the optimizer's rule
+    lion = SubspaceOptimizer([{"params": make_model().parameters(), "base": "lion"}])
+    assert lion.param_groups[0]["betas"] == (0.9, 0.99)
 
 
 # --------------------------------------------------------------------------------------------- state dicts

@@ -4,9 +4,12 @@
 import warnings
 
 import pytest
+import torch
+from torch import nn
 
 from conftest import batches, make_model, projected_groups, train
-from gradspace import SubspaceOptimizer, create_optimizer
+from gradspace import SubspaceOptimizer, create_optimizer, select_params
+from test_optimizer_contract import cycling, scheduled
 
 galore_torch = pytest.importorskip("galore_torch")
 fira = pytest.importorskip("fira")
@@ -101,3 +104,56 @@ def test_fira_preset_matches_fira_after_60_steps(proj_type):
         data,
     )
     assert relative_diff(true.mid.weight, ref.mid.weight) > 1e-4
+
+
+@pytest.mark.parametrize("scheduler", ["OneCycleLR", "CyclicLR"])
+def test_galore_under_a_momentum_cycling_scheduler_matches_galore_torch(scheduler):
+    """The scheduler's betas reach the projected and the full-rank groups at every step, as in galore-torch."""
+    data = batches(30)
+    ref = make_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_opt = galore_torch.GaLoreAdamW(projected_groups(ref), lr=1e-2)
+    ref_betas = scheduled(ref_opt, ref, data, cycling(scheduler, ref_opt, len(data)))
+    model = make_model()
+    opt = create_optimizer("galore", projected_groups(model), lr=1e-2)
+    assert scheduled(opt, model, data, cycling(scheduler, opt, len(data))) == ref_betas
+    assert opt.state[model.mid.weight]["updates"] == 1
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert relative_diff(p, q) < 1e-5, name
+
+
+class Block(nn.Module):
+    """Module names as select_params's default targets see them."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.Linear(24, 40)
+        self.mlp = nn.Linear(40, 24)
+        self.head = nn.Linear(24, 8)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mlp(torch.tanh(self.attn(x)))))
+
+
+def test_select_params_groups_with_the_four_keys_train_as_in_galore_torch():
+    """README: with rank, update_proj_gap, scale and proj_type given (galore-torch reads all four; gradspace fills
+    missing ones), the same groups give the same run in both packages."""
+    keys = {"rank": 6, "update_proj_gap": 10, "scale": 0.25, "proj_type": "std"}
+    data = batches(30)
+    ref = Block()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(ref, galore_torch.GaLoreAdamW(select_params(ref, **keys), lr=1e-2), data)
+    model = Block()
+    opt = SubspaceOptimizer(select_params(model, **keys), lr=1e-2)
+    train(model, opt, data)
+    assert opt.state[model.attn.weight]["updates"] == 2
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert relative_diff(p, q) < 1e-5, name
+    with pytest.raises(KeyError, match="proj_type"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        incomplete = Block()
+        groups = select_params(incomplete, rank=6, update_proj_gap=10, scale=0.25)  # proj_type left out
+        train(incomplete, galore_torch.GaLoreAdamW(groups, lr=1e-2), data[:1])

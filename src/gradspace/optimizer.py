@@ -132,9 +132,12 @@ class SubspaceOptimizer(Optimizer):
             recovery=recovery,
         )
         self._proj_defaults.update({k: v for k, v in options.items() if k in tracker_keys and k not in rule_keys})
+        # the rule's hyperparameters are defaults, as torch.optim.AdamW's betas are: LR schedulers that cycle
+        # momentum (OneCycleLR, CyclicLR) look for "betas" or "momentum" there, then rewrite every group's each step
+        self._rule_options = {k: v for k, v in options.items() if k in rule_keys}
         defaults = {"lr": lr, "weight_decay": weight_decay, "base": base, "state_dtype": None}
-        defaults.update({k: v for k, v in options.items() if k in rule_keys})
-        get_rule(base).validate({**get_rule(base).defaults, **defaults})  # before the params, as torch.optim does
+        defaults.update({**get_rule(base).defaults, **self._rule_options})
+        get_rule(base).validate(defaults)  # before the params, as torch.optim does
         self.seed = int(seed)
         self.nonfinite = nonfinite
         self.collect_diagnostics = diagnostics
@@ -146,8 +149,13 @@ class SubspaceOptimizer(Optimizer):
         self._diag: dict[torch.Tensor, dict[str, Any]] = {}
         self._index: dict[torch.Tensor, int] | None = None
         self._shapes: dict[torch.Tensor, tuple[int, ...]] = {}
+        self._building = True  # one warning for all the clipped weights of the constructor's groups
         super().__init__(params, defaults)
+        self._building = False
         self.register_state_dict_post_hook(validation.add_gradspace_state, prepend=True)
+        self._warn_clipped()
+
+    def _warn_clipped(self) -> None:
         if self._clipped:
             log.warning(
                 "rank >= min(m, n) for %d weight(s) (%s): they are trained in full rank, without projection",
@@ -158,6 +166,7 @@ class SubspaceOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ groups and validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's, with gradspace's defaults and checks; a rejected group leaves the optimizer as it was."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
         group = dict(param_group)
@@ -174,11 +183,32 @@ class SubspaceOptimizer(Optimizer):
             for key, value in get_tracker(group["tracker"]).defaults.items():
                 group.setdefault(key, value)
         rule = get_rule(group.get("base", self.defaults.get("base", "adamw")))
+        # a group with its own rule takes that rule's defaults where the user gave the optimizer none
+        inherited = self.defaults if rule.name == self.defaults.get("base") else self._rule_options
         for key, value in rule.defaults.items():
-            group.setdefault(key, self.defaults.get(key, value))
-        self._validate_group(group, rule)
+            group.setdefault(key, inherited.get(key, value))
+        clipped = self._validate_group(group, rule)
+        self._name_like_the_others(group)
         super().add_param_group(group)
         self._index = None
+        self._clipped += clipped
+        if not self._building:
+            self._warn_clipped()
+
+    def _name_like_the_others(self, group: dict) -> None:
+        """torch needs every group named or none: a group of plain tensors added to an optimizer built from named
+        parameters (``create_optimizer`` names them) gets the names diagnostics give unnamed weights."""
+        if not self.param_groups:
+            return
+        named = "param_names" in self.param_groups[0]
+        if named and "param_names" not in group:
+            start = sum(len(g["params"]) for g in self.param_groups)
+            group["param_names"] = [f"param{start + i}" for i in range(len(group["params"]))]
+        elif not named and "param_names" in group:
+            raise ValueError(  # torch's words first: its generic optimizer tests match them
+                "all optimizer param groups should be with/without names. cannot add param group with names to the "
+                "optimizer: its other groups have none, so pass this group's tensors without names"
+            )
 
     def _check_group_keys(self, group: dict) -> None:
         """A near-miss of a known key (``updte_proj_gap``, ``projection_type``) is an error naming the intended
@@ -194,7 +224,9 @@ class SubspaceOptimizer(Optimizer):
             if close is not None:
                 raise ValueError(f"unknown param-group key {key!r}: did you mean {close!r}?")
 
-    def _validate_group(self, group: dict, rule) -> None:
+    def _validate_group(self, group: dict, rule) -> list[str]:
+        """Every check of a new group, before anything is stored; returns the weights trained in full rank because
+        the rank is not below their smaller side."""
         validation.check_lr_and_decay(
             group.get("lr", self.defaults["lr"]), group.get("weight_decay", self.defaults["weight_decay"])
         )
@@ -205,10 +237,13 @@ class SubspaceOptimizer(Optimizer):
                 raise ValueError(f"state_dtype must be None or a floating-point dtype (e.g. 'float32'), got {dtype!r}")
         rule.validate(group)
         params = group["params"]
-        for i, p in enumerate(params):
-            dist_support.check_param(p, f"param {i} of this group (shape {tuple(p.shape)})", rule.name)
+        names = group.get("param_names") or [None] * len(params)
+        for i, (p, name) in enumerate(zip(params, names)):
+            label = name or f"param {i} of param group {len(self.param_groups)} (shape {tuple(p.shape)})"
+            validation.check_real(p, label)
+            dist_support.check_param(p, label, rule.name)
         if "rank" not in group:
-            return
+            return []
         rank, gap = group["rank"], group["update_proj_gap"]
         if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
@@ -241,13 +276,14 @@ class SubspaceOptimizer(Optimizer):
                 f"moment policy {group['moments']!r} transports the moments with C = S_new^T S_old, which needs an "
                 f"orthonormal basis; tracker {group['tracker']!r} keeps a non-orthonormal one: use 'keep' or 'reset'"
             )
-        names = group.get("param_names") or [None] * len(params)
+        clipped = []
         for i, (p, name) in enumerate(zip(params, names)):
-            label = name or f"param {i} of this group"
+            label = name or f"param {i} of param group {len(self.param_groups)}"
             if p.dim() != 2:
                 raise ValueError(dist_support.flattened_message(label, tuple(p.shape)))
             if rank >= min(p.shape):
-                self._clipped.append(f"{label} {tuple(p.shape)}")
+                clipped.append(f"{label} {tuple(p.shape)}")
+        return clipped
 
     def _layout(self, p: torch.Tensor, group: dict) -> tuple[bool, int] | None:
         """(basis on the right, rank) for a projected weight, None for a full-rank parameter."""
@@ -477,7 +513,15 @@ class SubspaceOptimizer(Optimizer):
             diag["update_seconds"] += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ checkpoints
-    _PICKLED = ("_proj_defaults", "seed", "nonfinite", "collect_diagnostics", "skipped_steps", "distributed")
+    _PICKLED = (
+        "_proj_defaults",
+        "_rule_options",
+        "seed",
+        "nonfinite",
+        "collect_diagnostics",
+        "skipped_steps",
+        "distributed",
+    )
 
     def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: torch.optim keeps only defaults, state, groups
         return {**super().__getstate__(), **{k: getattr(self, k) for k in self._PICKLED}}
@@ -485,6 +529,9 @@ class SubspaceOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._clipped, self._diag, self._index, self._shapes, self._new_bases = [], {}, None, {}, None
+        self._building = False
+        if not hasattr(self, "_rule_options"):  # pickled by a version that kept only the given options as defaults
+            self._rule_options = {k: v for k, v in self.defaults.items() if k not in ("lr", "weight_decay", "base")}
         if not hasattr(self, "process_group"):  # unpickled or deep-copied: a process group does not travel
             self.process_group = None
             self.distributed = state.get("distributed")

@@ -68,6 +68,16 @@ def check_lr_and_decay(lr: Any, weight_decay: Any) -> None:
         raise ValueError(f"Invalid weight_decay value: weight_decay must be a number >= 0, got {weight_decay!r}")
 
 
+def check_real(p: torch.Tensor, label: str) -> None:
+    """Complex parameters would be trained on their real part in a subspace (and fail in the fused full-rank
+    kernel): refuse them, projected or not."""
+    if not p.is_floating_point():
+        raise ValueError(
+            f"{label} has dtype {p.dtype}; gradspace supports real floating-point parameters only: put it in a "
+            "torch.optim optimizer of its own, or train a real view of it (torch.view_as_real)"
+        )
+
+
 def split_named(params: list) -> tuple[list, list[str] | None]:
     """``[(name, tensor), ...]`` (``model.named_parameters()``, as torch >= 2.6 accepts) into tensors and names."""
     named = [isinstance(x, tuple) for x in params]

@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 
 from .base import Context, Tracker, basis_bytes, seeded_generator
-from .svd import left_singular
+from .svd import left_singular, signed, validate_sign
 
 
 def _opt(group: dict, key: str):
@@ -81,6 +81,7 @@ class AdaRankTracker(Tracker):
         "min_gap": None,  # None: max(1, max_gap // 4)
         "max_gap": None,  # None: update_proj_gap (never staler than GaLore)
         "power_iters": 2,
+        "svd_sign": "lapack",  # "canonical": each column's largest entry positive (trackers/svd.py)
     }
 
     def validate(self, group: dict) -> None:
@@ -110,6 +111,7 @@ class AdaRankTracker(Tracker):
         power_iters = _opt(group, "power_iters")
         if not _is_int(power_iters, 0):
             raise ValueError(f"power_iters must be a non-negative integer, got {power_iters!r}")
+        validate_sign(group)
         if group.get("moments") == "keep" and r_min != r_max:
             raise ValueError(
                 "moments='keep' cannot follow the rank changes of tracker 'adarank'; use moments='rotate' "
@@ -196,5 +198,5 @@ class AdaRankTracker(Tracker):
         r = int(torch.where(ok.any(), ok.int().argmax() + 1, r_max))  # the one host sync: shapes depend on it
         state["trk_diag_error"] = err[r - 1].clone()  # not a view: it would hold all of err
         if _opt(group, "basis") == "prefix":
-            return q[:, :r].contiguous()
-        return (q @ ub[:, :r]).contiguous()
+            return signed(q[:, :r].contiguous(), group)
+        return signed((q @ ub[:, :r]).contiguous(), group)

@@ -8,6 +8,12 @@ Its cost is ``(2 + 2 q)`` products of G with a thin matrix instead of a full SVD
 by ``python -m gradspace.bench svd`` on real LLaMA-1B gradients (docs/benchmarks.md). ``Omega`` comes from a
 generator seeded by (seed, parameter index, basis number), never the global RNG (``torch.svd_lowrank`` draws from
 the global one): data-parallel ranks and resumed runs compute the same basis.
+
+Singular vectors are defined up to sign, and LAPACK's choice is not a continuous function of the matrix: a 1e-7
+change of a gradient can return a column negated, which the kept first moment then meets with the other sign.
+``svd_sign="canonical"`` makes the largest-magnitude entry of every column positive (scikit-learn's
+``svd_flip``), so the basis depends on the gradient alone; the default ``"lapack"`` keeps the solver's signs, as
+galore-torch does (so parity with it holds).
 """
 
 from __future__ import annotations
@@ -42,11 +48,12 @@ def top_singular_basis(gn: torch.Tensor, rank: int, right: bool) -> torch.Tensor
 
 
 SVD_METHODS = ("exact", "randomized")
+SVD_SIGNS = ("lapack", "canonical")
 #: the options of every tracker whose bases come from an SVD
 #: ``svd_power_iters=None``: 1 while the sketch (rank + oversample columns) spans less than a quarter of the
 #: smaller side, else 0 (measured on real LLaMA-1B gradients, docs/benchmarks.md: at rank 128 one iteration cuts
 #: the worst energy shortfall from 4.1% to 0.2%; at rank 512 none is needed, 0.001%, and it costs 60% more time)
-SVD_DEFAULTS = {"svd": "exact", "svd_oversample": 16, "svd_power_iters": None}
+SVD_DEFAULTS = {"svd": "exact", "svd_oversample": 16, "svd_power_iters": None, "svd_sign": "lapack"}
 
 
 def power_iterations(group: dict, k: int, rank: int) -> int:
@@ -60,6 +67,7 @@ def validate_svd(group: dict) -> None:
     method = group.get("svd", "exact")
     if method not in SVD_METHODS:
         raise ValueError(f"svd must be 'exact' or 'randomized', got {method!r}")
+    validate_sign(group)
     for key in ("svd_oversample", "svd_power_iters"):
         value = group.get(key, SVD_DEFAULTS[key])
         if value is None and key == "svd_power_iters":
@@ -70,11 +78,31 @@ def validate_svd(group: dict) -> None:
             )
 
 
+def validate_sign(group: dict) -> None:
+    sign = group.get("svd_sign", "lapack")
+    if sign not in SVD_SIGNS:
+        raise ValueError(f"svd_sign must be 'lapack' (the solver's signs) or 'canonical', got {sign!r}")
+
+
+def canonical_signs(basis: torch.Tensor) -> torch.Tensor:
+    """Each column times the sign of its largest-magnitude entry (the first of equal ones), as scikit-learn's
+    ``svd_flip``: a negated column comes back as it was, so the solver's arbitrary sign no longer matters."""
+    if basis.is_meta:
+        return basis
+    top = basis.gather(0, basis.abs().argmax(dim=0, keepdim=True))
+    return (basis * torch.where(top < 0, -1.0, 1.0).to(basis.dtype)).contiguous()
+
+
+def signed(basis: torch.Tensor, group: dict) -> torch.Tensor:
+    """``basis`` with the group's ``svd_sign`` convention."""
+    return canonical_signs(basis) if group.get("svd_sign", "lapack") == "canonical" else basis
+
+
 def svd_basis(gn: torch.Tensor, rank: int, group: dict, ctx: Context, draw: int = 0) -> torch.Tensor:
-    """The top-``rank`` left singular vectors of ``gn``, by the group's ``svd`` method; ``draw`` numbers the
-    bases of one weight (0 = the first), which seeds the randomized sketch."""
+    """The top-``rank`` left singular vectors of ``gn``, by the group's ``svd`` method and with its ``svd_sign``
+    convention; ``draw`` numbers the bases of one weight (0 = the first), which seeds the randomized sketch."""
     if group.get("svd", "exact") == "randomized":
-        return randomized_basis(
+        basis = randomized_basis(
             gn,
             rank,
             ctx,
@@ -82,7 +110,9 @@ def svd_basis(gn: torch.Tensor, rank: int, group: dict, ctx: Context, draw: int 
             int(group.get("svd_oversample", SVD_DEFAULTS["svd_oversample"])),
             power_iterations(group, gn.shape[0], rank),
         )
-    return top_singular_basis(gn, rank, ctx.right)
+    else:
+        basis = top_singular_basis(gn, rank, ctx.right)
+    return signed(basis, group)
 
 
 def randomized_basis(
