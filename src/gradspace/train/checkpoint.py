@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .atomic import alive, write_failed
+
 FORMAT = 1
 NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 
@@ -100,8 +102,6 @@ def remove_checkpoint(path: Path) -> None:
 
 def _atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temp file next to ``path``, then ``os.replace``: readers never see half a file."""
-    from .runfolder import write_failed
-
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
         torch.save(obj, tmp)
@@ -154,21 +154,11 @@ def remove_orphans(folder: str | Path) -> list[Path]:
             removed.append(part)
     for tmp in folder.glob(".*.tmp"):
         pid = next((int(x) for x in reversed(tmp.name.split(".")) if x.isdigit()), 0)
-        if pid and pid != os.getpid() and _alive(pid):
+        if pid and pid != os.getpid() and alive(pid):
             continue
         tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def load_newest_good(path: str | Path) -> dict[str, Any]:

@@ -121,7 +121,7 @@ MARKER = "gradspace.json"
 def _written(folder: Path, model, tokenizer, step: int | None, info: dict[str, Any], generation=None) -> Path:
     """``folder/model`` from ``save_pretrained`` into a temp folder that replaces it only once complete: a kill or a
     full disk during the write leaves the previous export (or none), never a folder that half loads."""
-    from .runfolder import atomic_folder
+    from .atomic import atomic_folder
 
     out = Path(folder) / MODEL_DIR
     with atomic_folder(out, "the model folder") as tmp:

@@ -6,16 +6,14 @@ picks its checkpoint and held until its model is exported); every file is writte
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .atomic import alive, write_atomic
 from .config import Command, UsageError
 
 #: what a run writes into its folder (a compare also writes report.md, metrics.json and plots)
@@ -24,10 +22,6 @@ COMPARE_ARTEFACTS = ("report.md", "metrics.json")
 LOCK = ".gradspace.lock"
 #: the suffix a checkpoint that does not load gets when a resume falls back past it: kept, never counted or pruned
 QUARANTINE = ".corrupt"
-
-
-class WriteFailed(RuntimeError):
-    """A file of the run could not be written (most often a full disk); what was there before is intact."""
 
 
 def holds_run(folder: Path) -> bool:
@@ -67,68 +61,13 @@ def clear(folder: Path) -> None:
             path.unlink()
 
 
-def write_failed(err: BaseException, path: Path, what: str) -> WriteFailed:
-    """A one-line error for a failed write of ``what`` at ``path``, saying when the disk is full (torch's own
-    message for that is "unexpected pos" from deep inside its zip writer)."""
-    folder = next((p for p in (path, *path.parents) if p.exists()), Path("."))
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        free = None
-    full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 64 << 20)
-    if full:
-        left = f" ({free / 2**20:.0f} MiB free)" if free is not None else ""
-        return WriteFailed(f"the disk is full{left}: could not write {what} {path}; free some space and run again")
-    reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-    return WriteFailed(f"could not write {what} {path} ({reason})")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """``path`` holds ``text`` whole or keeps what it held: a temp file beside it, then ``os.replace``."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        raise write_failed(err, path, "file") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-@contextmanager
-def atomic_folder(final: Path, what: str = "folder") -> Iterator[Path]:
-    """Yields a temp folder beside ``final``; once the block ends without error it replaces ``final`` (the old one
-    renamed aside first, removed last), so ``final`` is always a complete folder, the old or the new one."""
-    final = Path(final)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    old = final.with_name(f".{final.name}.{os.getpid()}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-    except (OSError, RuntimeError) as err:
-        if old.exists() and not final.exists():
-            os.replace(old, final)
-        raise write_failed(err, final, what) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def remove_orphans(folder: Path) -> list[Path]:
     """Temp files and folders (``.NAME.<pid>.tmp`` / ``.old``) that a killed write left in a run folder; those of a
     live process are kept."""
     removed = []
     for part in [*Path(folder).glob(".*.tmp"), *Path(folder).glob(".*.old")]:
         pid = next((int(x) for x in reversed(part.name.split(".")) if x.isdigit()), 0)
-        if pid and pid != os.getpid() and _alive(pid):
+        if pid and pid != os.getpid() and alive(pid):
             continue
         if part.name.endswith(".old") and not (folder / part.name.split(".")[1]).exists():
             os.replace(part, folder / part.name.split(".")[1])  # the swap was killed between its two renames
@@ -136,16 +75,6 @@ def remove_orphans(folder: Path) -> list[Path]:
         shutil.rmtree(part) if part.is_dir() else part.unlink(missing_ok=True)
         removed.append(part)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 class RunLock:
@@ -177,7 +106,7 @@ class RunLock:
                     pid = int(self.path.read_text().strip() or 0)
                 except (OSError, ValueError):
                     pid = 0
-                if pid and pid != os.getpid() and _alive(pid):
+                if pid and pid != os.getpid() and alive(pid):
                     self._remove_if_made()
                     raise UsageError(
                         f"another gradspace process (pid {pid}) is writing {self.folder}; wait for it to end, "

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..methods import METHODS, preset_projection
 from . import runfolder
+from .atomic import write_atomic, write_failed
 from .config import EVAL_BATCH, FINETUNE, PRETRAIN, UsageError, parse_optim_args
 from .export import export_causal_lm, export_classifier
 from .interrupt import StopFlag
@@ -21,7 +22,7 @@ from .parallel import Parallel, load_parallel, save_parallel, stream_state
 from .report import write_run_plots
 from .reporters import Reporters
 from .reporters import parse as parse_reporters
-from .runfolder import RunLock, write_atomic
+from .runfolder import RunLock
 from .summary import RunDiverged, build_summary, has_diverged, logged_before, logged_by
 
 if TYPE_CHECKING:
@@ -123,7 +124,7 @@ def _run_training(
             metrics.write(json.dumps(line) + "\n")
             metrics.flush()
         except OSError as err:
-            raise runfolder.write_failed(err, metrics_path, "metrics") from None
+            raise write_failed(err, metrics_path, "metrics") from None
         reporters.log(line)
 
     def do_eval(step: int) -> None:
