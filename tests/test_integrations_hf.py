@@ -417,3 +417,21 @@ def test_gradspace_trainer_under_fsdp_refuses_and_says_what_works(tmp_path):
     with pytest.raises(NotImplementedError, match=r"does not run under FSDP.*DDP.*gradspace pretrain --fsdp"):
         trainer.create_optimizer()
     assert trainer.optimizer is None
+
+
+@pytest.mark.parametrize("optim", ["galore_adamw", "galore_adafactor_layerwise", "apollo_adamw"])
+def test_the_trainers_galore_and_apollo_names_need_optim_target_modules_as_in_the_trainer(tmp_path, optim):
+    from gradspace.integrations.hf import TRAINER_OPTIM
+
+    assert optim in TRAINER_OPTIM
+    args = hf_args(tmp_path, max_steps=1, save_strategy="no", optim=optim, optim_target_modules=None)
+    trainer = GradspaceTrainer(model=tiny_llama(), args=args, train_dataset=Tokens())
+    with pytest.raises(ValueError, match=r"optim_target_modules"):
+        trainer.create_optimizer()
+    assert trainer.optimizer is None
+    named = GradspaceTrainer(model=tiny_llama(), args=args, train_dataset=Tokens(), target_modules=["q_proj"])
+    projected = [g for g in named.create_optimizer().param_groups if "rank" in g]
+    assert projected and all(n.endswith("q_proj.weight") for g in projected for n in g["param_names"])
+    default = hf_args(tmp_path, max_steps=1, save_strategy="no", optim_target_modules=None)  # adamw_torch
+    ours = GradspaceTrainer(model=tiny_llama(), args=default, train_dataset=Tokens(), method="galore")
+    assert any("rank" in g for g in ours.create_optimizer().param_groups)  # gradspace's own: its defaults

@@ -88,3 +88,55 @@ def test_a_seeds_mean_curve_is_smoothed_over_steps_not_points():
     at = dict(zip(steps, smooth))
     assert loss(250) <= at[250] <= loss(220)
     assert at[2000] == pytest.approx(sum(loss(t) for t in range(1962, 2001)) / 39)
+
+
+def _balanced(text):
+    """Whether every ( and [ closes, in order (markdown links and images included)."""
+    stack = []
+    for ch in text:
+        if ch in "([":
+            stack.append(ch)
+        elif ch in ")]" and (not stack or stack.pop() != {")": "(", "]": "["}[ch]):
+            return False
+    return not stack
+
+
+def _tables(text):
+    """Each markdown table's rows as lists of cells (an escaped \\| stays inside its cell)."""
+    import re
+
+    tables, current = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            current.append(re.split(r"(?<!\\)\|", line.strip())[1:-1])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+@pytest.mark.parametrize("seeds", [[0], [0, 1, 2]])
+@pytest.mark.parametrize("task", [False, True])
+def test_the_report_closes_its_brackets_and_its_tables_keep_their_columns(tmp_path, seeds, task):
+    results = {m: dict(r) for m, r in RESULTS.items()}
+    results["galore:proj=a|b"] = results.pop("adarank")  # a method label with a pipe, from its options
+    results["galore"]["tuning"] = {"val_loss": {"0.001": 2.5, "0.01": float("inf")}, "chosen": 0.001, "steps": 2,
+                                   "seed": 0}  # fmt: skip
+    if len(seeds) > 1:
+        for r in results.values():
+            r.update(n=len(seeds), seeds=seeds, spread={"val_loss": 0.01, "val_ppl": 0.02})
+    config = {"steps": 6, "batch_size": 4, "grad_accum": 1, "seed": 0, "seeds": seeds, "device": "cpu",
+              "dtype": "float32", "jobs": 2}  # fmt: skip
+    if task:
+        config.update(task="trec", model="minilm", max_length=32)
+        for r in results.values():
+            r.update(metric="accuracy", accuracy=0.5)
+    else:
+        config.update(preset="tiny", dataset="shakespeare", seq_len=32)
+    text = report.write_report(tmp_path, results, config).read_text()
+    assert _balanced(text), text
+    tables = _tables(text)
+    assert len(tables) == 2  # the comparison and the learning-rate grid
+    for rows in tables:
+        assert {len(r) for r in rows} == {len(rows[0])}, rows
+    assert len(tables[0]) == 2 + len(results) and len(tables[0][0]) == len(report.columns(results))

@@ -96,7 +96,14 @@ SHARED = [
     (["--device"], {"default": S, "help": "cpu, cuda, cuda:1, ... (cpu)"}),
     (["--dtype"], {"default": S, "choices": ("float32", "bfloat16")}),
     (["--eval-every"], {**INT, "help": "validate every N steps (pretrain 50, finetune 100; 0: only at the end)"}),
-    (["--eval-batches"], {**INT, "help": f"validation batches (finetune: of {EVAL_BATCH}; 0 = the whole split)"}),
+    (
+        ["--eval-batches"],
+        {
+            **INT,
+            "help": f"validation batches (pretrain: N fixed random batches, 10; finetune: N x {EVAL_BATCH} "
+            "examples, all by default); 0 = the whole validation split",
+        },
+    ),
     (["--save-every"], {**INT, "help": "checkpoint every N steps (0: only at the end)"}),
     (["--log-every"], {**INT, "help": "a metrics.jsonl line (the window's mean loss) every N steps (10)"}),
     (["--report-to"], {"default": S, "help": "besides metrics.jsonl: tensorboard, wandb (offline), comma-separated"}),

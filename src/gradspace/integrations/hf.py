@@ -235,6 +235,18 @@ def resolve_trainer_optim(optim: Any, method: str | None, layerwise: bool, optio
     )
 
 
+def require_trainer_targets(optim: Any, target_modules: Any, args: Any) -> None:
+    """The Trainer's GaLore and APOLLO names project only the modules ``optim_target_modules`` names, and the
+    Trainer refuses them without it: so does GradspaceTrainer, rather than project gradspace's defaults unasked."""
+    name = str(getattr(optim, "value", optim))
+    if name in TRAINER_OPTIM and target_modules is None and getattr(args, "optim_target_modules", None) is None:
+        raise ValueError(
+            f"args.optim={name!r} needs the modules to project: set TrainingArguments(optim_target_modules=...) "
+            "(e.g. ['attn', 'mlp'], a regex, or 'all-linear'), as the Trainer requires, or pass target_modules= "
+            "to GradspaceTrainer"
+        )
+
+
 class GradspaceTrainingArguments(TrainingArguments):
     """``TrainingArguments`` that also accept ``optim="gradspace"``, with the method and its options in
     ``optim_args`` (``"method=subtrack++,rank=128,update_proj_gap=200"``), for ``GradspaceTrainer``. The
@@ -258,7 +270,8 @@ class GradspaceTrainer(Trainer):
     ``args.optim`` is honoured: the Trainer's GaLore names (``galore_adamw``, ``galore_adamw_8bit``,
     ``galore_adafactor`` and their ``_layerwise`` forms) map to gradspace's ``galore`` with that rule, its APOLLO
     names (``apollo_adamw``, ``apollo_adamw_layerwise``) to ``apollo`` (``optim_args`` ``proj=random|svd``,
-    ``scale_type``, ``scale`` as the Trainer passes them); at its default (``adamw_torch``), or ``"gradspace"``
+    ``scale_type``, ``scale`` as the Trainer passes them) and, as in the Trainer, need ``optim_target_modules``
+    (or ``target_modules=`` here); at its default (``adamw_torch``), or ``"gradspace"``
     (``GradspaceTrainingArguments``), ``method`` or ``optim_args``' ``method=`` decides (GaLore if neither); any
     other value is an error. It honours an overridden
     ``get_decay_parameter_names``.
@@ -284,6 +297,7 @@ class GradspaceTrainer(Trainer):
         if self.optimizer is None:
             model = self.model if model is None else model
             g = self.gradspace
+            require_trainer_targets(self.args.optim, g["target_modules"], self.args)
             method, layerwise, options = resolve_trainer_optim(
                 self.args.optim, g["method"], g["layerwise"], g["options"]
             )

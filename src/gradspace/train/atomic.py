@@ -47,6 +47,19 @@ def write_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """A matplotlib figure as a PNG at ``path``, written whole or not at all."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, path)
+    except OSError as err:
+        raise write_failed(err, path, "plot") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_folder(final: Path, what: str = "folder") -> Iterator[Path]:
     """Yields a temp folder beside ``final``; once the block ends without error it replaces ``final`` (the old one

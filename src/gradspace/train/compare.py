@@ -3,7 +3,8 @@ report.
 
 A comparison is a plan of runs: per method, optionally a short tuning run per learning rate of a grid (the best by
 validation loss is kept), then one full run per seed. Each run has its own folder, so a rerun with the same
-``--out`` keeps the runs that finished, resumes an interrupted one from its checkpoint and starts the rest.
+``--out`` keeps the runs that finished, resumes an interrupted one from its checkpoint and starts the rest; its
+report covers every method the folder has finished runs of, those of earlier reruns too.
 
     out/compare.json                  what the comparison is (a rerun must ask for the same)
     out/tune/<method>/lr-<lr>/        tuning runs (--lr-grid)
@@ -30,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from ..methods import METHODS
-from .config import FINETUNE, PRETRAIN, UsageError, _literal, parse_optim_args
+from .atomic import write_atomic
+from .config import FINETUNE, PRETRAIN, SEED_RANGE, UsageError, _literal, parse_optim_args
 from .encoder import FinetuneSetup
-from .interrupt import ChildHandlesInterrupt
+from .interrupt import Relay
 from .streams import Data
 
 #: what a method's options may set directly; any other key is a tracker or rule option
@@ -121,8 +123,8 @@ def _rates(value, key: str) -> list[float]:
         rates = [float(x) for x in raw if str(x).strip()]
     except ValueError:
         raise UsageError(f"--lr-grid {key}: {value!r} is not a comma-separated list of learning rates") from None
-    if not rates or any(not r > 0 for r in rates):
-        raise UsageError(f"--lr-grid {key}: learning rates must be positive numbers, got {value!r}")
+    if not rates or any(not 0 < r < math.inf for r in rates):
+        raise UsageError(f"--lr-grid {key}: learning rates must be finite positive numbers, got {value!r}")
     return sorted(set(rates))
 
 
@@ -190,8 +192,9 @@ def _status(run: Run) -> str:
 
 
 class Launcher:
-    """Runs children, ``jobs`` at a time. Ctrl-C reaches every child (they save and exit 130) and the parent waits;
-    SIGTERM to the parent is passed on to them. Once a child stops or fails, no new one starts."""
+    """Runs children, ``jobs`` at a time, each in its own session: a signal to the parent (a terminal's Ctrl-C, or
+    ``kill -INT``/``-TERM`` of its pid) is relayed to every running child once (they save and exit 130 or 143) and
+    the parent waits. Once a child stops or fails, no new one starts."""
 
     def __init__(self, command: str, jobs: int, stop_after: int | None, overwrite: bool):
         self.command, self.jobs, self.stop_after, self.overwrite = command, jobs, stop_after, overwrite
@@ -199,6 +202,7 @@ class Launcher:
         self.live: set[subprocess.Popen] = set()
         self.lock = threading.Lock()
         self.done = 0
+        self.own_sessions = False
 
     def run(self, runs: list[Run]) -> None:
         """Every run of ``runs`` has its summary afterwards, or the comparison exits with the child's code."""
@@ -212,21 +216,14 @@ class Launcher:
         if not todo:
             return
         self.total, self.done = len(todo), 0
-        import signal
-
-        main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, self._terminate) if main else None
-        try:
-            with ChildHandlesInterrupt():
-                if self.jobs == 1:
-                    codes = [self._launch(run, status) for run, status in todo]
-                else:
-                    with ThreadPoolExecutor(self.jobs) as pool:
-                        codes = list(pool.map(lambda job: self._launch(*job), todo))
-        finally:
-            if main:
-                signal.signal(signal.SIGTERM, previous)
-        stop = next((c for c in codes if c in (130, 143)), None)
+        # the children start from worker threads even for one job: the main thread, where the relay runs, then
+        # never holds the lock it takes
+        relay = Relay(self._relay)
+        self.own_sessions = relay.installed
+        with relay, ThreadPoolExecutor(self.jobs) as pool:
+            codes = list(pool.map(lambda job: self._launch(*job), todo))
+        signalled = self.stopped if self.stopped in (130, 143) else None
+        stop = next((c for c in codes if c in (130, 143)), signalled)
         if stop is not None:
             print(
                 "gradspace: compare stopped; run the same command again to continue (finished runs are kept, an "
@@ -238,11 +235,17 @@ class Launcher:
         if failed is not None:
             raise SystemExit(failed)  # the child has printed its one-line error
 
-    def _terminate(self, signum, frame) -> None:
+    def _relay(self, signum: int) -> None:
+        """SIGINT goes on as SIGINT (save, exit 130; a second one aborts), SIGTERM and SIGHUP as SIGTERM (save,
+        exit 143), to every running child; no new one starts."""
+        import signal
+
+        sent = signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM
         with self.lock:
-            self.stopped = 143
+            if self.stopped is None:
+                self.stopped = 130 if sent == signal.SIGINT else 143
             for child in self.live:
-                child.terminate()
+                child.send_signal(sent)
 
     def _launch(self, run: Run, status: str) -> int | None:
         cfg = dict(run.cfg)
@@ -265,12 +268,12 @@ class Launcher:
             with self.lock:
                 if self.stopped is not None:
                     return None
-                child = subprocess.Popen(argv, env=env)
+                child = subprocess.Popen(argv, env=env, start_new_session=self.own_sessions)  # signals: the relay
                 self.live.add(child)
             code = child.wait()
             with self.lock:
                 self.live.discard(child)
-                if code != 0 and code != 3:
+                if code not in (0, 3) and self.stopped is None:  # a relayed signal's stop stays one
                     self.stopped = code
                 self.done += 1
         if code in (0, 3) and (run.folder / "summary.json").exists():
@@ -314,7 +317,27 @@ def check_manifest(out: Path, manifest: dict[str, Any], overwrite: bool) -> dict
             f"{out} holds a comparison with other settings ({', '.join(differ)}); rerun it with the same ones to "
             "continue it, choose another --out, or pass --overwrite to replace it"
         )
-    return {**manifest, "lr_grid": {**saved_grid, **grid}}
+    earlier = [m for m in _recorded_methods(out, saved) if m not in manifest.get("methods", [])]
+    return {**manifest, "lr_grid": {**saved_grid, **grid}, "methods": [*earlier, *manifest.get("methods", [])]}
+
+
+def _recorded_methods(out: Path, saved: dict[str, Any]) -> list[str]:
+    """The methods a comparison's folder was run with: its manifest's, or (a manifest from before it kept them)
+    its last report's; those gradspace no longer knows are left out."""
+    methods = saved.get("methods")
+    if methods is None:
+        try:
+            methods = json.loads((out / "metrics.json").read_text())["config"]["methods"]
+        except (OSError, ValueError, KeyError, TypeError):
+            methods = []
+    known = []
+    for label in methods:
+        try:
+            method_options(label)
+        except UsageError:
+            continue
+        known.append(label)
+    return known
 
 
 def run_compare(
@@ -336,7 +359,7 @@ def run_compare(
         raise UsageError(f"seeds must be a positive integer, got {seeds!r}")
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise UsageError(f"jobs must be a positive integer, got {jobs!r}")
-    if not isinstance(tune_fraction, (int, float)) or not 0 < tune_fraction <= 1:
+    if not isinstance(tune_fraction, (int, float)) or isinstance(tune_fraction, bool) or not 0 < tune_fraction <= 1:
         raise UsageError(f"tune-fraction must be in (0, 1], got {tune_fraction!r}")
     grid = parse_lr_grid(lr_grid, methods)
     finetune = "task" in cfg
@@ -347,7 +370,12 @@ def run_compare(
         for lr in grid.get(label) or [None]:
             command.validate(run_config(cfg, label, seed_list[0], lr))
             command.validate(tuning_config(run_config(cfg, label, seed_list[0], lr), tune_fraction))
-    manifest = {"config": cfg, "lr_grid": grid, "tune_fraction": tune_fraction}
+    if seed_list[-1] > SEED_RANGE[1]:
+        raise UsageError(
+            f"--seed {cfg['seed']} with --seeds {seeds} reaches seed {seed_list[-1]}, past the largest "
+            f"({SEED_RANGE[1]}): give a smaller --seed"
+        )
+    manifest = {"config": cfg, "methods": methods, "lr_grid": grid, "tune_fraction": tune_fraction}
     manifest = check_manifest(out, manifest, overwrite)
     if finetune:  # prepares the task and model caches once, and checks rank and length before any run starts
         setup = FinetuneSetup(run_config(cfg, methods[-1], seed_list[0]))
@@ -359,15 +387,48 @@ def run_compare(
     shown = f"{', '.join(methods)} x {seeds} seed(s)" + (f", lr tuned over {rates or grid}" if grid else "")
     print(f"gradspace compare: {shown}; {what}; report in {out}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1, default=str))
     launcher = Launcher(command.name, jobs, stop_after, overwrite)
 
-    tuning = {
+    tuning = _tuning_runs(cfg, grid, seed_list[0], tune_fraction, out)
+    launcher.run([r for runs in tuning.values() for r in runs])
+    chosen, report_tuning = _chosen(tuning, grid, seed_list[0])
+    finals = _final_runs(cfg, methods, seed_list, chosen, out)
+    launcher.run(finals)
+    per_seed = {label: {r.seed: r.summary for r in finals if r.label == label} for label in methods}
+    earlier = [m for m in manifest["methods"] if m not in methods]
+    per_seed.update(_finished(cfg, earlier, manifest["lr_grid"], seed_list, tune_fraction, out, report_tuning))
+    per_seed = {label: per_seed[label] for label in manifest["methods"] if label in per_seed}  # first-run order
+    results = {label: (aggregate(runs) if several else runs[seed_list[0]]) for label, runs in per_seed.items()}
+    for label, info in report_tuning.items():
+        results[label]["tuning"] = info
+    write_report(
+        out,
+        results,
+        {
+            **cfg,
+            "methods": list(results),
+            "seeds": seed_list,
+            "lr_grid": {m: g for m, g in manifest["lr_grid"].items() if m in results},
+            "tune_fraction": tune_fraction,
+            "jobs": jobs,
+        },
+        runs=per_seed if several else None,
+    )
+    print(f"\n{text_table(results)}\n\nreport: {out / 'report.md'}")
+    return results
+
+
+def _tuning_runs(
+    cfg: dict[str, Any], grid: dict[str, list[float]], seed: int, fraction: float, out: Path
+) -> dict[str, list[Run]]:
+    """A short run per learning rate of each method whose grid has more than one."""
+    return {
         label: [
             Run(
                 label,
-                seed_list[0],
-                tuning_config(run_config(cfg, label, seed_list[0], lr), tune_fraction),
+                seed,
+                tuning_config(run_config(cfg, label, seed, lr), fraction),
                 out / "tune" / slug(label) / f"lr-{lr:g}",
                 tuning=True,
             )
@@ -376,7 +437,12 @@ def run_compare(
         for label, rates in grid.items()
         if len(rates) > 1
     }
-    launcher.run([r for runs in tuning.values() for r in runs])
+
+
+def _chosen(
+    tuning: dict[str, list[Run]], grid: dict[str, list[float]], seed: int
+) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """Each method's learning rate (the best tuning run's, or its one rate), and the tuning results to report."""
     chosen = {label: rates[0] for label, rates in grid.items()}
     report_tuning = {}
     for label, runs in tuning.items():
@@ -387,34 +453,69 @@ def run_compare(
             "val_loss": {f"{lr:g}": v for lr, v in sorted(losses.items())},
             "chosen": chosen[label],
             "steps": runs[0].cfg["steps"],
-            "seed": seed_list[0],
+            "seed": seed,
         }
         if all(v == float("inf") for v in losses.values()):
             print(f"gradspace: every tuning run of {label} diverged; using the smallest rate", file=sys.stderr)
+    return chosen, report_tuning
 
-    finals = [
+
+def _final_runs(
+    cfg: dict[str, Any], labels: list[str], seed_list: list[int], chosen: dict[str, float], out: Path
+) -> list[Run]:
+    several = len(seed_list) > 1
+    return [
         Run(
             label,
             seed,
             run_config(cfg, label, seed, chosen.get(label)),
             out / slug(label) / f"seed-{seed}" if several else out / slug(label),
         )
-        for label in methods
+        for label in labels
         for seed in seed_list
     ]
-    launcher.run(finals)
-    per_seed = {label: {r.seed: r.summary for r in finals if r.label == label} for label in methods}
-    results = {label: (aggregate(runs) if several else runs[seed_list[0]]) for label, runs in per_seed.items()}
-    for label, info in report_tuning.items():
-        results[label]["tuning"] = info
-    write_report(
-        out,
-        results,
-        {**cfg, "methods": methods, "seeds": seed_list, "lr_grid": grid, "tune_fraction": tune_fraction, "jobs": jobs},
-        runs=per_seed if several else None,
-    )
-    print(f"\n{text_table(results)}\n\nreport: {out / 'report.md'}")
-    return results
+
+
+def _all_done(runs: list[Run]) -> bool:
+    """Whether every run has finished (its summary loaded), without starting any."""
+    for run in runs:
+        if _status(run) != "done":
+            return False
+        run.summary = json.loads((run.folder / "summary.json").read_text())
+    return True
+
+
+def _finished(
+    cfg: dict[str, Any],
+    labels: list[str],
+    grid: dict[str, list[float]],
+    seed_list: list[int],
+    fraction: float,
+    out: Path,
+    report_tuning: dict[str, dict[str, Any]],
+) -> dict[str, dict[int, dict[str, Any]]]:
+    """The runs of methods an earlier run of this comparison asked for and this one did not: a report covers every
+    method whose runs (for these seeds, and its tuning runs) the folder holds finished; none is started."""
+    grid = {m: g for m, g in grid.items() if m in labels}
+    tuning = _tuning_runs(cfg, grid, seed_list[0], fraction, out)
+    tuned = {label: runs for label, runs in tuning.items() if _all_done(runs)}
+    chosen, info = _chosen(tuned, grid, seed_list[0])
+    found, missing = {}, []
+    for label in labels:
+        finals = _final_runs(cfg, [label], seed_list, chosen, out)
+        if (label in tuning and label not in tuned) or not _all_done(finals):
+            missing.append(label)
+            continue
+        found[label] = {r.seed: r.summary for r in finals}
+        if label in info:
+            report_tuning[label] = info[label]
+    if missing:
+        print(
+            f"gradspace: the report leaves out {', '.join(missing)}, run here before but not finished for these "
+            "seeds: add them to --methods to finish them",
+            file=sys.stderr,
+        )
+    return found
 
 
 def _tuning_loss(summary: dict[str, Any] | None) -> float:

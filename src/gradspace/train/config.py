@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ COMPARE_OPTIONS: dict[str, Any] = {"seeds": 1, "lr_grid": None, "tune_fraction":
 #: a config file's keys that only ``gradspace compare`` reads
 COMPARE_KEYS = ("methods", *COMPARE_OPTIONS)
 EVAL_BATCH = 64  # validation examples per forward pass in fine-tuning
+#: the seeds every consumer takes: torch's generators, and fine-tuning's data order (``seed * 1_000_003 + epoch``)
+SEED_RANGE = (0, 2**32 - 1)
 #: pretraining vocabularies: GPT-2's BPE (compacted to the tokens the corpus uses, unless --full-vocab), or the
 #: corpus's characters
 TOKENIZERS = ("gpt2", "chars")
@@ -96,6 +99,13 @@ def _validate_shared(cfg: dict[str, Any], positive: tuple[str, ...], non_negativ
     for key in ("rank", "update_gap"):
         if cfg.get(key) is not None and (not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1):
             raise UsageError(f"{key.replace('_', '-')} must be a positive integer, got {cfg[key]!r}")
+    low, high = SEED_RANGE
+    seed = cfg.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not low <= seed <= high:
+        raise UsageError(f"seed must be an integer from {low} to {high} (2**32 - 1), got {seed!r}")
+    for key in ("lr", "scale"):  # None: the command's, per method
+        if cfg.get(key) is not None:
+            _finite(key, cfg[key], 0.0, strict=True)
     device = str(cfg["device"])
     if device.startswith("cuda"):
         import torch
@@ -106,7 +116,23 @@ def _validate_shared(cfg: dict[str, Any], positive: tuple[str, ...], non_negativ
         raise UsageError(f"unknown device {device!r}; use cpu or cuda[:N]")
 
 
+def _finite(key: str, value: Any, low: float, strict: bool = False, hint: str = "") -> None:
+    """A float option: a finite number (``inf`` and ``nan`` pass ``>=`` checks or reach the run as a NaN loss) at
+    least ``low`` (``strict``: above it)."""
+    kind = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not kind or not math.isfinite(value) or value < low or (strict and value == low):
+        bound = f"> {low:g}" if strict else f">= {low:g}"
+        raise UsageError(f"{key.replace('_', '-')} must be a finite number {bound}, got {value!r}{hint}")
+
+
 def _validate_pretrain(cfg: dict[str, Any]) -> None:
+    if cfg["seq_len"] < 2:  # a causal LM predicts token t+1 from tokens 1..t: one token has no target, NaN loss
+        raise UsageError(f"seq-len {cfg['seq_len']} leaves no next token to predict: give --seq-len 2 or more")
+    if cfg["eval_batches"] == 0 and cfg.get("streaming"):
+        raise UsageError(
+            "eval-batches 0 (the whole split) needs a local corpus: a streamed dataset's validation split has no "
+            "end here; give --eval-batches 1 or more (default 10)"
+        )
     if cfg["preset"] not in PRESET_NAMES:
         raise UsageError(f"unknown preset {cfg['preset']!r}; choose one of {', '.join(PRESET_NAMES)}")
     held_out = cfg.get("eval_dataset")
@@ -136,6 +162,20 @@ def _validate_pretrain(cfg: dict[str, Any]) -> None:
         raise UsageError("--tokenizer chars reads a local corpus as characters: drop --streaming and --full-vocab")
     if cfg["seq_len"] > 1024 and model is None:
         raise UsageError(f"seq-len {cfg['seq_len']} exceeds the models' 1024 positions")
+
+
+def check_max_length(cfg: dict[str, Any], tokenizer: Any, pair: bool) -> None:
+    """``--max-length`` must leave a token of text (of each text, for pairs) beside the model's special tokens:
+    below that an example is only ``[CLS] [SEP]``, and shorter than the special tokens the tokenizer does not
+    truncate at all (it warns and keeps whole texts)."""
+    special = tokenizer.num_special_tokens_to_add(pair=pair) if hasattr(tokenizer, "num_special_tokens_to_add") else 0
+    need = special + (2 if pair else 1)
+    if cfg["max_length"] < need:
+        texts = "a token of each of its two texts" if pair else "a token of text"
+        raise UsageError(
+            f"max-length {cfg['max_length']} leaves no room for {texts} beside model {cfg['model']}'s {special} "
+            f"special tokens: give --max-length {need} or more"
+        )
 
 
 #: preset -> (rank, update gap) of projected methods (GaLore's paper settings for the big ones)
@@ -284,18 +324,11 @@ def _literal(raw: str) -> Any:
 
 
 def _check_training_options(cfg: dict[str, Any]) -> None:
-    def number(key: str, low: float, integer: bool = False, allow_none: bool = False) -> None:
-        value = cfg.get(key)
-        if value is None and allow_none:
-            return
-        kinds = (int,) if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds) or not value >= low:
-            what = "an integer" if integer else "a number"
-            raise UsageError(f"{key.replace('_', '-')} must be {what} >= {low:g}, got {value!r}")
-
-    number("weight_decay", 0.0)
-    number("grad_clip", 0.0)
-    number("warmup", 0, integer=True, allow_none=True)
+    _finite("weight_decay", cfg.get("weight_decay"), 0.0)
+    _finite("grad_clip", cfg.get("grad_clip"), 0.0, hint=" (0 turns clipping off)")
+    warmup = cfg.get("warmup")
+    if warmup is not None and (not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0):
+        raise UsageError(f"warmup must be an integer >= 0, got {warmup!r}")
     if cfg.get("warmup") is not None and cfg["warmup"] >= cfg["steps"]:
         raise UsageError(f"warmup ({cfg['warmup']} steps) must be shorter than the run ({cfg['steps']} steps)")
     if cfg["scheduler"] not in SCHEDULERS:
@@ -353,8 +386,8 @@ PRETRAIN = Command(
         "fresh",
         *TRAINING_IDENTITY,
     ),
-    positive=("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"),
-    non_negative=("eval_every", "save_every", "threads"),
+    positive=("steps", "batch_size", "seq_len", "grad_accum", "log_every"),
+    non_negative=("eval_every", "eval_batches", "save_every", "threads"),  # eval-batches 0: the whole split
     lr=_pretrain_lr,
     projection=lambda cfg: (*PRESET_PROJECTION[cfg["preset"]], 0.25),
     extra_checks=_validate_pretrain,

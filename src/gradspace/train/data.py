@@ -246,6 +246,20 @@ class TokenDataset:
         generator = torch.Generator().manual_seed(seed)
         return [self.get_batch(split, batch_size, seq_len, generator) for _ in range(n_batches)]
 
+    def whole_split(self, split: str, batch_size: int, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every token of ``split`` once, in consecutive non-overlapping windows, as full batches (the windows past
+        the last full batch, fewer than ``batch_size``, are left out: each batch weighs the same in the mean)."""
+        data = self.split(split)
+        _check_sizes(data, batch_size, seq_len, split)
+        starts = torch.arange(0, data.numel() - seq_len + 1, seq_len)
+        full = starts.numel() // batch_size * batch_size
+        if not full:
+            raise ValueError(
+                f"the {split} split has {starts.numel()} windows of {seq_len} tokens, fewer than one batch of "
+                f"{batch_size}: lower --batch-size or --seq-len"
+            )
+        return [_windows(data, s, seq_len) for s in starts[:full].split(batch_size)]
+
 
 def _check_sizes(data: torch.Tensor, batch_size: int, seq_len: int, split: str) -> None:
     if batch_size < 1 or seq_len < 1:

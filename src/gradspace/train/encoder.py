@@ -21,7 +21,7 @@ from torch import nn
 from ..methods import METHODS
 from ..params import is_conv1d
 from . import assets
-from .config import FINETUNE, UsageError
+from .config import FINETUNE, UsageError, check_max_length
 from .metrics import classification_metrics, regression_metrics
 from .tasks import hub_reachable
 
@@ -174,6 +174,7 @@ class FinetuneSetup:
         limit = min(positions, getattr(self.tokenizer, "model_max_length", positions) or positions)
         if cfg["max_length"] > limit:
             raise UsageError(f"max-length {cfg['max_length']} exceeds model {cfg['model']}'s {limit} positions")
+        check_max_length(cfg, self.tokenizer, self.task.train.text_pair is not None)
         t = self.task
         kind = "regression" if t.regression else f"{t.num_labels} classes"
         self.info = (

@@ -1,5 +1,5 @@
-"""Ctrl-C handling: a training run finishes its step and saves (``StopFlag``); a compare parent leaves the
-interrupt to the child that is training (``ChildHandlesInterrupt``)."""
+"""Ctrl-C handling: a training run finishes its step and saves (``StopFlag``); a compare parent passes the
+signals it gets on to the children that are training (``Relay``)."""
 
 from __future__ import annotations
 
@@ -57,16 +57,27 @@ class StopFlag:
         return False
 
 
-class ChildHandlesInterrupt:
-    """While a compare child runs, Ctrl-C is the child's to handle (it saves and exits 130); the parent waits."""
+class Relay:
+    """While compare's children run, each in its own session (so a terminal's Ctrl-C reaches compare alone, not
+        them twice), a signal to compare is passed on to them by ``relay(signum)``: Ctrl-C and ``kill -INT`` of
+        compare's pid alike make every running run save (a second one aborts them), SIGTERM and SIGHUP (the terminal
+        closed) too. Only the main thread can install handlers; elsewhere (``installed`` false) this does nothing, and
+    the children had better stay in the terminal's process group."""
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __init__(self, relay):
+        self.relay = relay
+        self._previous: dict[int, object] = {}
+        self.installed = threading.current_thread() is threading.main_thread()
 
     def __enter__(self):
-        self.installed = threading.current_thread() is threading.main_thread()
         if self.installed:
-            self._previous = signal.signal(signal.SIGINT, lambda *_: None)
+            for sig in (getattr(signal, name) for name in self.SIGNALS if hasattr(signal, name)):
+                self._previous[sig] = signal.signal(sig, lambda signum, frame: self.relay(signum))
         return self
 
     def __exit__(self, *exc):
-        if self.installed:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
         return False

@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .atomic import save_figure, write_atomic
+
 COLUMNS = (
     "method",
     "lr",
@@ -123,8 +125,8 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     """The one markdown table of the project (reports and benchmarks): first column left, the others right;
     floats with 4 significant digits."""
 
-    def fmt(x: object) -> str:
-        return f"{x:.4g}" if isinstance(x, float) else str(x)
+    def fmt(x: object) -> str:  # a "|" in a cell (a method's option value) would split it: escaped
+        return (f"{x:.4g}" if isinstance(x, float) else str(x)).replace("|", "\\|")
 
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
@@ -214,7 +216,7 @@ def write_plots(folder: Path, results: dict[str, dict[str, Any]]) -> list[str]:
     )
     ax.legend()
     fig.tight_layout()
-    fig.savefig(folder / "loss.png", dpi=110)
+    save_figure(fig, folder / "loss.png")
     plt.close(fig)
     written.append("loss.png")
 
@@ -231,7 +233,7 @@ def write_plots(folder: Path, results: dict[str, dict[str, Any]]) -> list[str]:
     ax.set_xlim(0, max(values) * 1.6)
     ax.set(xlabel="optimizer state (MiB)", title="Optimizer-state memory")
     fig.tight_layout()
-    fig.savefig(folder / "state_bytes.png", dpi=110)
+    save_figure(fig, folder / "state_bytes.png")
     plt.close(fig)
     written.append("state_bytes.png")
 
@@ -270,7 +272,7 @@ def _per_layer_plots(folder: Path, results: dict[str, dict[str, Any]]) -> list[s
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.set(ylabel=label, title=f"Per-layer {label} at the end of training")
         fig.tight_layout()
-        fig.savefig(folder / fname, dpi=110)
+        save_figure(fig, folder / fname)
         plt.close(fig)
         written.append(fname)
     return written
@@ -305,7 +307,7 @@ def write_run_plots(folder: Path, summary: dict[str, Any], lines: list[dict[str,
     bottom.plot([x["step"] for x in train], [x["lr"] for x in train], color=c)
     bottom.set(xlabel="step", ylabel="learning rate")
     fig.tight_layout()
-    fig.savefig(folder / "curves.png", dpi=110)
+    save_figure(fig, folder / "curves.png")
     plt.close(fig)
     return ["curves.png", *_per_layer_plots(folder, {summary.get("method", "run"): summary})]
 
@@ -344,8 +346,9 @@ def write_report(
     folder.mkdir(parents=True, exist_ok=True)
     plots = write_plots(folder, results)
     compact = {m: {k: v for k, v in r.items() if k != "curves"} for m, r in results.items()}
-    (folder / "metrics.json").write_text(
-        json.dumps({"config": config, "results": compact, "runs": runs or {}}, indent=1, default=str)
+    write_atomic(
+        folder / "metrics.json",
+        json.dumps({"config": config, "results": compact, "runs": runs or {}}, indent=1, default=str),
     )
     if "task" in config:
         setting = (
@@ -372,7 +375,7 @@ def write_report(
         (
             "Each method runs in its own process: peak memory is that process's maximum resident set size on CPU, "
             "`torch.cuda.max_memory_allocated` on GPU. `vs adamw`: the headline metric minus AdamW's (for a loss, "
-            "negative is better"
+            "negative is better)"
             + ("; one seed, so a difference smaller than the run-to-run spread is noise. " if len(seeds) == 1 else ". ")
             + "Subspace-update time is `optimizer.diagnostics()['update_seconds']` (basis computations and moves, "
             "with the moment transport); `x galore` divides it by GaLore's, whose updates are its SVDs. `x adamw`: "
@@ -384,5 +387,5 @@ def write_report(
         "",
     ]
     path = folder / "report.md"
-    path.write_text("\n".join(lines))
+    write_atomic(path, "\n".join(lines))
     return path

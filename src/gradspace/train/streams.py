@@ -164,7 +164,14 @@ class Data:
                 raise UsageError(
                     f"seq-len {cfg['seq_len']} does not fit the data: the {split} split of {name} has only {n} tokens"
                 )
-        self.eval_batches = self.dataset.fixed_batches("val", cfg["eval_batches"], batch, cfg["seq_len"], seed=1234)
+        try:
+            self.eval_batches = (
+                self.dataset.fixed_batches("val", cfg["eval_batches"], batch, cfg["seq_len"], seed=1234)
+                if cfg["eval_batches"]
+                else self.dataset.whole_split("val", batch, cfg["seq_len"])
+            )
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         self.info = (
             f"{name}: {self.dataset.train.numel():,} train / {self.dataset.val.numel():,} validation "
             f"tokens, vocabulary {self.vocab_size:,}"
