@@ -1,8 +1,24 @@
 """The timing benchmarks run end to end on small shapes and report every contender (times are not asserted)."""
 
+import argparse
+import ast
 import re
+from pathlib import Path
 
-from gradspace.bench import step, update
+import pytest
+
+from gradspace.bench import (
+    adarank_sweep,
+    budget,
+    distributed_memory,
+    memory,
+    real_memory,
+    sharded_updates,
+    step,
+    svd,
+    update,
+)
+from gradspace.bench.__main__ import build_parser
 from gradspace.trackers import TRACKERS
 
 
@@ -67,3 +83,99 @@ def test_distributed_memory_bench_shows_what_each_strategy_holds_per_rank():
     assert grads["FSDP2, rank 0"] == weights["FSDP2, rank 0"] > 0
     assert grads["DDP, rank 0"] == weights["DDP, rank 0"] > 0
     assert abs(weights["FSDP2, rank 0"] - weights["DDP, rank 0"] / 2) < 0.01 * weights["DDP, rank 0"]  # rows
+
+
+BENCH = Path(__file__).resolve().parents[1] / "src" / "gradspace" / "bench"
+#: every function a subcommand dispatches to (stubbed in the flag test)
+RUNNERS = [
+    (update, "run"),
+    (update, "run_preset"),
+    (step, "run"),
+    (step, "stagger"),
+    (svd, "run"),
+    (budget, "run"),
+    (sharded_updates, "run"),
+    (distributed_memory, "run"),
+    (adarank_sweep, "run"),
+    (adarank_sweep, "run_variants"),
+    (memory, "run"),
+    (real_memory, "run"),
+]
+
+
+class _Reads(argparse.Namespace):
+    """A namespace that records the flags read from it."""
+
+    def __getattribute__(self, name):
+        if not name.startswith("_"):
+            object.__getattribute__(self, "_read").add(name)
+        return object.__getattribute__(self, name)
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_the_subcommands_keep_their_order():
+    assert list(_subcommands()) == ["update", "step", "svd", "budget", "distributed", "adarank", "memory"]
+
+
+@pytest.mark.parametrize("name", list(_subcommands()))
+def test_every_flag_of_a_subcommand_is_read(name, monkeypatch):
+    """A flag parsed and never read is a bug (``memory --real-steps`` was one): across the plain run and one run per
+    store_true mode flag (``--real``, ``--stagger``...), the subcommand must read every flag it parses."""
+    for module, fn in RUNNERS:
+        monkeypatch.setattr(module, fn, lambda *a, **k: "")
+    parser = _subcommands()[name]
+    modes = [[]] + [a.option_strings[:1] for a in parser._actions if isinstance(a, argparse._StoreTrueAction)]
+    read = set()
+    for mode in modes:
+        args = build_parser().parse_args([name, *mode])
+        ns = _Reads(**vars(args), _read=set())
+        assert ns.main(ns) == ""
+        read |= ns._read
+    parsed = {a.dest for a in parser._actions if not isinstance(a, argparse._HelpAction)}
+    assert parsed - read == set()
+
+
+def _imports(path: Path) -> set[str]:
+    """Modules of gradspace.bench that ``path`` imports, at any depth (a lazy import is still an edge)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names = [node.module] if node.module else [a.name for a in node.names]
+            out |= {n.split(".")[0] for n in names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gradspace.bench."):
+            out.add(node.module.split(".")[2])
+    return out
+
+
+def test_bench_modules_import_no_cycle():
+    graph = {p.stem: _imports(p) & {q.stem for q in BENCH.glob("*.py")} for p in BENCH.glob("*.py")}
+    done, path = set(), []
+
+    def visit(mod):
+        assert mod not in path, f"import cycle: {' -> '.join([*path[path.index(mod) :], mod])}"
+        if mod not in done:
+            path.append(mod)
+            for dep in sorted(graph[mod]):
+                visit(dep)
+            path.pop()
+            done.add(mod)
+
+    for mod in sorted(graph):
+        visit(mod)
+
+
+def test_no_long_bench_function_without_a_reason():
+    """Over 80 lines, a function's docstring must say why it is not split (as "long because ...")."""
+    long = [
+        f"{p.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for p in BENCH.glob("*.py")
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno - node.lineno + 1 > 80
+        and "long because" not in (ast.get_docstring(node) or "")
+    ]
+    assert long == []

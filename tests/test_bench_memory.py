@@ -154,3 +154,30 @@ def test_real_memory_runs_each_configuration_and_predicts_what_cannot_fit(monkey
     monkeypatch.setattr(real_memory, "free_bytes", lambda: 0)
     out = real_memory.run("tiny", 8, steps=2, seq_len=32, threads=1, labels=["AdamW"], vocab=500)
     assert "| AdamW | predicted |" in out
+
+
+def test_real_memory_cli_takes_its_steps_and_sequence_length(monkeypatch, capsys):
+    """``--real-steps`` and ``--real-seq-len`` reach the training process (they were parsed and never read)."""
+    from gradspace.bench import real_memory
+
+    measure, seen = real_memory.measure, []
+
+    def spy(label, spec, timeout):
+        seen.append((spec, measure(label, spec, timeout)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(real_memory, "measure", spy)
+    real = ["--real", "--preset", "tiny", "--real-threads", "1", "--only", "AdamW", "--peak-rank", "8"]
+    main(["--threads", "1", "memory", *real, "--vocab", "500", "--real-steps", "3", "--real-seq-len", "24"])
+    out = capsys.readouterr().out
+    assert "batch 1 x 24," in out and ", 3 steps," in out
+    [(spec, res)] = seen
+    assert (spec["steps"], spec["seq_len"]) == (3, 24)
+    assert len(res["step_s"]) == 3  # the child took them all
+
+
+def test_real_memory_needs_a_step():
+    from gradspace.bench import real_memory
+
+    with pytest.raises(ValueError, match="at least 1"):
+        real_memory.run("tiny", 8, steps=0, labels=["AdamW"], vocab=500)

@@ -205,3 +205,26 @@ def run_variants(steps: int = 300, seeds: int = 3, gap: int = 50, rank: int = 16
         ],
         rows,
     )
+
+
+def register(subparsers) -> None:
+    """``bench adarank``: ``run``, or ``run_variants`` with ``--variants``."""
+    ada = subparsers.add_parser(
+        "adarank", help="AdaRankGrad: refresh-criterion sweep, or --variants: rank rules vs GaLore"
+    )
+    ada.add_argument("--steps", type=int, default=300)
+    ada.add_argument(
+        "--variants",
+        action="store_true",
+        help="instead: rank rules (criterion, basis, r_min, eta_th) vs GaLore over several seeds",
+    )
+    ada.add_argument("--seeds", type=int, default=3, help="with --variants")
+    ada.add_argument("--only", default=None, help="with --variants: comma-separated label substrings")
+    ada.set_defaults(main=cli)
+
+
+def cli(args) -> str:
+    """``bench adarank`` from its parsed flags."""
+    if args.variants:
+        return run_variants(args.steps, args.seeds, only=args.only)
+    return run(args.steps)

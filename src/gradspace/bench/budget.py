@@ -56,3 +56,18 @@ def run(preset: str = "7b", rank: int = 1024, transient_1b: float | None = None,
             ["basis_dtype", "weights GB", "optimizer state GB", "activations + transients GB", "total GB"], rows
         )
     )
+
+
+def register(subparsers) -> None:
+    """``bench budget``."""
+    bud = subparsers.add_parser("budget", help="memory budget of a model too large to run: counted weights and state")
+    bud.add_argument("--preset", default="7b")
+    bud.add_argument("--rank", type=int, default=1024)
+    bud.add_argument("--transient-1b-gib", type=float, default=None, help="measured 1B activations + transients")
+    bud.set_defaults(main=cli)
+
+
+def cli(args) -> str:
+    """``bench budget`` from its parsed flags (``--transient-1b-gib`` in GiB, ``run`` takes bytes)."""
+    extra = None if args.transient_1b_gib is None else args.transient_1b_gib * 2**30
+    return run(args.preset, args.rank, extra)

@@ -79,7 +79,7 @@ def _worker(rank: int, init: str, spec: dict, path: str) -> None:
 def run(preset: str = "60m") -> str:
     from ..train.config import PRESET_PROJECTION
     from ..train.models import build_llama
-    from .memory import formula_bytes
+    from .formula import formula_bytes
 
     rank = PRESET_PROJECTION[preset][0]
     meta = build_llama(preset, vocab_size=32000, device="meta")

@@ -1,4 +1,4 @@
-"""Optimizer-state bytes per method (counted, next to a closed-form formula and the papers' table) and the peak
+"""Optimizer-state bytes per method (counted, next to the closed-form ``formula`` and the papers' table) and the peak
 memory of a whole training step, with and without layer-wise mode (issue #5).
 
 State bytes are counted from the state tensors after the first step. The LLaMA configs are built on the meta
@@ -15,19 +15,17 @@ RSS after the model was built, with glibc's mmap threshold fixed so that freed t
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
-from .. import update as outputs
 from ..methods import METHODS, create_optimizer, preset_projection
-from ..optimizer import PROJECTION_DEFAULTS, optimizer_state_bytes
-from ..params import select_params
-from ..rules import get_rule
-from ..trackers import get_tracker
+from ..optimizer import optimizer_state_bytes
 from ..train.models import PRESETS, build_llama
 from ..train.report import markdown_table
+from . import real_memory
+from .formula import MiB, formula_bytes, projected_names, variants, weight_bytes
+from .peak_memory import peak_specs, peak_table
 from .step import PAPER_RANKS
 
 CONFIGS = ("60m", "130m", "350m", "1b")
@@ -38,63 +36,6 @@ PAPER_TOTAL_G = {
     "galore": {"60m": 0.24, "130m": 0.52, "350m": 1.22, "1b": 4.38},
 }
 TARGET_RATIO = 0.35  # issue #5: with rank d/4 the state is at most 35% of AdamW's
-MiB = 2**20
-
-
-def variants() -> list[tuple[str, str, dict]]:
-    """(label, preset, extra options): every preset of METHODS, plus the 8-bit rule and SubTrack without its
-    m x n accumulation buffer."""
-    out = [(name, name, {}) for name in METHODS]
-    i = next(i for i, v in enumerate(out) if v[0] == "subtrack") + 1
-    out.insert(i, ("subtrack accumulate=False", "subtrack", {"accumulate": False}))
-    out += [("adamw 8-bit", "adamw", {"base": "adamw8bit"}), ("galore 8-bit", "galore", {"base": "adamw8bit"})]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- the formula
-def projected_names(model: torch.nn.Module) -> set[str]:
-    """Names of the weights the presets project by default (every projected group of ``select_params``)."""
-    return {n for g in select_params(model) if "rank" in g for n in g["param_names"]}
-
-
-def weight_bytes(shape, elem: int, method: str, rank: int, options: dict, clock=(1, 0)) -> int:
-    """State bytes of one weight after its first step, from what each component declares: the inner rule's
-    ``state_bytes`` for the (projected or full) gradient shape, the tracker's (basis included) for a projected
-    m x n weight (k = the projected side, l = the other, rank r), and the output's limiter scalar (recovery,
-    APOLLO). ``elem`` is the bytes of one state element; ``clock`` = (steps since the last refresh, refreshes),
-    which adarank's bookkeeping reads. A full-rank preset, a non-2-D parameter or r >= min(m, n): the rule on
-    the parameter's shape."""
-    preset = METHODS[method]
-    group = {**PROJECTION_DEFAULTS, **(preset or {}), **options}
-    rule = get_rule(group.get("base", "adamw"))
-    group = {**rule.defaults, **group}
-    if preset is None or len(shape) != 2 or rank >= min(shape):
-        return rule.state_bytes(tuple(shape), elem, group)
-    tracker = get_tracker(group["tracker"])
-    group = {**tracker.defaults, **group}
-    k, l = min(shape), max(shape)
-    total = tracker.state_bytes(k, l, rank, group, clock) + rule.state_bytes((rank, l), elem, group)
-    return total + outputs.state_bytes(group)
-
-
-def formula_bytes(model: torch.nn.Module, method: str, rank: int, options: dict, ranks=None, clocks=None) -> int:
-    """Predicted state bytes of ``create_optimizer(method, model, rank=rank, **options)`` after one step.
-
-    ``ranks``/``clocks`` (by parameter name) give adarank's effective ranks and refresh clocks, which come from the
-    data and no formula can know; by default every weight has ``rank`` and has taken one step.
-    """
-    projected = projected_names(model) if METHODS[method] is not None else set()
-    total = 0
-    for name, p in model.named_parameters():
-        r = (ranks or {}).get(name, rank) if name in projected else math.inf  # not projected: full rank
-        total += weight_bytes(tuple(p.shape), p.element_size(), method, r, options, (clocks or {}).get(name, (1, 0)))
-    return total
-
-
-def projected_grad_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the gradients of the weights the presets project (what layer-wise mode must at least save)."""
-    names = projected_names(model)
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n in names)
 
 
 # ---------------------------------------------------------------------------------------------- counting
@@ -414,8 +355,6 @@ def run(
         parts.append(md)
     if peak_preset:
         rank = peak_rank or PRESETS[peak_preset][0] // 4
-        from .peak_memory import peak_specs, peak_table  # it imports this module's variants
-
         specs = peak_specs(peak_preset, rank, peak_steps, seq_len, batch, vocab, device, peak_methods)
         peak, md = peak_table(specs, jobs=jobs)
         results["peak"] = [{"label": lab, "spec": s, **r} for lab, s, r in peak]
@@ -425,3 +364,52 @@ def run(
     (out / "memory.md").write_text(text + "\n")
     (out / "memory.json").write_text(json.dumps(results, indent=1))
     return text + f"\n\nwritten: {out / 'memory.md'}, {out / 'memory.json'}, {out / 'state_bytes.png'}"
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def register(subparsers) -> None:
+    """``bench memory``; ``--real`` runs ``real_memory`` instead, whose own flags it adds."""
+    mem = subparsers.add_parser(
+        "memory", help="optimizer-state bytes (counted vs formula vs papers) and peak step memory"
+    )
+    mem.add_argument("--configs", default="60m,130m,350m,1b", help="LLaMA presets for the state-bytes tables")
+    mem.add_argument("--vocab", type=int, default=32000)
+    mem.add_argument(
+        "--check-preset", default="mini", help="preset on which meta counts must equal real ones ('' skips)"
+    )
+    mem.add_argument("--adarank-preset", default="60m", help="preset for AdaRankGrad's effective rank ('' skips)")
+    mem.add_argument("--adarank-steps", type=int, default=30)
+    mem.add_argument("--peak-preset", default="60m", help="preset for the peak-memory table ('' skips)")
+    mem.add_argument("--peak-rank", type=int, default=None, help="default: hidden/4")
+    mem.add_argument("--peak-steps", type=int, default=3)
+    mem.add_argument("--peak-methods", default=None, help="comma-separated variant labels (default: all but 8-bit)")
+    mem.add_argument("--seq-len", type=int, default=128)
+    mem.add_argument("--batch-size", type=int, default=1)
+    mem.add_argument("--device", default="cpu")
+    mem.add_argument("--jobs", type=int, default=1, help="peak-memory subprocesses run at a time")
+    mem.add_argument("--out", default="runs/bench-memory")
+    mem.add_argument("--real", action="store_true", help="instead: real training steps at --preset, one process each")
+    real_memory.add_arguments(mem)
+    mem.set_defaults(main=cli)
+
+
+def cli(args) -> str:
+    """``bench memory`` from its parsed flags."""
+    if args.real:
+        return real_memory.cli(args)
+    return run(
+        args.configs.split(","),
+        args.out,
+        args.vocab,
+        args.check_preset or None,
+        args.adarank_preset or None,
+        args.adarank_steps,
+        args.peak_preset or None,
+        args.peak_rank,
+        args.peak_steps,
+        args.seq_len,
+        args.batch_size,
+        args.device,
+        args.peak_methods.split(",") if args.peak_methods else None,
+        args.jobs,
+    )

@@ -22,7 +22,7 @@ from ..methods import METHODS, create_optimizer
 from ..optimizer import optimizer_state_bytes
 from ..train.models import build_llama
 from ..train.report import markdown_table
-from .memory import MiB, formula_bytes, projected_grad_bytes, variants
+from .formula import MiB, formula_bytes, projected_grad_bytes, variants
 
 
 # ---------------------------------------------------------------------------------------------- peak memory

@@ -1,11 +1,12 @@
 """Real training steps at scale, each configuration in its own process: peak memory next to the formula, split into
 weights, gradients, optimizer state and the rest (activations and transients).
 
-``python -m gradspace.bench memory --real --preset 1b``: LLaMA (vocabulary 32,000, float32), batch 1 x 256 tokens,
-gradient checkpointing, randomized SVD where the tracker takes SVDs, 2 steps. On CPU the peak is the process's
-peak RSS, with gradspace's allocator setting (``gradspace.train.allocator``, what the CLI uses); on CUDA
-``torch.cuda.max_memory_allocated``. A configuration whose predicted peak (weights + gradients + counted state)
-does not fit the free memory is not launched: its row shows the prediction, marked as predicted.
+``python -m gradspace.bench memory --real --preset 1b``: LLaMA (vocabulary 32,000, float32), batch 1 x 256 tokens
+(``--real-seq-len``), gradient checkpointing, randomized SVD where the tracker takes SVDs, 2 steps (``--real-steps``).
+On CPU the peak is the process's peak RSS, with gradspace's allocator setting (``gradspace.train.allocator``, what
+the CLI uses); on CUDA ``torch.cuda.max_memory_allocated``. A configuration whose predicted peak (weights +
+gradients + counted state) does not fit the free memory is not launched: its row shows the prediction, marked as
+predicted.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..methods import METHODS, create_optimizer, preset_projection
 from ..optimizer import optimizer_state_bytes
 from ..train.models import PRESETS, build_llama, checkpoint_activations
 from ..train.report import markdown_table
-from .memory import formula_bytes
+from .formula import formula_bytes
 
 GiB = 2**30
 #: (label, method, options, layer-wise); "torch-adamw" is torch.optim.AdamW
@@ -117,6 +118,47 @@ def free_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
 
 
+HEADER = [
+    "configuration",
+    "",
+    "weights",
+    "gradients held",
+    "optimizer state",
+    "rest",
+    "peak",
+    "first step s",
+    "last step s",
+]
+
+
+def measure(label: str, spec: dict, timeout: float = 3600) -> dict:
+    """``child`` in a fresh interpreter, so that its peak is its own and not one left by an earlier configuration."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradspace.bench.real_memory", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{label} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table_row(label: str, spec: dict, timeout: float = 3600) -> list:
+    """The configuration's table row: measured, or on CPU predicted when weights + gradients + state would not fit
+    the free memory (``free_bytes``, the host's), so that it is never launched."""
+    guess = predicted(spec)
+    need = sum(guess.values())
+    if spec["device"] == "cpu" and need > 0.9 * free_bytes():
+        gib = [guess[k] / GiB for k in ("weights", "grads", "state")]
+        return [label, "predicted", *gib, "-", f"> {need / GiB:.2f}", "-", "-"]
+    res = measure(label, spec, timeout)
+    rest = res["peak"] - res["built"] - res["grads"] - res["state"]
+    gib = [res[k] / GiB for k in ("weights", "grads", "state")]
+    return [label, "measured", *gib, rest / GiB, res["peak"] / GiB, res["step_s"][0], res["step_s"][-1]]
+
+
 def run(
     preset: str = "1b",
     rank: int | None = None,
@@ -128,83 +170,56 @@ def run(
     vocab: int = 32000,
     timeout: float = 3600,
 ) -> str:
+    """One row per configuration of ``CONFIGS`` (those in ``labels``, default all), ``steps`` training steps of
+    batch 1 x ``seq_len`` each."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1 (the table shows the first and the last), got {steps}")
     rank = rank or PRESETS[preset][0] // 4
-    rows = []
-    for label, method, options, layerwise in CONFIGS:
-        if labels and label not in labels:
-            continue
-        spec = {
-            "preset": preset,
-            "rank": rank,
-            "steps": steps,
-            "seq_len": seq_len,
-            "threads": threads,
-            "device": device,
-            "vocab": vocab,
-            "method": method,
-            "options": options,
-            "layerwise": layerwise,
-        }
-        guess = predicted(spec)
-        need = sum(guess.values())
-        if device == "cpu" and need > 0.9 * free_bytes():
-            rows.append(
-                [
-                    label,
-                    "predicted",
-                    guess["weights"] / GiB,
-                    guess["grads"] / GiB,
-                    guess["state"] / GiB,
-                    "-",
-                    f"> {need / GiB:.2f}",
-                    "-",
-                    "-",
-                ]
-            )
-            continue
-        proc = subprocess.run(
-            [sys.executable, "-m", "gradspace.bench.real_memory", json.dumps(spec)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"{label} failed:\n{proc.stderr[-3000:]}")
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
-        rest = res["peak"] - res["built"] - res["grads"] - res["state"]
-        rows.append(
-            [
-                label,
-                "measured",
-                res["weights"] / GiB,
-                res["grads"] / GiB,
-                res["state"] / GiB,
-                rest / GiB,
-                res["peak"] / GiB,
-                res["step_s"][0],
-                res["step_s"][-1],
-            ]
-        )
+    base = {
+        "preset": preset,
+        "rank": rank,
+        "steps": steps,
+        "seq_len": seq_len,
+        "threads": threads,
+        "device": device,
+        "vocab": vocab,
+    }
+    rows = [
+        table_row(label, {**base, "method": method, "options": options, "layerwise": layerwise}, timeout)
+        for label, method, options, layerwise in CONFIGS
+        if not labels or label in labels
+    ]
     meter = "peak RSS" if device == "cpu" else "max_memory_allocated"
     return (
         f"Real training steps, LLaMA-{preset} (vocabulary {vocab}), float32, batch 1 x {seq_len}, gradient "
         f"checkpointing, rank {rank}, randomized SVD, {threads} threads, {steps} steps, {meter} in GiB; "
         "rest = peak - RSS after the build - gradients held - state (activations, transients, allocator)\n\n"
-        + markdown_table(
-            [
-                "configuration",
-                "",
-                "weights",
-                "gradients held",
-                "optimizer state",
-                "rest",
-                "peak",
-                "first step s",
-                "last step s",
-            ],
-            rows,
-        )
+        + markdown_table(HEADER, rows)
+    )
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def add_arguments(parser) -> None:
+    """The flags of ``bench memory --real`` (it also reads ``--peak-rank``, ``--device`` and ``--vocab``)."""
+    parser.add_argument("--preset", default="1b", help="with --real")
+    parser.add_argument("--real-threads", type=int, default=2, help="with --real: threads of each training process")
+    parser.add_argument("--only", default=None, help="with --real: comma-separated configuration labels")
+    parser.add_argument("--real-steps", type=int, default=2, help="with --real: training steps per configuration")
+    parser.add_argument("--real-seq-len", type=int, default=256, help="with --real: tokens of the batch of 1")
+
+
+def cli(args) -> str:
+    """``bench memory --real`` from its parsed flags."""
+    only = args.only.split(",") if args.only else None
+    return run(
+        args.preset,
+        args.peak_rank,
+        args.real_steps,
+        args.real_seq_len,
+        args.real_threads,
+        args.device,
+        only,
+        args.vocab,
     )
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..distributed import MODES
 from ..train.report import markdown_table
+from . import distributed_memory
 
 
 def llama_shapes(hidden: int = 512, intermediate: int = 1376, layers: int = 8) -> list[tuple[int, int]]:
@@ -82,3 +83,22 @@ def run(tracker: str = "svd", steps: int = 3) -> str:
         f"(tracker {tracker}, rank 128, 1 thread per process, median of {steps})"
     )
     return f"{title}\n\n" + markdown_table(["run", "ms per step", "x 1 process"], rows)
+
+
+def register(subparsers) -> None:
+    """``bench distributed``: this module's step times, or ``distributed_memory`` with ``--memory``."""
+    dst = subparsers.add_parser(
+        "distributed", help="subspace updates sharded over 2 gloo ranks vs replicated vs 1 process"
+    )
+    dst.add_argument("--tracker", default="svd")
+    dst.add_argument("--steps", type=int, default=3)
+    dst.add_argument("--memory", action="store_true", help="instead: per-rank memory of DDP, layer-wise DDP, FSDP2")
+    dst.add_argument("--preset", default="60m", help="with --memory: the LLaMA preset")
+    dst.set_defaults(main=cli)
+
+
+def cli(args) -> str:
+    """``bench distributed`` from its parsed flags."""
+    if args.memory:
+        return distributed_memory.run(args.preset)
+    return run(args.tracker, args.steps)

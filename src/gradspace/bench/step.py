@@ -186,3 +186,36 @@ def stagger(preset: str = "1b", rank: int | None = None, layers: int | None = 2,
         f"median {statistics.median(times) * 1e3:.0f} ms\n\n"
         + markdown_table(["optimizer", "non-update step ms", "largest step ms", "largest / non-update"], rows)
     )
+
+
+def register(subparsers) -> None:
+    """``bench step``: ``run``, or ``stagger`` with ``--stagger``."""
+    stp = subparsers.add_parser("step", help="optimizer.step() time on a LLaMA parameter set vs AdamW and galore-torch")
+    stp.add_argument("--preset", default="60m")
+    stp.add_argument("--rank", type=int, default=None, help="default: the papers' rank for the preset")
+    stp.add_argument("--methods", default=None, help="comma-separated gradspace presets (default: all)")
+    stp.add_argument("--repeats", type=int, default=5)
+    stp.add_argument("--device", default="cpu")
+    stp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    stp.add_argument("--layers", type=int, default=None, help="build the preset with this many blocks")
+    stp.add_argument("--no-references", action="store_true", help="leave out torch AdamW and galore-torch")
+    stp.add_argument(
+        "--stagger", action="store_true", help="instead: the largest single step with update_stagger + randomized SVD"
+    )
+    stp.set_defaults(main=cli)
+
+
+def cli(args) -> str:
+    """``bench step`` from its parsed flags."""
+    if args.stagger:
+        return stagger(args.preset, args.rank, args.layers, args.device)
+    return run(
+        args.preset,
+        args.methods.split(",") if args.methods else None,
+        args.rank,
+        repeats=args.repeats,
+        device=args.device,
+        dtype=getattr(torch, args.dtype),
+        layers=args.layers,
+        references=not args.no_references,
+    )

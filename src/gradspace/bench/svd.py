@@ -17,7 +17,7 @@ from ..trackers import Context
 from ..trackers.svd import randomized_basis, top_singular_basis
 from ..train.models import PRESETS, build_llama
 from ..train.report import markdown_table
-from .memory import projected_names
+from .formula import projected_names
 
 GRID = ((0, 0), (8, 0), (16, 0), (8, 1), (16, 1), (32, 1), (16, 2))
 
@@ -89,3 +89,18 @@ def run(
             table,
         )
     )
+
+
+def register(subparsers) -> None:
+    """``bench svd``."""
+    rsv = subparsers.add_parser("svd", help="randomized vs exact SVD on real gradients: captured energy and time")
+    rsv.add_argument("--preset", default="1b")
+    rsv.add_argument("--rank", type=int, default=None, help="default: hidden/4")
+    rsv.add_argument("--layers", type=int, default=1, help="blocks of the preset to build (their shapes are real)")
+    rsv.add_argument("--steps", type=int, default=5, help="AdamW steps before the gradient is taken")
+    rsv.set_defaults(main=cli)
+
+
+def cli(args) -> str:
+    """``bench svd`` from its parsed flags."""
+    return run(args.preset, args.rank, args.layers, args.steps)

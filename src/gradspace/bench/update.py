@@ -70,3 +70,26 @@ def run(shape=(2048, 5461), rank=512, repeats=3, device="cpu", dtype=torch.float
     rows = [[name, t * 1e3, t / base] for name, t in times.items()]
     title = f"One subspace update, {shape[0]} x {shape[1]} at rank {rank}, {dtype} on {device} (median of {repeats})"
     return f"{title}\n\n" + markdown_table(["update", "ms", "ratio to SVD"], rows)
+
+
+def register(subparsers) -> None:
+    """``bench update``: one shape (``--shape``) or every projected shape of a preset (``--preset``)."""
+    upd = subparsers.add_parser("update", help="cost of one subspace update per tracker vs torch.linalg.svd")
+    upd.add_argument("--shape", default="2048x5461", help="weight shape, e.g. 2048x5461")
+    upd.add_argument("--preset", default=None, help="every projected shape of a LLaMA preset instead of --shape")
+    upd.add_argument("--rank", type=int, default=None, help="default: 512, or the papers' rank for --preset")
+    upd.add_argument("--repeats", type=int, default=3)
+    upd.add_argument("--device", default="cpu")
+    upd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    upd.add_argument("--trackers", default=None, help="comma-separated tracker names (default: all)")
+    upd.set_defaults(main=cli)
+
+
+def cli(args) -> str:
+    """``bench update`` from its parsed flags."""
+    trackers = args.trackers.split(",") if args.trackers else None
+    dtype = getattr(torch, args.dtype)
+    if args.preset:
+        return run_preset(args.preset, args.rank, args.repeats, args.device, dtype, trackers)
+    shape = tuple(int(x) for x in args.shape.lower().split("x"))
+    return run(shape, args.rank or 512, args.repeats, args.device, dtype, trackers)
