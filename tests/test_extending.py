@@ -12,6 +12,7 @@ from torch import nn
 from conftest import batches, make_model, projected_groups, train
 from gradspace import METHODS, create_optimizer
 from gradspace.bench import memory
+from gradspace.components import LIKE_GRAD
 from gradspace.rules import RULES, InnerRule
 from gradspace.trackers import TRACKERS, Tracker
 from gradspace.trackers.base import orthonormalize
@@ -24,6 +25,7 @@ class PowerTracker(Tracker):
 
     name = "power-test"
     defaults = {"iters": 1}
+    state_keys = {"trk_seen": None}
 
     def validate(self, group):
         if group.get("iters", 1) < 1:
@@ -50,7 +52,7 @@ class Signum(InnerRule):
     name = "signum-test"
     defaults = {"beta": 0.9}
     elementwise = True
-    state_prefix = "sg_"
+    state_keys = {"sg_m": LIKE_GRAD}
 
     def state_bytes(self, shape, elem, group):
         return math.prod(shape) * elem

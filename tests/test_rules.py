@@ -301,9 +301,9 @@ def test_reset_zeroes_and_restarts(name):
     rule.reset(state, torch.empty(3, 6), group)
     assert state["step"] == 2  # the shared counter is not the rule's
     for key, value in state.items():
-        if key.startswith(rule.state_prefix) and isinstance(value, torch.Tensor) and value.is_floating_point():
+        if key in rule.state_keys and isinstance(value, torch.Tensor) and value.is_floating_point():
             assert not bool(value.any())
-        elif key.startswith(rule.state_prefix) and not isinstance(value, torch.Tensor):
+        elif key in rule.state_keys and not isinstance(value, torch.Tensor):
             assert value == 0
     assert all(t.shape == (3, 6) for t in rule.moments(state).values())
 

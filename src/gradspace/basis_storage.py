@@ -15,6 +15,8 @@ from contextlib import contextmanager
 import torch
 
 BASIS_DTYPES = ("float32", "bfloat16", "int8")
+#: the state entries a stored basis occupies (the same on every rank: never sharded)
+STATE_KEYS = ("basis", "basis_scale")
 
 
 def validate(group: dict, trains_basis: bool) -> None:

@@ -37,7 +37,6 @@ two ranks.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -45,8 +44,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import basis_storage
-from .projection import oriented
 from .rules import RULES, get_rule
 from .trackers import get_tracker
 
@@ -161,24 +158,15 @@ def local_rows(p: torch.Tensor) -> int:
 
 # ------------------------------------------------------------------------------- sharded optimizer state (DCP)
 def state_shard_dim(opt, p: torch.Tensor, key: str, shape: tuple[int, ...]) -> int | None:
-    """Under FSDP2, the dimension along which this rank holds only its part of the state entry ``key`` of ``p``
-    (whose shape in one process is ``shape``); None when every rank holds all of it (bases, tracker state,
-    moments of gathered weights), which a checkpoint then stores once.
-
-    An unprojected weight's moments are sharded like the weight (dim 0); a weight stepped on its rows
-    (``steps_on_shard``) has ``r x rows`` inner-rule moments in the oriented frame (dim 1)."""
-    if not isinstance(p, DTensor):
-        return None
-    group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
-    layout = opt._layout(p, group) if hasattr(opt, "_layout") else None
-    if layout is None:
-        return 0 if tuple(shape) == tuple(p.shape) else None
-    from .update import needs_full_gradient
-
-    owned = key.startswith(get_rule(group["base"]).state_prefix)
-    if steps_on_shard(p, layout[0], needs_full_gradient(group)) and owned and len(shape) == 2:
-        return 1 if shape[1] == p.shape[0] else None
-    return None
+    """``opt.state_shard_dim(p, key)`` (from the components' ``state_keys``), for ``gradspace.train.sharded``;
+    ``shape``, the entry's shape in one process, is checked against it: a sharded dimension has ``p``'s rows."""
+    dim = opt.state_shard_dim(p, key)
+    if dim is not None and (len(shape) <= dim or shape[dim] != p.shape[0]):
+        raise ValueError(
+            f"optimizer state {key!r} of shape {tuple(shape)} is declared like the gradient, but its dimension "
+            f"{dim} does not have the weight's {p.shape[0]} rows"
+        )
+    return dim
 
 
 def _from_local(value: torch.Tensor, shape: list[int], p: DTensor, dim: int) -> DTensor:
@@ -250,32 +238,23 @@ def shard_updates(opt, work: list, group=None) -> dict[torch.Tensor, torch.Tenso
     """The new basis of every weight whose basis moves at this step, each computed by one rank and broadcast.
 
     Runs before the per-parameter loop so that ranks compute at the same time; the loop then takes these bases
-    instead of calling ``tracker.update`` (weights without a basis yet are left to it). Non-owners apply
-    ``tracker.skip_update``.
+    instead of calling ``tracker.update`` (weights without a basis yet are left to it), and runs the moment policy
+    and ``tracker.on_update`` on every rank. ``opt`` is a ``SubspaceOptimizer``, driven through its public
+    per-parameter methods (``basis_due``, ``layout``, ``compute_basis``).
     """
     due = []
     for g, p in work:
-        layout = opt._layout(p, g)
-        state = opt.state[p]
-        if layout is None or "basis" not in state:
-            continue
-        tracker = get_tracker(g["tracker"])
-        if tracker.due(oriented(local(p.grad), layout[0]), state, g):
-            due.append((g, p, layout[0], tracker))
+        if opt.basis_due(p, g):
+            due.append((g, p, opt.layout(p, g)[0], get_tracker(g["tracker"])))
     if not due:
         return {}
     world, me = dist.get_world_size(group), dist.get_rank(group)
     who = owners([float(p.shape[0] * p.shape[1] * min(p.shape)) for _, p, _, _ in due], world)
     full = [p.grad.full_tensor() if isinstance(p, DTensor) else p.grad for _, p, _, _ in due]  # collective: all
     new: dict[torch.Tensor, torch.Tensor] = {}
-    for (g, p, right, tracker), owner, grad in zip(due, who, full):
-        if owner == me:
-            t0 = time.perf_counter()
-            with basis_storage.unpacked(opt.state[p], g):
-                new[p] = tracker.update(oriented(grad, right), opt.state[p], g, opt._context(p, right, g))
-            new[p] = new[p].float().contiguous()
-            diag = opt._diag.setdefault(p, {"update_seconds": 0.0, "angle": None})
-            diag["update_seconds"] += time.perf_counter() - t0  # this rank's share of the update time
+    for (g, p, _, _), owner, grad in zip(due, who, full):
+        if owner == me:  # its time counts in this rank's diagnostics only
+            new[p] = opt.compute_basis(p, grad, g)
     device = due[0][1].grad.device
     for src in range(world):
         jobs = [(g, p, right, tracker) for (g, p, right, tracker), owner in zip(due, who) if owner == src]
@@ -299,12 +278,11 @@ def shard_updates(opt, work: list, group=None) -> dict[torch.Tensor, torch.Tenso
         if src == me:
             continue
         chunks = iter(flat.split(sizes))
-        for (g, p, _right, tracker), r in zip(jobs, ranks.tolist()):
+        for (_, p, _right, tracker), r in zip(jobs, ranks.tolist()):
             state = opt.state[p]
             new[p] = next(chunks).view(-1, r).clone()  # its own storage: a view would keep (and save) all
             for key in tracker.update_diagnostics:
                 state[key] = next(chunks).reshape(())
-            tracker.skip_update(state, g)
     return new
 
 

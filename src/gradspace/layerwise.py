@@ -43,12 +43,8 @@ from collections.abc import Callable
 
 import torch
 
-from . import basis_storage
 from .distributed import is_dtensor
 from .optimizer import SubspaceOptimizer
-from .projection import oriented, project
-from .trackers import get_tracker
-from .update import needs_full_gradient
 
 
 class Layerwise:
@@ -105,26 +101,11 @@ class Layerwise:
         self._count[p] = count
         if acc is None and count > 1:
             return  # this window accumulates in full (decided at its first micro-batch)
-        layout = self._projectable(p)
-        if layout is None:
+        gt = self.optimizer.projected_gradient(p, self._group(p))
+        if gt is None:
             return
-        gt = project(basis_storage.load(self.optimizer.state[p]), oriented(p.grad, layout))
         self._projected[p] = gt if acc is None else acc.add_(gt)
         p.grad = None
-
-    def _projectable(self, p: torch.Tensor) -> bool | None:
-        """The orientation if this window may accumulate projected gradients, else None."""
-        opt = self.optimizer
-        group = self._group(p)
-        layout = opt._layout(p, group)
-        state = opt.state.get(p)
-        if layout is None or not state or "basis" not in state or needs_full_gradient(group) or is_dtensor(p):
-            return None
-        tracker = get_tracker(group["tracker"])
-        right = layout[0]
-        if tracker.needs_every_gradient or tracker.due(oriented(p.grad, right), state, group):
-            return None
-        return right
 
 
 def _check_fsdp2(process_group) -> None:

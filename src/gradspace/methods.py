@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from .optimizer import SubspaceOptimizer
@@ -50,6 +51,36 @@ METHODS: dict[str, dict[str, Any] | None] = {
 }
 
 PROJECTION_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
+
+
+def register_method(name: str, preset: dict[str, Any] | None, *, replace: bool = False) -> None:
+    """Make ``create_optimizer(name, ...)`` build ``preset``: ``SubspaceOptimizer`` keywords (``tracker``,
+    ``moments``, ``recovery``, the tracker's and output's options) plus the projection keys ``rank``,
+    ``update_proj_gap``, ``scale``, ``proj_type``; None trains in full rank. The preset is checked here by
+    building an optimizer with it on one (meta) weight, so a misspelt or misplaced option, an unknown tracker or
+    an impossible combination is an error now. ``base`` is not part of a preset: every method runs every rule."""
+    key = name.lower() if isinstance(name, str) else name
+    if not isinstance(key, str) or not key.strip():
+        raise ValueError(f"method name must be a non-empty string, got {name!r}")
+    if key in METHODS and not replace:
+        raise ValueError(f"method {key!r} is already registered; pick another name or pass replace=True")
+    if preset is not None:
+        if not isinstance(preset, dict):
+            raise TypeError(f"method {key!r}: the preset must be a dict of keywords or None, got {preset!r}")
+        if "base" in preset:
+            raise ValueError(f"method {key!r}: leave 'base' out of the preset (create_optimizer's base= picks it)")
+        rank = preset.get("rank", 1)
+        weight = nn.Parameter(torch.empty(rank + 1, rank + 1, device="meta"))
+        group = {"params": [weight], "rank": rank, **{k: preset[k] for k in PROJECTION_KEYS[1:] if k in preset}}
+        SubspaceOptimizer([group], **{k: v for k, v in preset.items() if k not in PROJECTION_KEYS})
+        preset = dict(preset)
+    METHODS[key] = preset
+
+
+def unregister_method(name: str) -> None:
+    if name.lower() not in METHODS:
+        raise ValueError(f"no method {name!r} is registered")
+    del METHODS[name.lower()]
 
 
 def preset_projection(name: str) -> dict[str, Any]:

@@ -54,12 +54,9 @@ def apply_policy(
     c = change_of_basis(old, new)
     mom = rule.moments(state)
     m, v = mom["m"], mom.get("v")
-    if policy == "project" and v is not None and hasattr(rule, "bias_corrections"):
-        bc1, bc2 = rule.bias_corrections(state, group)
-        if bc1 > 0 and bc2 > 0:
-            m, v = project(m, v, c, bc1, bc2)
-        else:
-            m, v = rotate(m, v, c)
+    corrections = rule.bias_corrections(state, group) if policy == "project" and v is not None else None
+    if corrections is not None and corrections[0] > 0 and corrections[1] > 0:
+        m, v = project(m, v, c, *corrections)
     else:
         m, v = rotate(m, v, c)
     out = {"m": m}

@@ -26,6 +26,7 @@ from . import basis_storage, recovery, validation
 from . import distributed as dist_support
 from . import moments as moment_policies
 from . import update as outputs
+from .components import LIKE_GRAD
 from .energy import captured_energy, inverse_gram
 from .projection import PROJ_TYPES, basis_on_right, largest_principal_angle, oriented, project
 from .recovery import RECOVERY_DEFAULTS
@@ -53,24 +54,53 @@ PROJECTION_DEFAULTS: dict[str, Any] = {
 }
 #: projected-group keys that may also be given as optimizer options, whatever the tracker and rule
 GROUP_OPTIONS = {*RECOVERY_DEFAULTS, *outputs.OUTPUT_DEFAULTS, "update_stagger", "basis_dtype"}
+#: structural keys of the optimizer itself (each tracker and rule adds its own ``structural`` options)
+STRUCTURAL_KEYS = (
+    *("tracker", "moments", "recovery", "basis_dtype", "base", "rank", "proj_type", "transposed", "state_dtype"),
+)
+#: state entries of the optimizer itself: step counter, refresh count, stagger phase, basis, the limiter's norm
+CORE_STATE_KEYS = ("step", "updates", "phase", *basis_storage.STATE_KEYS, *recovery.STATE_KEYS)
 
 
-def _known(kind: str) -> dict[str, set[str]]:
-    table = RULES if kind == "rule" else TRACKERS
-    return {name: set(obj.defaults) for name, obj in table.items()}
+def option_owners() -> dict[str, list[str]]:
+    """Every option -> who declares it (``"inner rule adamw"``, ``"tracker svd"``, ``"the optimizer"``), from the
+    registries as they are now (a component registered later is included)."""
+    owners = {k: ["the optimizer"] for k in ("lr", "weight_decay", "state_dtype", *PROJECTION_DEFAULTS)}
+    for kind, table in (("inner rule", RULES), ("tracker", TRACKERS)):
+        for name, component in table.items():
+            for key in component.defaults:
+                owners.setdefault(key, []).append(f"{kind} {name}")
+    return owners
 
 
-def _check_applicable(options: dict[str, Any], base: str, tracker: str) -> None:
-    """Reject an option that belongs to another rule or tracker than the ones chosen (e.g. ``eta`` with GaLore)."""
-    own = set(get_rule(base).defaults) | set(get_tracker(tracker).defaults) | {"state_dtype"}
-    own |= GROUP_OPTIONS
-    for key in sorted(set(options) - own):
-        owners = [f"rule {n}" for n, keys in _known("rule").items() if key in keys]
-        owners += [f"tracker {n}" for n, keys in _known("tracker").items() if key in keys]
-        raise ValueError(
+def route_options(options: dict[str, Any], base: str, tracker: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(rule options, projection options)``: each option goes to the chosen rule or tracker that declares it, or
+    to the optimizer's projected groups (``GROUP_OPTIONS``). Any other is an error that names its owner (``eta``
+    with GaLore: tracker subtrack, grasswalk) or, for a misspelling, the closest option and its owner."""
+    rule, own_tracker = get_rule(base), get_tracker(tracker)
+    rule_options, projection = {}, {}
+    for key, value in options.items():
+        if key in rule.defaults or key == "state_dtype":
+            rule_options[key] = value
+        elif key in own_tracker.defaults or key in GROUP_OPTIONS:
+            projection[key] = value
+        else:
+            raise ValueError(_misplaced(key, base, tracker))
+    return rule_options, projection
+
+
+def _misplaced(key: str, base: str, tracker: str) -> str:
+    owners = option_owners()
+    if key in owners:
+        return (
             f"option {key!r} does not apply to inner rule {base!r} with tracker {tracker!r}; "
-            f"it belongs to {', '.join(owners)}"
+            f"it belongs to {', '.join(owners[key])}"
         )
+    close = next(iter(difflib.get_close_matches(key, owners, 1, 0.6)), None)
+    if close is not None:
+        return f"unknown option {key!r}: did you mean {close!r} (an option of {', '.join(owners[close])})?"
+    own = sorted({*get_rule(base).defaults, *get_tracker(tracker).defaults, *GROUP_OPTIONS, "state_dtype"})
+    return f"unknown option {key!r}; inner rule {base!r} with tracker {tracker!r} take {', '.join(own)}"
 
 
 class SubspaceOptimizer(Optimizer):
@@ -113,15 +143,7 @@ class SubspaceOptimizer(Optimizer):
         validation.check_lr_and_decay(lr, weight_decay)
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_MODES)}, got {nonfinite!r}")
-        rule_keys = set().union(*_known("rule").values()) | {"state_dtype"}
-        tracker_keys = set().union(*_known("tracker").values()) | GROUP_OPTIONS
-        unknown = set(options) - rule_keys - tracker_keys
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {', '.join(sorted(unknown))}; inner-rule options are "
-                f"{', '.join(sorted(rule_keys))}; tracker options are {', '.join(sorted(tracker_keys))}"
-            )
-        _check_applicable(options, base, tracker)
+        rule_options, projection_options = route_options(options, base, tracker)
         self._proj_defaults = dict(PROJECTION_DEFAULTS)
         self._proj_defaults.update(
             update_proj_gap=update_proj_gap,
@@ -131,10 +153,10 @@ class SubspaceOptimizer(Optimizer):
             moments=moments,
             recovery=recovery,
         )
-        self._proj_defaults.update({k: v for k, v in options.items() if k in tracker_keys and k not in rule_keys})
+        self._proj_defaults.update(projection_options)
         # the rule's hyperparameters are defaults, as torch.optim.AdamW's betas are: LR schedulers that cycle
         # momentum (OneCycleLR, CyclicLR) look for "betas" or "momentum" there, then rewrite every group's each step
-        self._rule_options = {k: v for k, v in options.items() if k in rule_keys}
+        self._rule_options = rule_options
         defaults = {"lr": lr, "weight_decay": weight_decay, "base": base, "state_dtype": None}
         defaults.update({**get_rule(base).defaults, **self._rule_options})
         get_rule(base).validate(defaults)  # before the params, as torch.optim does
@@ -213,8 +235,7 @@ class SubspaceOptimizer(Optimizer):
     def _check_group_keys(self, group: dict) -> None:
         """A near-miss of a known key (``updte_proj_gap``, ``projection_type``) is an error naming the intended
         key; any other key is kept, as torch keeps it."""
-        known = {"params", "param_names", *self.defaults, *PROJECTION_DEFAULTS, "rank"}
-        known |= set().union(*_known("rule").values(), *_known("tracker").values())
+        known = {"params", "param_names", "rank", *self.defaults, *option_owners()}
         for key in group:
             if key in known or key in validation.FOREIGN_GROUP_KEYS or not isinstance(key, str):
                 continue
@@ -285,8 +306,17 @@ class SubspaceOptimizer(Optimizer):
                 clipped.append(f"{label} {tuple(p.shape)}")
         return clipped
 
-    def _layout(self, p: torch.Tensor, group: dict) -> tuple[bool, int] | None:
-        """(basis on the right, rank) for a projected weight, None for a full-rank parameter."""
+    # ------------------------------------------------------------------ per parameter (layer-wise, distributed)
+    def group_of(self, p: torch.Tensor) -> dict:
+        """The param group that holds ``p``."""
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise ValueError(f"parameter of shape {tuple(p.shape)} is not in this optimizer")
+
+    def layout(self, p: torch.Tensor, group: dict | None = None) -> tuple[bool, int] | None:
+        """(basis on the right, rank) for a projected weight, None for a parameter trained in full rank."""
+        group = self.group_of(p) if group is None else group
         if "rank" not in group:
             return None
         if p.dim() != 2:  # flattened after the optimizer was built (FSDP1, ZeRO): never fall back to full rank
@@ -297,10 +327,81 @@ class SubspaceOptimizer(Optimizer):
             return not basis_on_right(tuple(p.shape[::-1]), group["proj_type"]), group["rank"]
         return basis_on_right(tuple(p.shape), group["proj_type"]), group["rank"]
 
-    def _param_index(self, p: torch.Tensor) -> int:
+    def param_index(self, p: torch.Tensor) -> int:
+        """``p``'s position in the optimizer (over all groups): what seeds its random draws and orders its work."""
         if self._index is None:
             self._index = {q: i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
         return self._index[p]
+
+    def basis_due(self, p: torch.Tensor, group: dict | None = None) -> bool:
+        """Whether ``p``'s basis moves before its next step (read before that step, with ``p.grad`` set): False
+        for a full-rank parameter and before its first basis."""
+        group = self.group_of(p) if group is None else group
+        layout, state = self.layout(p, group), self.state.get(p)
+        if layout is None or not state or "basis" not in state:
+            return False
+        return get_tracker(group["tracker"]).due(oriented(dist_support.local(p.grad), layout[0]), state, group)
+
+    def compute_basis(self, p: torch.Tensor, grad: torch.Tensor, group: dict | None = None) -> torch.Tensor:
+        """The basis ``p`` moves to at this step (float32, row-major), from its full gradient ``grad`` in ``p``'s
+        layout, without taking it: ``distributed="shard_updates"`` computes it on one rank and hands every rank's
+        copy to ``step`` (which then runs the moment policy and the tracker's ``on_update``). Timed."""
+        group = self.group_of(p) if group is None else group
+        right = self.layout(p, group)[0]
+        state = self.state[p]
+        t0 = time.perf_counter()
+        with basis_storage.unpacked(state, group):
+            tracker = get_tracker(group["tracker"])
+            new = tracker.update(oriented(grad, right), state, group, self._context(p, right, group))
+        self._diag_of(p)["update_seconds"] += time.perf_counter() - t0
+        return new.float().contiguous()
+
+    def projected_gradient(self, p: torch.Tensor, group: dict | None = None) -> torch.Tensor | None:
+        """``p.grad`` projected on ``p``'s current basis (r x l, oriented), which layer-wise accumulation may keep
+        instead of the gradient between subspace updates; None when the full gradient must be kept: a full-rank
+        parameter, no basis yet, an FSDP2 shard, a tracker that reads every gradient, an output that reads the
+        full gradient, or a basis due to move at the coming step."""
+        group = self.group_of(p) if group is None else group
+        layout, state = self.layout(p, group), self.state.get(p)
+        if layout is None or not state or "basis" not in state or dist_support.is_dtensor(p):
+            return None
+        if outputs.needs_full_gradient(group) or get_tracker(group["tracker"]).needs_every_gradient:
+            return None
+        if self.basis_due(p, group):
+            return None
+        return project(basis_storage.load(state), oriented(p.grad, layout[0]))
+
+    def structural_keys(self, group: dict) -> tuple[str, ...]:
+        """The group keys a checkpoint must agree on: the optimizer's own, then the tracker's and the rule's."""
+        tracker = get_tracker(group["tracker"]).structural if "rank" in group else ()
+        return (*STRUCTURAL_KEYS, *tracker, *get_rule(group["base"]).structural)
+
+    def state_keys(self, group: dict) -> dict[str, str | None]:
+        """Every state entry a parameter of ``group`` may hold -> ``LIKE_GRAD`` or None, as its components declare
+        them (``gradspace.components``): the optimizer's own, the inner rule's and, if projected, the tracker's."""
+        keys: dict[str, str | None] = dict.fromkeys(CORE_STATE_KEYS)
+        if "rank" in group:
+            keys.update(get_tracker(group["tracker"]).state_keys)
+        keys.update(get_rule(group["base"]).state_keys)
+        return keys
+
+    def state_shard_dim(self, p: torch.Tensor, key: str) -> int | None:
+        """Under FSDP2, the dimension along which this rank holds only its part of ``p``'s state entry ``key``; None
+        when every rank holds all of it (bases, tracker state, moments of gathered weights), which a checkpoint then
+        stores once. Only the inner rule's ``LIKE_GRAD`` entries are sharded: like the weight (dim 0) for a
+        full-rank weight, along the rows (dim 1 of the oriented r x rows frame) for a weight stepped on its rows."""
+        if not dist_support.is_dtensor(p):
+            return None
+        group = self.group_of(p)
+        if get_rule(group["base"]).state_keys.get(key) != LIKE_GRAD:
+            return None
+        layout = self.layout(p, group)
+        if layout is None:
+            return 0
+        return 1 if dist_support.steps_on_shard(p, layout[0], outputs.needs_full_gradient(group)) else None
+
+    def _diag_of(self, p: torch.Tensor) -> dict[str, Any]:
+        return self._diag.setdefault(p, {"update_seconds": 0.0, "angle": None})
 
     def _name(self, group: dict, p: torch.Tensor) -> str:
         names = group.get("param_names")
@@ -323,7 +424,7 @@ class SubspaceOptimizer(Optimizer):
         self._new_bases = dist_support.shard_updates(self, work, self.process_group) if self.distributed else None
         full_rank: dict[int, list[torch.Tensor]] = {}
         for group, p in work:
-            if self._layout(p, group) is None:  # batched per group: rules may run one fused kernel over them
+            if self.layout(p, group) is None:  # batched per group: rules may run one fused kernel over them
                 full_rank.setdefault(id(group), []).append(p)
             else:
                 self._step_param(group, p)
@@ -382,7 +483,7 @@ class SubspaceOptimizer(Optimizer):
         ``projected_grad`` is a gradient already projected onto the current basis (r x l, oriented), summed over
         micro-batches; it is added to the projection of ``p.grad``. Only valid when the basis is not due to move.
         """
-        group = group if group is not None else self._group_of(p)
+        group = group if group is not None else self.group_of(p)
         self._new_bases = None  # bases move here as without distributed="shard_updates"
         work = [(group, p)]
         if not self._check_grads(work):
@@ -394,14 +495,8 @@ class SubspaceOptimizer(Optimizer):
             raise FloatingPointError(f"non-finite accumulated gradient in {self._name(group, p)}; nothing was updated")
         self._step_param(group, p, projected_grad)
 
-    def _group_of(self, p: torch.Tensor) -> dict:
-        for group in self.param_groups:
-            if any(q is p for q in group["params"]):
-                return group
-        raise ValueError(f"parameter of shape {tuple(p.shape)} is not in this optimizer")
-
     def _step_param(self, group: dict, p: torch.Tensor, projected_grad: torch.Tensor | None = None) -> None:
-        layout = self._layout(p, group)
+        layout = self.layout(p, group)
         if layout is None:
             self._step_full_rank(group, [p])
             return
@@ -431,7 +526,7 @@ class SubspaceOptimizer(Optimizer):
     def _context(self, p: torch.Tensor, right: bool, group: dict) -> Context:
         """``right`` in the layout of the weight as a linear map (out, in): a Conv1D weight's SVD is then taken of
         the same matrix as its ``nn.Linear`` twin's, with the same singular-vector signs."""
-        return Context(index=self._param_index(p), right=right != bool(group.get("transposed")), seed=self.seed)
+        return Context(index=self.param_index(p), right=right != bool(group.get("transposed")), seed=self.seed)
 
     def _refresh_basis(self, group, p, state, rule, tracker, ctx, gn, full, rank: int, diag: dict) -> None:
         """The first basis on a weight's first step; later, the tracker's move when it is due (or the basis that
@@ -454,6 +549,7 @@ class SubspaceOptimizer(Optimizer):
             old = state["basis"]
             if new is None:
                 new = tracker.update(full(), state, group, ctx)
+            tracker.on_update(state, group)
             moment_policies.apply_policy(
                 group["moments"], rule, state, old, new, rule.template(new.shape[1], gn.shape[1], p, state), group
             )
@@ -480,7 +576,7 @@ class SubspaceOptimizer(Optimizer):
         def full() -> torch.Tensor:
             return oriented(view.full_grad(), right)
 
-        diag = self._diag.setdefault(p, {"update_seconds": 0.0, "angle": None})
+        diag = self._diag_of(p)
         self._refresh_basis(group, p, state, rule, tracker, ctx, gn, full, rank, diag)
         basis = state["basis"]
         gt = project(basis, gn)
@@ -562,12 +658,13 @@ class SubspaceOptimizer(Optimizer):
                     f"loaded state dict has {len(saved['params'])} parameters in group {i} but this optimizer has "
                     f"{len(group['params'])}; it was saved for a different model or parameter selection"
                 )
-            validation.check_same_configuration(i, group, saved)
+            validation.check_same_configuration(i, group, saved, self.structural_keys(group))
         id_map = dict(
             zip(
                 chain.from_iterable(g["params"] for g in saved_groups), chain.from_iterable(g["params"] for g in groups)
             )
         )
+        keys_of = {p: self.state_keys(g) for g in groups for p in g["params"]}
         rule_of = {p: get_rule(g["base"]) for g in groups for p in g["params"]}
         state: defaultdict[Any, dict] = defaultdict(dict)
         for key, st in state_dict["state"].items():
@@ -575,7 +672,7 @@ class SubspaceOptimizer(Optimizer):
                 state[key] = st
                 continue
             p = id_map[key]
-            validation.check_saved_state(p, st, rule_of[p])
+            validation.check_saved_state(p, st, rule_of[p], keys_of[p])
             state[p] = {k: (v.to(device=p.device) if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
         for group, saved in zip(groups, saved_groups):
             saved["params"] = group["params"]
@@ -600,8 +697,9 @@ class SubspaceOptimizer(Optimizer):
                 if not st or "basis" not in st:
                     continue
                 names = group.get("param_names")
-                name = names[i] if names else f"param{self._param_index(p)}"
+                name = names[i] if names else f"param{self.param_index(p)}"
                 d = self._diag.get(p, {})
+                tracker = get_tracker(group["tracker"])
                 per_weight[name] = {
                     "shape": tuple(p.shape),
                     "rank": int(st["basis"].shape[1]),
@@ -610,7 +708,7 @@ class SubspaceOptimizer(Optimizer):
                     "updates": int(st.get("updates", 0)),
                     "update_seconds": float(d.get("update_seconds", 0.0)),
                     "state_bytes": state_bytes(st),
-                    **{k: _num(v) for k, v in st.items() if k.startswith("trk_diag_")},
+                    **{k: _num(st[k]) for k in tracker.diagnostics if k in st},
                 }
         return {
             "weights": per_weight,

@@ -32,6 +32,8 @@ import torch
 RESIDUALS = ("scaled", "true")
 #: the limiter's last norm, one float32 scalar per weight
 STATE_BYTES = 4
+#: the state entry the limiter keeps (a replicated scalar)
+STATE_KEYS = ("rec_norm",)
 RECOVERY_DEFAULTS = {"recovery_limit": 1.01, "recovery_residual": "scaled"}
 
 

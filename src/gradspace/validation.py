@@ -36,21 +36,6 @@ GROUP_KEY_ALIASES = {
     "rule": "base",
     "inner_rule": "base",
 }
-#: group keys that fix the structure of the saved state: a checkpoint saved with other values cannot be loaded
-STRUCTURAL_KEYS = (
-    "tracker",
-    "moments",
-    "recovery",
-    "basis_dtype",
-    "p_lr_mode",
-    "p_optimizer",
-    "accumulate",
-    "base",
-    "rank",
-    "proj_type",
-    "transposed",
-    "state_dtype",
-)
 
 
 def _number(value: Any) -> float:
@@ -96,14 +81,15 @@ def add_gradspace_state(opt, state_dict: dict[str, Any]) -> None:
     state_dict["gradspace"] = {"skipped_steps": opt.skipped_steps, "seed": opt.seed}
 
 
-def check_same_configuration(index: int, group: dict, saved: dict) -> None:
+def check_same_configuration(index: int, group: dict, saved: dict, structural: tuple[str, ...]) -> None:
+    """``structural``: the keys that fix the saved state's layout (``SubspaceOptimizer.structural_keys``)."""
     if ("rank" in group) != ("rank" in saved):
         kinds = ("projected", "full-rank") if "rank" in saved else ("full-rank", "projected")
         raise ValueError(
             f"optimizer checkpoint: param group {index} was saved {kinds[0]} but is {kinds[1]} here; build the "
             "optimizer with the same method and parameter selection as the run that saved it"
         )
-    for key in STRUCTURAL_KEYS:
+    for key in structural:
         if key in saved and key in group and saved[key] != group[key]:
             raise ValueError(
                 f"optimizer checkpoint was saved with {key}={saved[key]!r} in param group {index}, but this "
@@ -112,7 +98,16 @@ def check_same_configuration(index: int, group: dict, saved: dict) -> None:
             )
 
 
-def check_saved_state(p: torch.Tensor, st: dict, rule) -> None:
+def check_saved_state(p: torch.Tensor, st: dict, rule, keys: dict[str, str | None]) -> None:
+    """``keys``: every entry this parameter's components declare (``SubspaceOptimizer.state_keys``); an entry
+    none of them declares was written by another rule or tracker."""
+    foreign = sorted(k for k in st if k not in keys)
+    if foreign:
+        raise ValueError(
+            f"optimizer checkpoint state for a parameter of shape {tuple(p.shape)} has {', '.join(foreign)}, which "
+            f"neither inner rule {rule.name!r} nor this group's tracker declares in its state_keys; it was saved "
+            "with another rule, tracker or model"
+        )
     basis = st.get("basis")
     if basis is not None:
         if p.dim() != 2 or basis.shape[0] not in p.shape:
@@ -121,15 +116,10 @@ def check_saved_state(p: torch.Tensor, st: dict, rule) -> None:
                 f"{tuple(p.shape)}; it was saved for a different model"
             )
         return
-    try:
-        first = rule.moments(st).get("m")
-    except (KeyError, RuntimeError) as err:
-        raise ValueError(
-            f"optimizer checkpoint state for a parameter of shape {tuple(p.shape)} does not fit inner rule "
-            f"{rule.name!r} ({err}); it was saved with another rule or model"
-        ) from None
-    if first is not None and first.numel() != p.numel():
-        raise ValueError(
-            f"optimizer checkpoint has a first moment of {first.numel()} elements for a parameter of shape "
-            f"{tuple(p.shape)}; it was saved for a different model"
-        )
+    for key, like in keys.items():  # trained in full rank: the rule's gradient-shaped state has p's size
+        value = st.get(key)
+        if like is not None and isinstance(value, torch.Tensor) and value.numel() != p.numel():
+            raise ValueError(
+                f"optimizer checkpoint has {key} of {value.numel()} elements for a parameter of shape "
+                f"{tuple(p.shape)}; it was saved for a different model"
+            )

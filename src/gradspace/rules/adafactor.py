@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from ..components import LIKE_GRAD
 from .base import InnerRule
 
 
@@ -32,7 +33,8 @@ class Adafactor(InnerRule):
     name = "adafactor"
     defaults = {"beta2_decay": -0.8, "eps1": None, "clip_threshold": 1.0, "beta1": None}
     has_second_moment = True
-    state_prefix = "fac_"
+    #: the factored rows and columns are not shaped like the gradient; V (1-D tensors) and m are
+    state_keys = {"fac_row": None, "fac_col": None, "fac_v": LIKE_GRAD, "fac_m": LIKE_GRAD, "fac_step": None}
 
     def state_bytes(self, shape, elem, group) -> int:
         """Row and column means of a matrix (a full V for 1-D), plus the optional first moment."""

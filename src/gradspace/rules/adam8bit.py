@@ -67,7 +67,8 @@ class AdamW8bit(InnerRule):
     name = "adamw8bit"
     defaults = {"betas": (0.9, 0.999), "eps": 1e-6, "correct_bias": True}
     has_second_moment = True
-    state_prefix = "q8_"
+    #: codes and block scales: not elementwise (a block's scale spans 256 entries), so nothing shards
+    state_keys = dict.fromkeys(("q8_m", "q8_m_absmax", "q8_v", "q8_v_absmax", "q8_step"))
 
     def state_bytes(self, shape, elem, group) -> int:
         """8-bit codes of m and v plus one float32 absmax per block of 256, whatever the parameter dtype."""

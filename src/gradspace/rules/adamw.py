@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ..components import LIKE_GRAD
 from .base import InnerRule, check_betas, check_nonneg
 
 
@@ -19,6 +20,7 @@ class AdamW(InnerRule):
     defaults = {"betas": (0.9, 0.999), "eps": 1e-6, "correct_bias": True}
     has_second_moment = True
     elementwise = True
+    state_keys = {"exp_avg": LIKE_GRAD, "exp_avg_sq": LIKE_GRAD, "exp_step": None}
 
     def state_bytes(self, shape, elem, group) -> int:
         return 2 * math.prod(shape) * elem

@@ -1,9 +1,10 @@
 """The inner-rule seam: an ordinary optimizer run on a (projected or full) gradient tensor.
 
-An inner rule knows nothing about bases. It owns some entries of a parameter's state dict, updates them from a
-gradient tensor, and returns a direction ``D`` and a step factor ``f`` such that the weight moves by
-``-lr * f * D`` (mapped back to the full space first when the gradient was projected). The factor lets Adam keep
-its bias correction out of the tensor math, exactly as galore-torch and Hugging Face's AdamW do.
+An inner rule knows nothing about bases. It owns the entries of a parameter's state dict that it declares in
+``state_keys`` (``gradspace.components``), updates them from a gradient tensor, and returns a direction ``D`` and a
+step factor ``f`` such that the weight moves by ``-lr * f * D`` (mapped back to the full space first when the
+gradient was projected). The factor lets Adam keep its bias correction out of the tensor math, exactly as
+galore-torch and Hugging Face's AdamW do.
 
 Moment policies (``gradspace.moments``) read and write the rule's moments through ``moments``/``set_moments``,
 which expose them as dense float32 tensors in the projected frame (``m`` first moment, ``v`` second moment).
@@ -22,6 +23,11 @@ class InnerRule:
     name: str = ""
     #: group hyperparameters this rule reads, with their defaults (merged into the optimizer defaults)
     defaults: dict[str, Any] = {}
+    #: the options that fix its state's layout: a checkpoint saved with other values is refused
+    structural: tuple[str, ...] = ()
+    #: every state entry it may write -> ``LIKE_GRAD`` (shaped like its gradient) or None; the shared ``step``
+    #: counter is the optimizer's
+    state_keys: dict[str, str | None] = {}
     #: whether the rule keeps a second moment that a moment policy may transform
     has_second_moment: bool = False
     #: every state entry depends on the same entry of the gradient alone, so the rule can run on the rows of a
@@ -61,23 +67,25 @@ class InnerRule:
 
     def reset(self, state: dict, like: torch.Tensor, group: dict) -> None:
         """Zero the moments and restart bias correction (moment policy ``reset``)."""
-        for key in list(state):
-            if key.startswith(self.state_prefix):
-                del state[key]
+        for key in self.state_keys:
+            state.pop(key, None)
         self.init_state(state, like, group)
 
     def template(self, rank: int, cols: int, p: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         """A shape/dtype template for this rule's state on a projected gradient (no data is written): the dtype of
         the rule's existing floating-point state, else the parameter's."""
         dtype = p.dtype
-        for k, v in (state or {}).items():
-            if k.startswith(self.state_prefix) and isinstance(v, torch.Tensor) and v.is_floating_point():
+        for k in self.state_keys:
+            v = (state or {}).get(k)
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
                 dtype = v.dtype
                 break
         return torch.empty(rank, cols, dtype=dtype, device=p.device)
 
-    #: every state key this rule owns starts with this prefix, except the shared step counter
-    state_prefix: str = "exp_"
+    def bias_corrections(self, state: dict, group: dict) -> tuple[float, float] | None:
+        """``(1 - beta1^t, 1 - beta2^t)`` of a rule whose moments are bias-corrected averages (the ``project``
+        moment policy needs them); None for the others, whose moments that policy rotates."""
+        return None
 
     def state_dtype(self, group: dict, default: torch.dtype) -> torch.dtype:
         """Moments are kept in the parameter's dtype unless the group sets ``state_dtype`` (e.g. "float32")."""

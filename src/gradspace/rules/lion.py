@@ -10,13 +10,14 @@ import math
 
 import torch
 
+from ..components import LIKE_GRAD
 from .base import InnerRule, check_betas
 
 
 class Lion(InnerRule):
     name = "lion"
     defaults = {"betas": (0.9, 0.99)}
-    state_prefix = "lion_"
+    state_keys = {"lion_m": LIKE_GRAD}
 
     def validate(self, group: dict) -> None:
         check_betas(group)

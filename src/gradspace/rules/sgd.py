@@ -10,13 +10,14 @@ import math
 
 import torch
 
+from ..components import LIKE_GRAD
 from .base import InnerRule, check_nonneg
 
 
 class SGD(InnerRule):
     name = "sgd"
     defaults = {"momentum": 0.9, "dampening": 0.0, "nesterov": False}
-    state_prefix = "sgd_"
+    state_keys = {"sgd_buf": LIKE_GRAD, "sgd_step": None}
     elementwise = True
 
     def state_bytes(self, shape, elem, group) -> int:

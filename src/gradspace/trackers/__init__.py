@@ -1,5 +1,6 @@
-"""Trackers: how each method finds and moves its subspace (one file per family)."""
+"""Trackers: how each method finds and moves its subspace (one file per family), and their registry."""
 
+from ..components import check_declarations, register, unregister
 from .adarank import AdaRankTracker
 from .base import Context, Tracker
 from .gaussian import GaussianTracker
@@ -8,18 +9,30 @@ from .random_walk import GrassJumpTracker, GrassWalkTracker
 from .subtrack import SubTrackTracker
 from .svd import SVDTracker
 
-TRACKERS: dict[str, Tracker] = {
-    t.name: t
-    for t in (
-        SVDTracker(),
-        AdaRankTracker(),
-        GrassWalkTracker(),
-        GrassJumpTracker(),
-        GaussianTracker(),
-        SubTrackTracker(),
-        OnlinePCATracker(),
-    )
-}
+TRACKERS: dict[str, Tracker] = {}
+
+
+def register_tracker(name: str, tracker: Tracker, *, replace: bool = False) -> Tracker:
+    """Make ``tracker`` (an instance of a ``Tracker`` subclass that implements ``init`` and ``update``) available
+    as ``SubspaceOptimizer(..., tracker=name)``; its declarations are checked here (``gradspace.components``)."""
+    check_declarations("tracker", name, tracker, Tracker, ("init", "update"))
+    return register(TRACKERS, "tracker", name, tracker, replace=replace)
+
+
+def unregister_tracker(name: str) -> None:
+    unregister(TRACKERS, "tracker", name)
+
+
+for _tracker in (
+    SVDTracker(),
+    AdaRankTracker(),
+    GrassWalkTracker(),
+    GrassJumpTracker(),
+    GaussianTracker(),
+    SubTrackTracker(),
+    OnlinePCATracker(),
+):
+    register_tracker(_tracker.name, _tracker)
 
 
 def get_tracker(name: str) -> Tracker:
@@ -29,4 +42,4 @@ def get_tracker(name: str) -> Tracker:
         raise ValueError(f"unknown tracker {name!r}; choose one of {', '.join(sorted(TRACKERS))}") from None
 
 
-__all__ = ["TRACKERS", "Context", "Tracker", "get_tracker"]
+__all__ = ["TRACKERS", "Context", "Tracker", "get_tracker", "register_tracker", "unregister_tracker"]

@@ -71,6 +71,8 @@ def _is_int(x, low: int) -> bool:
 class AdaRankTracker(Tracker):
     name = "adarank"
     update_diagnostics = ("trk_diag_error",)
+    diagnostics = ("trk_diag_error", "trk_diag_gap")
+    state_keys = dict.fromkeys(("trk_last", "trk_ref", "trk_norm", "trk_energy", "trk_diag_error", "trk_diag_gap"))
     defaults = {
         "r_min": 1,  # rank floor; Lemma 1: gradients tend to rank one, so allow it
         "r_max": None,  # None: the group's rank
@@ -134,11 +136,9 @@ class AdaRankTracker(Tracker):
         return self._select(gn, rank, state, group, ctx, draw=0)
 
     def update(self, gn, state, group, ctx: Context):
-        basis = self._select(gn, group["rank"], state, group, ctx, draw=state["updates"] + 1)
-        self.skip_update(state, group)
-        return basis
+        return self._select(gn, group["rank"], state, group, ctx, draw=state["updates"] + 1)
 
-    def skip_update(self, state, group) -> None:
+    def on_update(self, state, group) -> None:
         """The refresh clock restarts."""
         state["trk_diag_gap"] = torch.tensor(float(state["step"] - state["trk_last"]), device=state["basis"].device)
         state["trk_last"] = state["step"]

@@ -2,8 +2,11 @@
 
 A tracker works in the oriented frame (see ``gradspace.projection``): it sees the k x l oriented gradient ``Gn`` and
 keeps a k x r orthonormal basis. It knows nothing about the inner rule. Its own state (accumulators, small
-optimizers, counters) lives in the parameter's state dict under keys starting with ``"trk_"``, as tensors and
-numbers only, so checkpoints load with ``weights_only=True``.
+optimizers, counters) lives in the parameter's state dict under the keys it declares in ``state_keys``
+(``gradspace.components``), as tensors and numbers only, so checkpoints load with ``weights_only=True``.
+
+Under ``distributed="shard_updates"`` ``update`` runs on one rank and the new basis is broadcast; ``on_update`` runs
+on every rank, so bookkeeping that restarts with a new basis goes there, once.
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ class Tracker:
     name: str = ""
     #: group hyperparameters this tracker reads, with defaults (merged into the optimizer defaults)
     defaults: dict[str, Any] = {}
+    #: the options that fix its state's layout: a checkpoint saved with other values is refused
+    structural: tuple[str, ...] = ()
+    #: every state entry it writes -> ``LIKE_GRAD`` or None (``gradspace.components``)
+    state_keys: dict[str, str | None] = {}
+    #: 0-d state entries reported per weight by ``SubspaceOptimizer.diagnostics()``
+    diagnostics: tuple[str, ...] = ()
     #: the basis moves after every step (``after_step``) rather than in ``update`` (benchmarks time that move)
     moves_every_step: bool = False
     #: ``observe``/``after_step`` read the full gradient every step; if False, layer-wise mode may accumulate
@@ -62,12 +71,14 @@ class Tracker:
         return (state["step"] - state.get("phase", 0)) % group["update_proj_gap"] == 0
 
     def update(self, gn: torch.Tensor, state: dict, group: dict, ctx: Context) -> torch.Tensor:
-        """The new basis (row-major); may differ in rank from the old one."""
+        """The new basis (row-major); may differ in rank from the old one. Under ``shard_updates``
+        it runs on one rank, so the only state it may leave changed is its ``update_diagnostics`` (which travel
+        with the basis): anything else belongs in ``on_update``, which every rank runs."""
         raise NotImplementedError
 
-    def skip_update(self, state: dict, group: dict) -> None:
-        """Every state change of ``update`` except the basis and ``update_diagnostics``, on a data-parallel rank
-        that receives the new basis from the rank that computed it (``distributed="shard_updates"``)."""
+    def on_update(self, state: dict, group: dict) -> None:
+        """Called after every basis move, on every rank (``update`` may have run on another one): restart what
+        the new basis restarts (accumulators, refresh clocks). ``state["basis"]`` is still the old basis."""
 
     def observe(self, gn: torch.Tensor, gt: torch.Tensor, state: dict, group: dict) -> None:
         """Called every step after projection (accumulators, convergence criteria)."""

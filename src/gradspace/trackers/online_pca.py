@@ -70,6 +70,9 @@ class OnlinePCATracker(Tracker):
         "p_weight_decay": None,  # None: W's weight_decay (the paper ties them)
         **SVD_DEFAULTS,  # the first P
     }
+    structural = ("p_optimizer", "p_lr_mode")
+    state_keys: ClassVar[dict[str, str | None]] = dict.fromkeys(("trk_p_m", "trk_p_v", "trk_p_step", "trk_diag_orth"))
+    diagnostics = ("trk_diag_orth",)
 
     def _get(self, group: dict, key: str):
         return group.get(key, self.defaults[key])

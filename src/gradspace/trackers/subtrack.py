@@ -95,6 +95,8 @@ class SubTrackTracker(Tracker):
 
     name = "subtrack"
     defaults: ClassVar[dict[str, Any]] = {"eta": 2.0, "accumulate": True, "normalize": True, **SVD_DEFAULTS}
+    structural = ("accumulate",)
+    state_keys: ClassVar[dict[str, str | None]] = {"trk_acc": None, "trk_count": None}  # of the full gradient
 
     def _get(self, group: dict, key: str):
         return group.get(key, self.defaults[key])
@@ -131,11 +133,9 @@ class SubTrackTracker(Tracker):
         acc = state.get("trk_acc")
         if acc is not None and self._get(group, "accumulate"):
             g = acc.add_(gn).div_(state["trk_count"] + 1)  # in place: the buffer is reset below
-        new = subtrack_step(state["basis"], g, float(self._get(group, "eta")), self._get(group, "normalize"))
-        self.skip_update(state, group)
-        return new
+        return subtrack_step(state["basis"], g, float(self._get(group, "eta")), self._get(group, "normalize"))
 
-    def skip_update(self, state, group) -> None:
+    def on_update(self, state, group) -> None:
         """A new window of gradients starts."""
         if "trk_acc" in state:
             state["trk_acc"].zero_()
