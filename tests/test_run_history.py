@@ -26,12 +26,16 @@ def checkpoints(folder):
     return sorted(p.name for p in (folder / "checkpoints").iterdir())
 
 
-@pytest.fixture
-def finished(tmp_path):
+def finished_run(tmp_path):
     """A finished 6-step run with checkpoints at steps 4 and 6 (kept: the newest two)."""
     out = tmp_path / "A"
     assert run("pretrain", *SMALL, "--method", "galore", "--save-every", "2", "--out", out) == 0
     return out
+
+
+@pytest.fixture
+def finished(tmp_path):
+    return finished_run(tmp_path)
 
 
 def test_resume_into_a_folder_holding_another_run_is_refused_and_touches_nothing(finished, tmp_path, capsys):
@@ -107,6 +111,10 @@ def test_resume_accepts_the_runs_own_values_given_explicitly(finished, capsys):
     # the run used the tiny preset's rank 16 and update gap 50 (rank=None, update_gap=None in its config)
     assert run("pretrain", "--resume", finished, "--steps", "7", "--rank", "16", "--update-gap", "50") == 0
     code = run("pretrain", "--resume", finished, "--steps", "8", "--rank", "8")
+    assert_clean_error(capsys, code, "rank=16", "rank=8")
+    fresh = finished.parent / "B"  # a run that never named its rank is told its preset's
+    assert run("pretrain", *SMALL, "--method", "galore", "--out", fresh) == 0
+    code = run("pretrain", "--resume", fresh, "--steps", "8", "--rank", "8")
     assert_clean_error(capsys, code, "rank=16 (the default)", "rank=8")
 
 
@@ -163,9 +171,8 @@ def test_a_failed_export_keeps_the_previous_model_and_export_rebuilds_it(finishe
     assert snapshot(model) == before  # the step-6 export, whole
     assert not [p for p in finished.iterdir() if p.name.startswith(".model")]
     monkeypatch.undo()
-    # the run reached step 8 but its export did not happen: resume says so and `gradspace export` writes it
-    code = run("pretrain", "--resume", finished, "--steps", "8", "--threads", "1")
-    assert_clean_error(capsys, code, "gradspace export")
+    # the run reached step 8 but its export did not happen: `gradspace export` writes it (and a resume would too)
+    assert not (finished / "summary.json").exists()
     assert run("export", finished, "--threads", "1") == 0
     assert json.loads((model / export_module.MARKER).read_text())["step"] == 8
     assert "step 8" in capsys.readouterr().out
@@ -187,7 +194,7 @@ def test_export_rebuilds_the_runs_own_model_and_any_checkpoints(finished):
     again = weights()
     assert own.keys() == again.keys() and all(torch.equal(own[k], again[k]) for k in own)
     ckpt = finished / "checkpoints" / "ckpt-0000004.pt"
-    assert run("export", ckpt) == 0
+    assert run("export", ckpt, "--overwrite") == 0  # an earlier step over the step-6 model: asked for
     state, earlier = torch.load(ckpt, weights_only=True)["model"], weights()
     layers = [k for k in state if ".layers." in k]
     assert layers and all(torch.equal(earlier[k], state[k]) for k in layers)

@@ -14,7 +14,7 @@ import torch
 from gradspace import create_optimizer
 from gradspace.train import sharded
 from gradspace.train.checkpoint import CheckpointError, remove_orphans, save_checkpoint
-from gradspace.train.parallel import RankStream, resumed_batch_size, stream_state
+from gradspace.train.parallel import RankStream, resumed_batch_size
 
 
 def trained(steps: int = 3):
@@ -120,13 +120,6 @@ def test_rank_streams_take_their_rows_of_the_global_batch():
     parts = [next(s) for s in ranks]
     assert [p[0]["labels"].tolist() for p in parts] == [[10, 11], [12, 13], [14, 15]]
     assert torch.equal(parts[2][0]["input_ids"][:, 0], parts[2][1][0])
-
-
-def test_an_earlier_versions_torchrun_checkpoint_has_its_data_position_as_a_global_batch():
-    earlier = {"stream": {"step": 9, "batch_size": 2}, "world_size": 3, "config": {"batch_size": 2}}
-    assert stream_state(earlier) == {"step": 3, "batch_size": 6}  # it drew 3 batches of 2 per step
-    now = {"stream": {"step": 3, "batch_size": 6}, "world_size": 3, "config": {"batch_size": 2}}
-    assert stream_state(now) == now["stream"]
 
 
 def test_the_global_batch_is_kept_on_another_number_of_processes():

@@ -14,136 +14,36 @@ import sys
 import time
 from pathlib import Path
 
-from .methods import METHODS
-from .train import runfolder
+from .train import options, runfolder
 from .train.compare import parse_methods, run_compare
 from .train.config import (
     COMPARE_OPTIONS,
     DEFAULT_COMPARE,
-    EVAL_BATCH,
     FINETUNE,
-    PRESET_NAMES,
     PRETRAIN,
-    SCHEDULERS,
     UsageError,
     explicit_options,
     read_config_file,
 )
 from .train.encoder import FinetuneSetup
 from .train.parallel import Parallel
+from .train.recipes import run_finetune, run_pretrain
 from .train.runfolder import RunLock, resolve_run, target
-from .train.runner import run_finetune, run_pretrain
 from .train.streams import Data
 from .train.summary import RunDiverged
 
 # ---------------------------------------------------------------------------------------------- arguments
-S = argparse.SUPPRESS  # a flag not given stays out of the namespace: the config file or the defaults decide
-INT, FLOAT, FLAG = {"type": int, "default": S}, {"type": float, "default": S}, {"action": "store_true", "default": S}
-#: (flags, argparse keywords) of each group; every value's default lives in gradspace.train.config
-SHARED = [
-    (["--base"], {"default": S, "help": "inner rule: adamw, adamw8bit, lion, adafactor, sgd"}),
-    (["--rank"], {**INT, "help": "subspace rank (pretrain: by preset, tiny 16; finetune: 8; --model: d/4)"}),
-    (["--update-proj-gap", "--update-gap"], {**INT, "dest": "update_gap", "help": "steps between subspace updates"}),
-    (["--proj-type"], {"default": S, "choices": ("std", "reverse_std", "left", "right"), "help": "side projected"}),
-    (
-        ["--svd"],
-        {
-            "default": S,
-            "choices": ("exact", "randomized"),
-            "help": "how SVD bases are computed (exact; randomized: a seeded range finder, much faster at 1B)",
-        },
-    ),
-    (
-        ["--target-modules"],
-        {
-            "type": lambda v: [x.strip() for x in v.split(",") if x.strip()],
-            "default": S,
-            "help": "comma-separated names, substrings or regexes to project, or all-linear",
-        },
-    ),
-    (
-        ["--eval-dataset"],
-        {
-            "default": S,
-            "help": "held-out data: pretrain, a .txt file or folder (default: the last 5%% of --dataset); "
-            "finetune, a CSV/TSV/JSONL file for a --task file (default: 10%% of its rows)",
-        },
-    ),
-    (["--optim-args"], {"default": S, "help": "tracker and rule options: key=value,... (eta=1.0, eta_th=0.02 ...)"}),
-    (
-        ["--scale"],
-        {
-            **FLOAT,
-            "help": "update scale (GaLore: pretrain 0.25, finetune 2; APOLLO: x sqrt(scale), 1; mini 128)",
-        },
-    ),
-    (["--lr"], {**FLOAT, "help": f"learning rate (default per method and preset; finetune {FINETUNE.lr({}):g})"}),
-    (["--weight-decay"], {**FLOAT, "help": "decoupled weight decay (0)"}),
-    (["--scheduler"], {"default": S, "choices": SCHEDULERS, "help": "a transformers.get_scheduler schedule"}),
-    (["--warmup"], {**INT, "help": "warm-up steps (10%% of --steps)"}),
-    (["--grad-clip"], {**FLOAT, "help": "clip the gradient's global norm (1.0; 0: off)"}),
-    (["--steps"], {**INT, "help": "optimizer steps (pretrain 200, finetune 300)"}),
-    (["--batch-size"], {**INT, "help": "sequences per micro-batch (pretrain 8, finetune 16)"}),
-    (["--grad-accum"], {**INT, "help": "micro-batches per step (1)"}),
-    (["--layerwise"], {**FLAG, "help": "step each weight inside backward, freeing its gradient (needs --grad-clip 0)"}),
-    (["--grad-checkpointing"], {**FLAG, "help": "recompute activations in backward instead of keeping them"}),
-    (["--compile"], {**FLAG, "help": "torch.compile the model"}),
-    (
-        ["--nonfinite"],
-        {"default": S, "choices": ("error", "skip"), "help": "a non-finite loss or gradient: stop or skip"},
-    ),
-    (["--seed"], INT),
-    (["--device"], {"default": S, "help": "cpu, cuda, cuda:1, ... (cpu)"}),
-    (["--dtype"], {"default": S, "choices": ("float32", "bfloat16")}),
-    (["--eval-every"], {**INT, "help": "validate every N steps (pretrain 50, finetune 100; 0: only at the end)"}),
-    (
-        ["--eval-batches"],
-        {
-            **INT,
-            "help": f"validation batches (pretrain: N fixed random batches, 10; finetune: N x {EVAL_BATCH} "
-            "examples, all by default); 0 = the whole validation split",
-        },
-    ),
-    (["--save-every"], {**INT, "help": "checkpoint every N steps (0: only at the end)"}),
-    (["--log-every"], {**INT, "help": "a metrics.jsonl line (the window's mean loss) every N steps (10)"}),
-    (["--report-to"], {"default": S, "help": "besides metrics.jsonl: tensorboard, wandb (offline), comma-separated"}),
-    (["--threads"], {**INT, "help": "torch CPU threads (0: torch's default)"}),
+#: the flags of a run that are not options of its configuration (each option's flag is in gradspace.train.options)
+RUN_FLAGS = [
     (["--out"], {"default": None, "help": "run folder (default runs/<name>-<timestamp>)"}),
     (["--overwrite"], {"action": "store_true", "help": "replace the run that --out already holds"}),
     (["--config"], {"default": None, "help": "YAML, TOML or JSON file with the same keys; flags override it"}),
-    (["--stop-after"], {"type": int, "default": None, "help": S}),  # tests: act as if Ctrl-C after step N
+    (["--stop-after"], {"type": int, "default": None, "help": argparse.SUPPRESS}),  # tests: Ctrl-C after step N
 ]
-PRETRAINING = [
-    (["--preset"], {"default": S, "help": "LLaMA size: " + ", ".join(PRESET_NAMES) + " (default tiny)"}),
-    (
-        ["--dataset"],
-        {
-            "default": S,
-            "help": "shakespeare, bible, wiki, builtin, a .txt file or folder, or a Hugging "
-            "Face dataset name with --streaming (default shakespeare)",
-        },
-    ),
-    (["--streaming"], {**FLAG, "help": "stream a Hugging Face dataset"}),
-    (["--seq-len"], {**INT, "help": "tokens per sequence (64)"}),
-    (["--full-vocab"], {**FLAG, "help": "keep GPT-2's 50,257 tokens (default: only those in the corpus)"}),
-    (["--tokenizer"], {"default": S, "help": "gpt2 (default), chars (the corpus's characters), or a local folder"}),
-]
-FINETUNING = [
-    (
-        ["--task"],
-        {
-            "default": S,
-            "help": "rotten-tomatoes, review-ratings, trec, sms-spam, a CSV/TSV/JSONL file, a folder with "
-            "train.* and valid.* files, or glue/<name> (needs datasets and a network)",
-        },
-    ),
-    (["--model"], {"default": S, "help": "minilm (default), a local folder (BERT, GPT-2 ...), or a hub name"}),
-    (["--max-length"], {**INT, "help": "tokens per example, longer ones are cut (128)"}),
-]
-OWN_MODEL = [
-    (["--model"], {"default": S, "help": "a local Hugging Face causal-LM folder or config.json, instead of --preset"}),
-    (["--fresh"], {**FLAG, "help": "with --model: initialise fresh, ignoring the folder's weights"}),
-]
+RESUME = (
+    ["--resume"],
+    {"default": None, "help": "a checkpoint file, or a run folder (its newest readable checkpoint)"},
+)
 PARALLEL = [
     (["--fsdp"], {"action": "store_true", "help": "under torchrun: shard the model with FSDP2 (default DDP)"}),
     (["--shard-updates"], {"action": "store_true", "help": "under torchrun: each subspace update on one rank"}),
@@ -174,16 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gradspace", description="Train language models in a low-rank gradient subspace (GaLore and successors)."
     )
     sub = p.add_subparsers(dest="command", required=True)
-    methods = {"default": S, "help": "one of " + ", ".join(METHODS) + " (default galore)"}
-    resume = {"default": None, "help": "a checkpoint file, or a run folder (its newest readable checkpoint)"}
     commands = {
-        "pretrain": (
-            "pretrain a LLaMA preset, or your own causal LM (--model), on a corpus",
-            [(["--method"], methods), (["--resume"], resume), *OWN_MODEL, *SHARED, *PRETRAINING, *PARALLEL],
-        ),
-        "finetune": (
-            "fine-tune a pretrained model on a classification or regression task",
-            [(["--method"], methods), (["--resume"], resume), *SHARED, *PARALLEL, *FINETUNING],
+        "pretrain": ("pretrain a LLaMA preset, or your own causal LM (--model), on a corpus", [RESUME, *PARALLEL]),
+        "finetune": ("fine-tune a pretrained model on a classification or regression task", [RESUME, *PARALLEL]),
+        "compare": (
+            "run several methods on identical data, seed and budget; write a report (fine-tuning with --task)",
+            [],
         ),
         "sample": ("print text that a pretrained run's model writes after a prompt", SAMPLE),
         "export": (
@@ -194,132 +90,86 @@ def build_parser() -> argparse.ArgumentParser:
                     {"help": "a run folder (its newest checkpoint that loads) or a checkpoint file (its step)"},
                 ),
                 (["--threads"], {"type": int, "default": 0}),
-            ],
-        ),
-        "compare": (
-            "run several methods on identical data, seed and budget; write a report (fine-tuning with --task)",
-            [
-                (
-                    ["--methods"],
-                    {
-                        "default": None,
-                        "help": f"comma-separated (default {DEFAULT_COMPARE}); a method may carry options, "
-                        "adarank:eta_th=0.02 or galore:rank=8;update_gap=100",
-                    },
-                ),
-                (["--seeds"], {**INT, "help": "seeds per method, from --seed on (1); the report shows mean +- sd"}),
-                (
-                    ["--lr-grid"],
-                    {
-                        "action": "append",
-                        "default": S,
-                        "help": "learning rates to tune over: 1e-3,3e-3,1e-2 for every method, or "
-                        "galore=1e-3,3e-3 for one (repeatable); the best short run's rate is used",
-                    },
-                ),
-                (["--tune-fraction"], {**FLOAT, "help": "a tuning run's share of --steps (0.25)"}),
-                (["--jobs"], {**INT, "help": "runs at once, each with its share of the CPU threads (1)"}),
-                *SHARED,
-                *PRETRAINING,
-                *FINETUNING,
+                (["--overwrite"], {"action": "store_true", "help": "replace a model folder of a later step"}),
             ],
         ),
     }
     for name, (help_, flags) in commands.items():
         sp = sub.add_parser(name, help=help_)
+        if name in ("pretrain", "finetune", "compare"):
+            options.add_flags(sp, name)
+            flags = [*flags, *RUN_FLAGS]
         for names, kwargs in flags:
             sp.add_argument(*names, **kwargs)
     return p
 
 
-def _locked(args: argparse.Namespace, command, name):
-    """The run folder, and its lock taken before anything is read from it (rank 0 of torchrun takes it): a resume
-    picks its checkpoint only once no other process can write a newer one."""
+def _pretrain_done(s: dict, out: Path) -> str:
+    return (
+        f"done: {s['steps']} steps, final train loss {s['final_loss']:.4f}, val loss {s['val_loss']:.4f} "
+        f"(ppl {s['val_ppl']:.2f}), {s['wall_time']:.1f}s; metrics in {out / 'metrics.jsonl'}"
+    )
+
+
+def _finetune_done(s: dict, out: Path) -> str:
+    return (
+        f"done: {s['steps']} steps, final train loss {s['final_loss']:.4f}, validation {s['metric']} "
+        f"{s[s['metric']]:.4f} (loss {s['val_loss']:.4f}), {s['wall_time']:.1f}s; results in {out / 'summary.json'}"
+    )
+
+
+#: command -> (Command, default folder name, what is loaded once, what is trained, the last line)
+TRAINING = {
+    "pretrain": (
+        PRETRAIN,
+        lambda c: f"{c['preset']}-{c['method']}",
+        lambda c, world: Data(c, world),
+        lambda c: c.get("model") or "llama-" + c["preset"],
+        lambda c, out, data, **run: run_pretrain(c, out, data=data, **run),
+        _pretrain_done,
+    ),
+    "finetune": (
+        FINETUNE,
+        lambda c: f"{Path(str(c['task'])).stem.replace('/', '-')}-{c['method']}",
+        lambda c, world: FinetuneSetup(c),
+        lambda c: c["model"],
+        lambda c, out, setup, **run: run_finetune(c, out, setup=setup, **run),
+        _finetune_done,
+    ),
+}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``pretrain`` and ``finetune``: the run folder's lock is taken before anything is read from it (by rank 0
+    of torchrun), so a resume picks its checkpoint only once no other process can write a newer one."""
     import contextlib
     import os
 
+    command, name, load, model, train, done = TRAINING[args.command]
     out = target(args, command, name)
-    main = os.environ.get("RANK", "0") == "0"
-    return out, (RunLock(out, create=True) if main else contextlib.nullcontext())
-
-
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    out, lock = _locked(args, PRETRAIN, lambda c: f"{c['preset']}-{c['method']}")
-    with lock:
-        return _pretrain(args, out)
-
-
-def _pretrain(args: argparse.Namespace, out: Path) -> int:
-    cfg, resume = resolve_run(args, PRETRAIN)
-    PRETRAIN.validate(cfg)
-    runfolder.check(out, resume, args.overwrite, "pretrain")
-    parallel = Parallel(args.fsdp, args.shard_updates, cfg["device"])
-    try:
-        data = parallel.first(lambda: Data(cfg, parallel.world))
-        if parallel.main:
-            print(
-                f"gradspace pretrain: {cfg.get('model') or 'llama-' + cfg['preset']}, {cfg['method']} "
-                f"({cfg['base']}), {data.info}; run "
-                f"folder {out}" + (f"; resuming at step {resume['step']}" if resume else "") + _ranks(parallel),
-                file=sys.stderr,
+    with RunLock(out, create=True) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        cfg, resume = resolve_run(args, command)
+        command.validate(cfg)
+        runfolder.check(out, resume, args.overwrite, command.name)
+        parallel = Parallel(args.fsdp, args.shard_updates, cfg["device"])
+        try:
+            loaded = parallel.first(lambda: load(cfg, parallel.world))
+            if parallel.main:
+                resuming = f"; resuming at step {resume['step']}" if resume else ""
+                ranks = f"; {parallel.world} processes, {parallel.strategy}" if parallel.world > 1 else ""
+                print(
+                    f"gradspace {command.name}: {model(cfg)}, {cfg['method']} ({cfg['base']}), {loaded.info}; run "
+                    f"folder {out}{resuming}{ranks}",
+                    file=sys.stderr,
+                )
+            summary = train(
+                cfg, out, loaded, resume=resume, stop_after=args.stop_after, parallel=parallel, overwrite=args.overwrite
             )
-        s = run_pretrain(
-            cfg, out, data=data, resume=resume, stop_after=args.stop_after, parallel=parallel, overwrite=args.overwrite
-        )
-    finally:
-        parallel.close()
+            parallel.barrier()  # no rank tears the process group down while rank 0 still exports (gloo aborts)
+        finally:
+            parallel.close()
     if parallel.main:
-        print(
-            f"done: {s['steps']} steps, final train loss {s['final_loss']:.4f}, val loss {s['val_loss']:.4f} "
-            f"(ppl {s['val_ppl']:.2f}), {s['wall_time']:.1f}s; metrics in {out / 'metrics.jsonl'}"
-        )
-    return 0
-
-
-def _ranks(parallel: Parallel) -> str:
-    return f"; {parallel.world} processes, {parallel.strategy}" if parallel.world > 1 else ""
-
-
-def _task_slug(task: str) -> str:
-    return Path(str(task)).stem.replace("/", "-")
-
-
-def cmd_finetune(args: argparse.Namespace) -> int:
-    out, lock = _locked(args, FINETUNE, lambda c: f"{_task_slug(c['task'])}-{c['method']}")
-    with lock:
-        return _finetune(args, out)
-
-
-def _finetune(args: argparse.Namespace, out: Path) -> int:
-    cfg, resume = resolve_run(args, FINETUNE)
-    FINETUNE.validate(cfg)
-    runfolder.check(out, resume, args.overwrite, "finetune")
-    parallel = Parallel(args.fsdp, args.shard_updates, cfg["device"])
-    try:
-        setup = parallel.first(lambda: FinetuneSetup(cfg))
-        if parallel.main:
-            print(
-                f"gradspace finetune: {cfg['model']}, {cfg['method']} ({cfg['base']}), {setup.info}; run folder "
-                f"{out}" + (f"; resuming at step {resume['step']}" if resume else "") + _ranks(parallel),
-                file=sys.stderr,
-            )
-        s = run_finetune(
-            cfg,
-            out,
-            setup=setup,
-            resume=resume,
-            stop_after=args.stop_after,
-            parallel=parallel,
-            overwrite=args.overwrite,
-        )
-    finally:
-        parallel.close()
-    if parallel.main:
-        print(
-            f"done: {s['steps']} steps, final train loss {s['final_loss']:.4f}, validation {s['metric']} "
-            f"{s[s['metric']]:.4f} (loss {s['val_loss']:.4f}), {s['wall_time']:.1f}s; results in "
-            f"{out / 'summary.json'}"
-        )
+        print(done(summary, out))
     return 0
 
 
@@ -333,7 +183,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         mode = "fine-tuning (--task)" if finetune else "pretraining (no --task)"
         raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in other)} do(es) not apply to comparing {mode}")
     explicit = explicit_options(args, defaults)
-    methods = parse_methods(args.methods if args.methods is not None else file_cfg.get("methods", DEFAULT_COMPARE))
+    given = vars(args).get("methods")
+    methods = parse_methods(given if given is not None else file_cfg.get("methods", DEFAULT_COMPARE))
     cfg = {**defaults, **explicit}
     own = {k: vars(args).get(k, file_cfg.get(k, v)) for k, v in COMPARE_OPTIONS.items()}
     out = Path(args.out) if args.out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -359,7 +210,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    folder, step = export_run(args.run)
+    folder, step = export_run(args.run, args.overwrite)
     print(f"exported the model of step {step} to {folder}")
     return 0
 
@@ -386,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     from .train.checkpoint import CheckpointError
 
     commands = {
-        "pretrain": cmd_pretrain,
-        "finetune": cmd_finetune,
+        "pretrain": cmd_train,
+        "finetune": cmd_train,
         "compare": cmd_compare,
         "sample": cmd_sample,
         "export": cmd_export,

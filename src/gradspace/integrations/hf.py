@@ -31,6 +31,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..layerwise import Layerwise
 from ..methods import METHODS, PROJECTION_KEYS, create_optimizer, preset_projection
+from ..optim_args import parse as parse_options
 from ..optimizer import SubspaceOptimizer
 from ..params import DEFAULT_TARGETS, as_groups, select_params
 from ..rules import get_rule
@@ -39,36 +40,11 @@ log = logging.getLogger(__name__)
 
 
 def parse_optim_args(optim_args: str | dict[str, Any] | None) -> dict[str, Any]:
-    """Options from a ``"rank=8,scale=0.25,base=lion"`` string (the ``TrainingArguments.optim_args`` format)
-    or a dict. String values become ints, floats, booleans or None where they read as one: ``rank=8`` is 8.
+    """Options from a ``"rank=8,scale=0.25,base=lion"`` string (the ``TrainingArguments.optim_args`` format, read
+    as the Trainer reads it: spaces dropped, comma-separated ``key=value``) or a dict. String values become ints,
+    floats, booleans or None where they read as one (``gradspace.optim_args``): ``rank=8`` is 8.
     """
-    if optim_args is None:
-        return {}
-    if isinstance(optim_args, dict):
-        return dict(optim_args)
-    options: dict[str, Any] = {}
-    for item in optim_args.replace(" ", "").split(","):
-        if not item:
-            continue
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"optim_args item {item!r} is not key=value (in {optim_args!r})")
-        options[key] = _typed(value)
-    return options
-
-
-def _typed(text: str) -> Any:
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+    return parse_options(optim_args, "optim_args")
 
 
 def create_hf_optimizer(

@@ -19,13 +19,16 @@ from typing import Any
 import torch
 
 from .atomic import alive, write_failed
+from .errors import CheckpointError
 
-FORMAT = 1
+#: the layout of what this gradspace writes and reads, and no other (2: FSDP2 shards only in ``ckpt-<step>.dcp/``,
+#: the data position that of the global batch; 1 and before were development layouts that were never released)
+FORMAT = 2
 NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, unreadable, truncated or saved for another run."""
+class OtherFormat(CheckpointError):
+    """A gradspace checkpoint of another :data:`FORMAT`: never read as this one's, nor passed over for an older."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -90,14 +93,12 @@ def save_checkpoint(
 
 
 def remove_checkpoint(path: Path) -> None:
-    """Delete a checkpoint with the parts that go with it (its FSDP2 folder, older per-rank files); the main file
-    first, so what is left is never taken for a checkpoint."""
+    """Delete a checkpoint with its FSDP2 folder; the main file first, so what is left is never taken for a
+    checkpoint."""
     import shutil
 
     path.unlink(missing_ok=True)
     shutil.rmtree(path.with_suffix(".dcp"), ignore_errors=True)
-    for shard in path.parent.glob(f"{path.stem}.rank*.pt"):
-        shard.unlink(missing_ok=True)
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -111,22 +112,6 @@ def _atomic_save(obj: Any, path: Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def shard_path(checkpoint: Path, rank: int) -> Path:
-    """The file next to ``ckpt-<step>.pt`` holding rank ``rank``'s optimizer part, in the FSDP2 format of earlier
-    versions (read, no longer written: see ``gradspace.train.sharded``)."""
-    return checkpoint.with_name(f"{checkpoint.stem}.rank{rank}.pt")
-
-
-def load_shard(checkpoint: Path, rank: int) -> dict[str, Any]:
-    path = shard_path(Path(checkpoint), rank)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {checkpoint} has no part for rank {rank} ({path.name} is missing)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"checkpoint part {path} is corrupt or truncated ({type(err).__name__})") from None
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
@@ -173,6 +158,8 @@ def load_newest_good(path: str | Path) -> dict[str, Any]:
     for candidate in list_checkpoints(chosen.parent)[::-1]:
         try:
             ckpt = load_checkpoint(candidate)
+        except OtherFormat:
+            raise
         except CheckpointError as err:
             errors.append(str(err))
             skipped.append(str(candidate))
@@ -194,7 +181,7 @@ def find_checkpoint(path: str | Path) -> Path:
             if found:
                 return found[-1]
         raise CheckpointError(f"no checkpoint (ckpt-*.pt) in {path} or {path / 'checkpoints'}")
-    raise CheckpointError(f"checkpoint {path} does not exist")
+    raise CheckpointError(f"{path} does not exist: give a run folder or a checkpoint file (ckpt-*.pt)")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -208,7 +195,23 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {path} is corrupt, truncated or not a gradspace checkpoint ({reason})"
         ) from None
-    needed = ("step", "model", "optimizer", "rng", "config")
+    needed = ("format", "step", "model", "optimizer", "rng", "config")
+    if isinstance(ckpt, dict) and "format" in ckpt:
+        check_format(ckpt, path)  # before the fields: another format may have others
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
         raise CheckpointError(f"checkpoint {path} is not a gradspace training checkpoint (missing fields)")
     return ckpt
+
+
+def check_format(ckpt: dict[str, Any], path: str | Path) -> None:
+    """A checkpoint of another :data:`FORMAT` is one line saying what wrote it and what to do: reading it as this
+    format would resume from the wrong state."""
+    found = ckpt.get("format")
+    if found == FORMAT:
+        return
+    newer = isinstance(found, int) and not isinstance(found, bool) and found > FORMAT
+    writer = "a newer gradspace" if newer else "an unreleased development version of gradspace"
+    todo = "upgrade gradspace to resume it" if newer else "it cannot be resumed: start the run again"
+    raise OtherFormat(
+        f"checkpoint {path} has format {found!r}, written by {writer} (this one reads format {FORMAT}): {todo}"
+    )

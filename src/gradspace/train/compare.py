@@ -30,30 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import optim_args
 from ..methods import METHODS
 from .atomic import write_atomic
-from .config import FINETUNE, PRETRAIN, SEED_RANGE, UsageError, _literal, parse_optim_args
+from .config import FINETUNE, PRETRAIN, SEED_RANGE, parse_optim_args
 from .encoder import FinetuneSetup
+from .errors import UsageError
 from .interrupt import Relay
+from .options import PER_METHOD, RUNTIME
 from .streams import Data
 
-#: what a method's options may set directly; any other key is a tracker or rule option
-RUN_KEYS = (
-    "base",
-    "rank",
-    "update_gap",
-    "scale",
-    "proj_type",
-    "svd",
-    "lr",
-    "weight_decay",
-    "warmup",
-    "scheduler",
-    "grad_clip",
-    "layerwise",
-)
-#: options that do not change a run's result: they may differ when a comparison resumes
-RUNTIME_KEYS = ("threads", "report_to", "save_every", "log_every")
 MANIFEST = "compare.json"
 
 
@@ -63,13 +49,14 @@ def method_options(label: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     name = name.strip().lower()
     if name not in METHODS:
         raise UsageError(f"unknown method {name!r} in {label!r}; choose from {', '.join(METHODS)}")
+    try:
+        given = optim_args.parse(rest, f"method {label!r}", sep=";")
+    except ValueError as err:
+        raise UsageError(f"{err} (e.g. adarank:eta_th=0.02;r_min=4)") from None
     run, optim = {}, {}
-    for item in filter(None, (x.strip() for x in rest.split(";"))):
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"method {label!r}: {item!r} is not key=value (e.g. adarank:eta_th=0.02;r_min=4)")
-        key = key.strip().replace("-", "_")
-        (run if key in RUN_KEYS else optim)[key] = _literal(raw.strip())
+    for key, value in given.items():
+        key = key.replace("-", "_")
+        (run if key in PER_METHOD else optim)[key] = value
     if METHODS[name] is None and (optim or {"rank", "update_gap", "scale"} & set(run)):
         raise UsageError(f"method {label!r}: adamw is full rank and takes no projection options")
     return name, run, optim
@@ -172,11 +159,12 @@ def tuning_config(cfg: dict[str, Any], fraction: float) -> dict[str, Any]:
 def _differing(saved: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
     """The keys whose values differ (runtime-only keys aside), compared as JSON stores them."""
     norm = json.loads(json.dumps(cfg, default=str))
-    return sorted(k for k, v in norm.items() if k not in RUNTIME_KEYS and saved.get(k) != v)
+    return sorted(k for k, v in norm.items() if k not in RUNTIME and saved.get(k) != v)
 
 
 def _status(run: Run) -> str:
-    """done (a summary of this very configuration), resume (a checkpoint of it) or fresh."""
+    """done (a summary of this very configuration), resume (a checkpoint of it), fresh, or other: the folder holds
+    a run of other settings (one the user resumed or extended by hand), which only --overwrite replaces."""
     from .checkpoint import list_checkpoints
 
     config = run.folder / "config.json"
@@ -185,7 +173,7 @@ def _status(run: Run) -> str:
     except (OSError, ValueError):
         return "fresh"
     if _differing(saved, run.cfg):
-        return "fresh"
+        return "other" if list_checkpoints(run.folder / "checkpoints") else "fresh"
     if (run.folder / "summary.json").exists():
         return "done"
     return "resume" if list_checkpoints(run.folder / "checkpoints") else "fresh"
@@ -207,8 +195,18 @@ class Launcher:
     def run(self, runs: list[Run]) -> None:
         """Every run of ``runs`` has its summary afterwards, or the comparison exits with the child's code."""
         todo = []
+        statuses = {id(run): "fresh" if self.overwrite else _status(run) for run in runs}
+        other = [run.folder for run in runs if statuses[id(run)] == "other"]
+        if other:
+            saved = json.loads((other[0] / "config.json").read_text())
+            keys = ", ".join(_differing(saved, next(r.cfg for r in runs if r.folder == other[0])))
+            raise UsageError(
+                f"{other[0]} holds a run with other settings ({keys}) than this comparison gives it, resumed or "
+                f"changed by hand: move it away to keep it, or pass --overwrite to rerun it"
+                + (f" ({len(other) - 1} more such run(s))" if len(other) > 1 else "")
+            )
         for run in runs:
-            status = "fresh" if self.overwrite else _status(run)
+            status = statuses[id(run)]
             if status == "done":
                 run.summary = json.loads((run.folder / "summary.json").read_text())
             else:
@@ -302,8 +300,8 @@ def check_manifest(out: Path, manifest: dict[str, Any], overwrite: bool) -> dict
     if not path.exists():
         if holds_compare(out):
             raise UsageError(
-                f"{out} already holds a comparison from an older gradspace that cannot be resumed: choose another "
-                "--out, or pass --overwrite to replace it"
+                f"{out} already holds runs or a report but no {MANIFEST}, so what it was is unknown and it cannot be "
+                "resumed: choose another --out, or pass --overwrite to replace it"
             )
         return manifest
     saved = json.loads(path.read_text())
@@ -322,16 +320,9 @@ def check_manifest(out: Path, manifest: dict[str, Any], overwrite: bool) -> dict
 
 
 def _recorded_methods(out: Path, saved: dict[str, Any]) -> list[str]:
-    """The methods a comparison's folder was run with: its manifest's, or (a manifest from before it kept them)
-    its last report's; those gradspace no longer knows are left out."""
-    methods = saved.get("methods")
-    if methods is None:
-        try:
-            methods = json.loads((out / "metrics.json").read_text())["config"]["methods"]
-        except (OSError, ValueError, KeyError, TypeError):
-            methods = []
+    """The methods a comparison's folder was run with (its manifest's); those that do not parse are left out."""
     known = []
-    for label in methods:
+    for label in saved.get("methods") or []:
         try:
             method_options(label)
         except UsageError:
@@ -353,6 +344,7 @@ def run_compare(
 ) -> dict:
     """Tune (if asked), then run every method for every seed; write the report. Returns the per-method results."""
     from .report import text_table, write_report
+    from .runfolder import absolute_paths
     from .spread import aggregate
 
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
@@ -362,6 +354,7 @@ def run_compare(
     if not isinstance(tune_fraction, (int, float)) or isinstance(tune_fraction, bool) or not 0 < tune_fraction <= 1:
         raise UsageError(f"tune-fraction must be in (0, 1], got {tune_fraction!r}")
     grid = parse_lr_grid(lr_grid, methods)
+    cfg = absolute_paths(cfg)  # the runs' configs and the manifest name the same files from any directory
     finetune = "task" in cfg
     command = FINETUNE if finetune else PRETRAIN
     seed_list = [cfg["seed"] + i for i in range(seeds)]

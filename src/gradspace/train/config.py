@@ -9,24 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import optim_args
 from ..methods import METHODS, preset_projection
+from . import options
+from .errors import UsageError
+from .options import COMPARE_KEYS, COMPARE_OPTIONS, DEFAULT_COMPARE, EVAL_BATCH, PRESET_NAMES, SCHEDULERS, TOKENIZERS
 
-PRESET_NAMES = ("tiny", "mini", "60m", "130m", "350m", "1b", "7b")
-DEFAULT_COMPARE = "adamw,galore,fira,apollo,apollo-mini,subtrack++,osd,grassjump"
-#: ``gradspace compare``'s own options (flags and config-file keys) and their defaults
-COMPARE_OPTIONS: dict[str, Any] = {"seeds": 1, "lr_grid": None, "tune_fraction": 0.25, "jobs": 1}
-#: a config file's keys that only ``gradspace compare`` reads
-COMPARE_KEYS = ("methods", *COMPARE_OPTIONS)
-EVAL_BATCH = 64  # validation examples per forward pass in fine-tuning
+__all__ = ["COMPARE_KEYS", "COMPARE_OPTIONS", "DEFAULT_COMPARE", "EVAL_BATCH", "PRESET_NAMES", "SCHEDULERS"]
+__all__ += ["TOKENIZERS", "Command", "UsageError", "explicit_options", "read_config_file"]
+
 #: the seeds every consumer takes: torch's generators, and fine-tuning's data order (``seed * 1_000_003 + epoch``)
 SEED_RANGE = (0, 2**32 - 1)
-#: pretraining vocabularies: GPT-2's BPE (compacted to the tokens the corpus uses, unless --full-vocab), or the
-#: corpus's characters
-TOKENIZERS = ("gpt2", "chars")
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line, exit code 2."""
 
 
 def read_config_file(path: str, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -84,8 +77,6 @@ def _validate_shared(cfg: dict[str, Any], positive: tuple[str, ...], non_negativ
     """Checks common to pretraining and fine-tuning configs."""
     if cfg["method"] not in METHODS:
         raise UsageError(f"unknown method {cfg['method']!r}; choose one of {', '.join(METHODS)}")
-    if cfg["dtype"] not in ("float32", "bfloat16"):
-        raise UsageError(f"unknown dtype {cfg['dtype']!r}; choose float32 or bfloat16")
     for key in positive:
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise UsageError(f"{key.replace('_', '-')} must be a positive integer, got {cfg[key]!r}")
@@ -198,20 +189,27 @@ def _pretrain_lr(cfg: dict[str, Any]) -> float:
 
 @dataclass(frozen=True)
 class Command:
-    """Everything a command's runs default to, in one place: flag defaults, the keys a resumed run must share with
-    its checkpoint, the learning rate and projection of each method, and the command's own checks."""
+    """What a training command's runs default to and how they are checked; its options (defaults, the keys a
+    resumed run must keep, integer bounds) come from ``gradspace.train.options``, the learning rate and
+    projection of each method from here."""
 
     name: str
-    defaults: dict[str, Any]
-    identity: tuple[str, ...]  # the others may change on resume (e.g. more --steps)
-    positive: tuple[str, ...]
-    non_negative: tuple[str, ...]
     lr: Callable[[dict[str, Any]], float]
     projection: Callable[[dict[str, Any]], tuple[int, int, float]]  # (rank, update gap, scale) of a projected method
     extra_checks: Callable[[dict[str, Any]], None] = lambda cfg: None
 
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return options.defaults(self.name)
+
+    @property
+    def identity(self) -> tuple[str, ...]:
+        """What fixes a run's trajectory: a resumed run must keep it (the others may change, e.g. more --steps)."""
+        return options.identity(self.name)
+
     def validate(self, cfg: dict[str, Any]) -> None:
-        _validate_shared(cfg, self.positive, self.non_negative)
+        _check_kinds(cfg, self.name)
+        _validate_shared(cfg, options.bounded(self.name, "positive"), options.bounded(self.name, "non_negative"))
         _check_training_options(cfg)
         self.extra_checks(cfg)
 
@@ -230,97 +228,24 @@ class Command:
         return out
 
 
-#: the options both commands share (flags of the same names); ``None`` means "the command's default"
-TRAINING_OPTIONS: dict[str, Any] = {
-    "method": "galore",
-    "base": "adamw",
-    "rank": None,  # None: the command's (by preset, d/4 for --model, 8 for fine-tuning)
-    "update_gap": None,  # None: the command's
-    "lr": None,  # None: the command's, per method
-    "grad_accum": 1,
-    "seed": 0,
-    "device": "cpu",
-    "dtype": "float32",
-    "save_every": 0,
-    "log_every": 10,
-    "threads": 0,
-    "grad_clip": 1.0,
-    "weight_decay": 0.0,
-    "warmup": None,  # steps of linear warm-up; None: 10% of the run
-    "scheduler": "cosine_with_min_lr",  # a transformers.get_scheduler name
-    "target_modules": None,  # None: the command's (pretrain: attention and MLP linears; finetune: the encoder's)
-    "proj_type": "std",
-    "svd": None,  # None: the tracker's ("exact"); "randomized" for the first bases and GaLore's updates
-    "optim_args": None,  # tracker and rule options, {"eta": 1.0} or "eta=1.0,alpha=5"
-    "layerwise": False,
-    "grad_checkpointing": False,
-    "compile": False,
-    "nonfinite": "error",  # or "skip": a step with a non-finite loss or gradient is skipped and counted
-    "report_to": "jsonl",  # comma-separated: jsonl (always), tensorboard, wandb
-}
-#: what fixes a run's trajectory, for both commands: a resumed run must keep them
-TRAINING_IDENTITY = (
-    "method",
-    "base",
-    "rank",
-    "update_gap",
-    "scale",
-    "batch_size",
-    "grad_accum",
-    "seed",
-    "dtype",
-    "lr",
-    "weight_decay",
-    "warmup",
-    "scheduler",
-    "target_modules",
-    "proj_type",
-    "svd",
-    "optim_args",
-    "layerwise",
-)
-SCHEDULERS = (
-    "cosine_with_min_lr",
-    "cosine",
-    "linear",
-    "constant",
-    "constant_with_warmup",
-    "polynomial",
-    "cosine_with_restarts",
-    "inverse_sqrt",
-    "warmup_stable_decay",
-)
+def _check_kinds(cfg: dict[str, Any], command: str) -> None:
+    """The table's choices and switches (a config file may give any value): ``--scheduler`` one of its
+    schedules, ``layerwise`` true or false ..."""
+    for option in options.options_of(command):
+        value, flag = cfg.get(option.key), option.key.replace("_", "-")
+        if option.choices and value not in option.choices and not (value is None and option.default is None):
+            raise UsageError(f"unknown {flag} {value!r}; choose one of {', '.join(option.choices)}")
+        if option.type is bool and not isinstance(value, bool):
+            raise UsageError(f"{flag} must be true or false, got {value!r}")
 
 
 def parse_optim_args(value: Any) -> dict[str, Any]:
-    """``"eta=1.0,accumulate=false"`` (or a mapping, from a config file) -> ``{"eta": 1.0, "accumulate": False}``."""
-    if value is None or value == "":
-        return {}
-    if isinstance(value, dict):
-        return dict(value)
-    if not isinstance(value, str):
-        raise UsageError(f"optim-args must be key=value pairs separated by commas, got {value!r}")
-    out = {}
-    for item in filter(None, (x.strip() for x in value.split(","))):
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"optim-args: {item!r} is not key=value (e.g. --optim-args eta=1.0,accumulate=false)")
-        out[key.strip()] = _literal(raw.strip())
-    return out
-
-
-def _literal(raw: str) -> Any:
-    lowered = raw.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(raw)
-        except ValueError:
-            pass
-    return raw
+    """``"eta=1.0,accumulate=false"`` (or a mapping, from a config file) -> ``{"eta": 1.0, "accumulate": False}``
+    (``gradspace.optim_args``' grammar); bad input is a :class:`UsageError`."""
+    try:
+        return optim_args.parse(value, "optim-args")
+    except ValueError as err:
+        raise UsageError(f"{err} (e.g. --optim-args eta=1.0,accumulate=false)") from None
 
 
 def _check_training_options(cfg: dict[str, Any]) -> None:
@@ -331,12 +256,6 @@ def _check_training_options(cfg: dict[str, Any]) -> None:
         raise UsageError(f"warmup must be an integer >= 0, got {warmup!r}")
     if cfg.get("warmup") is not None and cfg["warmup"] >= cfg["steps"]:
         raise UsageError(f"warmup ({cfg['warmup']} steps) must be shorter than the run ({cfg['steps']} steps)")
-    if cfg["scheduler"] not in SCHEDULERS:
-        raise UsageError(f"unknown scheduler {cfg['scheduler']!r}; choose one of {', '.join(SCHEDULERS)}")
-    if cfg.get("svd") not in (None, "exact", "randomized"):
-        raise UsageError(f"unknown svd {cfg['svd']!r}; choose exact or randomized")
-    if cfg["proj_type"] not in ("std", "reverse_std", "left", "right"):
-        raise UsageError(f"unknown proj-type {cfg['proj_type']!r}; choose std, reverse_std, left or right")
     targets = cfg.get("target_modules")
     if targets is not None and (not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets)):
         raise UsageError(f"target-modules must be module names or patterns, comma-separated, got {targets!r}")
@@ -344,11 +263,6 @@ def _check_training_options(cfg: dict[str, Any]) -> None:
     from .reporters import parse as parse_reporters
 
     parse_reporters(cfg.get("report_to"))
-    if cfg["nonfinite"] not in ("error", "skip"):
-        raise UsageError(f"nonfinite must be error or skip, got {cfg['nonfinite']!r}")
-    for key in ("layerwise", "grad_checkpointing", "compile"):
-        if not isinstance(cfg.get(key), bool):
-            raise UsageError(f"{key.replace('_', '-')} must be true or false, got {cfg.get(key)!r}")
     if cfg["layerwise"] and cfg["grad_clip"]:
         raise UsageError(
             "--layerwise steps every weight inside backward, before the whole gradient exists, so the gradient "
@@ -358,36 +272,6 @@ def _check_training_options(cfg: dict[str, Any]) -> None:
 
 PRETRAIN = Command(
     name="pretrain",
-    defaults={
-        "preset": "tiny",
-        "dataset": "shakespeare",
-        "streaming": False,
-        "scale": None,  # None: 0.25 (GaLore's), or the preset's own (APOLLO 1, APOLLO-Mini 128)
-        "steps": 200,
-        "batch_size": 8,
-        "seq_len": 64,
-        "eval_every": 50,
-        "eval_batches": 10,
-        "full_vocab": False,
-        "tokenizer": "gpt2",
-        "eval_dataset": None,  # a held-out text file or folder (default: the last 5% of --dataset)
-        "model": None,  # a local Hugging Face causal-LM folder or config.json instead of --preset
-        "fresh": False,  # with --model: initialise fresh even if the folder has weights
-        **TRAINING_OPTIONS,
-    },
-    identity=(
-        "preset",
-        "dataset",
-        "seq_len",
-        "full_vocab",
-        "streaming",
-        "tokenizer",
-        "model",
-        "fresh",
-        *TRAINING_IDENTITY,
-    ),
-    positive=("steps", "batch_size", "seq_len", "grad_accum", "log_every"),
-    non_negative=("eval_every", "eval_batches", "save_every", "threads"),  # eval-batches 0: the whole split
     lr=_pretrain_lr,
     projection=lambda cfg: (*PRESET_PROJECTION[cfg["preset"]], 0.25),
     extra_checks=_validate_pretrain,
@@ -397,30 +281,5 @@ PRETRAIN = Command(
 #: 500 steps is for 30-epoch runs, 100 gives a few subspace updates in runs of a few hundred steps. lr 5e-5 (the
 #: top of BERT's 2e-5..5e-5 range, the same for every method) because MiniLM is small and the default runs are a
 #: fraction of an epoch.
-FINETUNE = Command(
-    name="finetune",
-    defaults={
-        "task": "rotten-tomatoes",
-        "model": "minilm",
-        "scale": None,  # None: 2 (GaLore's GLUE setting), or the preset's own (APOLLO 1, APOLLO-Mini 128)
-        "steps": 300,
-        "batch_size": 16,
-        "max_length": 128,
-        "eval_every": 100,
-        "eval_batches": 0,
-        "eval_dataset": None,  # a held-out CSV/TSV/JSONL file for a --task file (default: 10% of its rows)
-        **TRAINING_OPTIONS,
-    },
-    identity=(
-        "task",
-        "model",
-        "max_length",
-        "eval_dataset",
-        *TRAINING_IDENTITY,
-    ),
-    positive=("steps", "batch_size", "max_length", "grad_accum", "log_every"),
-    non_negative=("eval_every", "eval_batches", "save_every", "threads"),
-    lr=lambda cfg: 5e-5,
-    projection=lambda cfg: (8, 100, 2.0),
-)
+FINETUNE = Command(name="finetune", lr=lambda cfg: 5e-5, projection=lambda cfg: (8, 100, 2.0))
 COMMANDS = {c.name: c for c in (PRETRAIN, FINETUNE)}

@@ -21,7 +21,8 @@ from torch import nn
 from ..methods import METHODS
 from ..params import is_conv1d
 from . import assets
-from .config import FINETUNE, UsageError, check_max_length
+from .config import FINETUNE, check_max_length
+from .errors import UsageError
 from .metrics import classification_metrics, regression_metrics
 from .tasks import hub_reachable
 

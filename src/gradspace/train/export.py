@@ -148,7 +148,7 @@ def sample(folder: Path, prompt: str, max_new_tokens: int = 100, seed: int = 0, 
     from :func:`_start_ids` and prints only what the model writes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .config import UsageError
+    from .errors import UsageError
     from .modelfolder import check_weights, read_config
 
     path = Path(folder)
@@ -197,7 +197,7 @@ def _refuse_non_causal(folder: Path, path: Path, config: dict[str, Any]) -> None
     random words."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from .config import UsageError
+    from .errors import UsageError
 
     archs = [str(a) for a in config.get("architectures") or []]
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())

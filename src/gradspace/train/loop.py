@@ -41,6 +41,28 @@ def _model_inputs(batch: Batch | dict[str, torch.Tensor], device: torch.device) 
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _backward_window(model, batches, device, grad_accum, step, skip_nonfinite, all_finite) -> tuple[float, int, bool]:
+    """Forward and backward of one step's ``grad_accum`` micro-batches: ``(summed loss, tokens, all finite)``."""
+    total_loss, step_tokens, finite = 0.0, 0, True
+    for _ in range(grad_accum):
+        inputs = _model_inputs(next(batches), device)
+        loss = model(**inputs).loss
+        here = bool(torch.isfinite(loss))
+        if not (here if all_finite is None else all_finite(here)):
+            if not skip_nonfinite:
+                what = f"loss is {loss.item()}" if not here else "the loss is not finite on another rank"
+                raise FloatingPointError(
+                    f"{what} at step {step}; lower the learning rate, or pass --nonfinite skip to skip such steps"
+                )
+            finite = False  # the rest of the window is still drawn, so the data position stays the same
+            continue
+        (loss / grad_accum if grad_accum > 1 else loss).backward()
+        total_loss += loss.item()
+        mask = inputs.get("attention_mask")
+        step_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+    return total_loss, step_tokens, finite
+
+
 def train(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -90,25 +112,9 @@ def train(
     skipped = 0
     for step in range(start_step + 1, steps + 1):
         t0 = time.perf_counter()
-        step_tokens = 0
-        total_loss = 0.0
-        finite = True
-        for _ in range(grad_accum):
-            inputs = _model_inputs(next(batches), device)
-            loss = model(**inputs).loss
-            here = bool(torch.isfinite(loss))
-            if not (here if all_finite is None else all_finite(here)):
-                if not skip_nonfinite:
-                    what = f"loss is {loss.item()}" if not here else "the loss is not finite on another rank"
-                    raise FloatingPointError(
-                        f"{what} at step {step}; lower the learning rate, or pass --nonfinite skip to skip such steps"
-                    )
-                finite = False  # the rest of the window is still drawn, so the data position stays the same
-                continue
-            (loss / grad_accum if grad_accum > 1 else loss).backward()
-            total_loss += loss.item()
-            mask = inputs.get("attention_mask")
-            step_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        total_loss, step_tokens, finite = _backward_window(
+            model, batches, device, grad_accum, step, skip_nonfinite, all_finite
+        )
         grad_norm = None
         if grad_clip and finite:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import UsageError
+from .errors import UsageError
 
 
 def read_config(folder: Path) -> dict[str, Any] | None:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import UsageError
+from .errors import CheckpointError, UsageError
 
 
 class Parallel:
@@ -146,20 +146,14 @@ class RankStream:
 
 
 def stream_state(resume: dict[str, Any]) -> dict[str, Any]:
-    """The data position of a checkpoint, as a stream of its global batch. Checkpoints of earlier versions' torchrun
-    runs hold a stream of the per-rank batch that drew ``world`` batches per step: the same data as one batch of
-    ``world`` times as many rows, so only the batch size and the count of batches drawn change."""
-    state, world = resume["stream"], int(resume.get("world_size", 1))
-    if world > 1 and "batch_size" in state and state["batch_size"] == resume["config"].get("batch_size"):
-        state = {**state, "batch_size": state["batch_size"] * world, "step": int(state["step"]) // world}
-    return state
+    """The data position of a checkpoint: its stream's state, that of the global batch (see :class:`RankStream`)
+    whatever number of processes wrote it."""
+    return resume["stream"]
 
 
 def resumed_batch_size(saved: dict[str, Any], saved_world: int, world: int, path: Path) -> int:
     """The per-process batch size that keeps a checkpoint's global batch (batch size x processes) on ``world``
     processes; a global batch that ``world`` processes cannot split evenly is an error saying what can."""
-    from .checkpoint import CheckpointError
-
     total = int(saved["batch_size"]) * saved_world
     if total % world:
         fits = ", ".join(str(n) for n in range(1, total + 1) if total % n == 0)
@@ -225,9 +219,6 @@ def load_parallel(resume: dict, parallel: Parallel, model, inner, optimizer) -> 
         target = model if parallel.strategy == "fsdp2" else inner
         sharded.load(path.parent / resume["dcp"], resume["optimizer"], target, optimizer, parallel.strategy == "fsdp2")
         return
-    if resume.get("strategy") == "fsdp2":  # the earlier format: rank 0's full model, one optimizer file per rank
-        _load_per_rank(resume, parallel, model, optimizer)
-        return
     if parallel.strategy == "fsdp2":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -236,29 +227,3 @@ def load_parallel(resume: dict, parallel: Parallel, model, inner, optimizer) -> 
         return
     inner.load_state_dict(resume["model"])
     optimizer.load_state_dict(resume["optimizer"])
-
-
-def _load_per_rank(resume: dict, parallel: Parallel, model, optimizer) -> None:
-    """An FSDP2 checkpoint of the earlier format (``ckpt-<step>.rank<r>.pt`` beside the main file), which only the
-    same number of FSDP2 processes can read."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.tensor import DTensor
-
-    from . import checkpoint as ck
-
-    saved_world = int(resume.get("world_size", 1))
-    if (parallel.strategy, parallel.world) != ("fsdp2", saved_world):
-        raise ck.CheckpointError(
-            f"checkpoint {resume.get('path', '')} was written by {saved_world} FSDP2 processes in the per-rank "
-            f"format of an earlier gradspace; resume it with torchrun --nproc_per_node {saved_world} ... --fsdp"
-        )
-    set_model_state_dict(model, resume["model"], options=StateDictOptions(full_state_dict=True))
-    part = resume if parallel.main else ck.load_shard(Path(resume["path"]), parallel.rank)
-    sd = part["optimizer"]
-    params = [p for g in optimizer.param_groups for p in g["params"]]  # state_dict's numbering
-    for index, key in part.get("dtensor_keys", []):
-        p, state = params[index], sd["state"][index]
-        state[key] = DTensor.from_local(
-            state[key].to(p.device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
-        )
-    optimizer.load_state_dict(sd)

@@ -3,21 +3,34 @@ written to ``RUN/model`` without training: after a run stopped while exporting, 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ck
-from .runfolder import RunLock, folder_of
+from .runfolder import RunLock, folder_of, remove_orphans
 
 
-def export_run(path: str | Path) -> tuple[Path, int]:
+def export_run(path: str | Path, overwrite: bool = False) -> tuple[Path, int]:
     """Write the model of ``path`` (a run folder: its newest checkpoint that loads; or a checkpoint file) into its
-    run folder's ``model/``, replacing the folder whole; returns ``(model folder, step)``."""
+    run folder's ``model/``, replacing the folder whole; returns ``(model folder, step)``. The model of a later
+    step is replaced only with ``overwrite`` (exporting an earlier checkpoint is a choice, not a repair)."""
+    from .errors import UsageError
+    from .export import exported_step
+
     path = Path(path).expanduser()
     run = folder_of(ck.find_checkpoint(path))
     with RunLock(run):
         resume = ck.load_newest_good(path)
         step, cfg = int(resume["step"]), resume["config"]
+        for orphan in remove_orphans(run):
+            print(f"gradspace: removed {orphan}, left by a write that did not finish", file=sys.stderr)
+        held = exported_step(run)
+        if held is not None and held > step and not overwrite:
+            raise UsageError(
+                f"{run / 'model'} holds the model of step {held}, later than this checkpoint's step {step}; add "
+                "--overwrite to replace it"
+            )
         state = _model_state(resume)
         if "task" in cfg:
             return _classifier(run, cfg, state, step), step
@@ -45,7 +58,7 @@ def _causal_lm(run: Path, cfg: dict[str, Any], state: dict[str, Any], step: int)
 
     from .config import PRETRAIN
     from .export import export_causal_lm
-    from .runner import _causal_lm as build
+    from .recipes import _causal_lm as build
     from .streams import Data
 
     cfg = {**PRETRAIN.defaults, **cfg}

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import UsageError
+from .errors import UsageError
 
 REPORTERS = ("jsonl", "tensorboard", "wandb")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}

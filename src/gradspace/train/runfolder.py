@@ -19,6 +19,8 @@ from .config import Command, UsageError
 #: what a run writes into its folder (a compare also writes report.md, metrics.json and plots)
 RUN_ARTEFACTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard", "model")
 COMPARE_ARTEFACTS = ("report.md", "metrics.json")
+#: the plots a run (curves, energy, rank) or a comparison (also loss, state bytes) writes beside them
+PLOTS = ("curves.png", "energy.png", "rank.png", "loss.png", "state_bytes.png")
 LOCK = ".gradspace.lock"
 #: the suffix a checkpoint that does not load gets when a resume falls back past it: kept, never counted or pruned
 QUARANTINE = ".corrupt"
@@ -29,31 +31,49 @@ def holds_run(folder: Path) -> bool:
 
 
 def holds_compare(folder: Path) -> bool:
+    """A comparison's report, or runs in subfolders (a run's own ``model/`` and ``checkpoints/`` do not count)."""
     if any((folder / name).exists() for name in COMPARE_ARTEFACTS):
         return True
-    return folder.is_dir() and any(holds_run(sub) for sub in folder.iterdir() if sub.is_dir())
+    subs = (
+        [sub for sub in folder.iterdir() if sub.is_dir() and sub.name not in RUN_ARTEFACTS] if folder.is_dir() else []
+    )
+    return any(holds_run(sub) or holds_compare(sub) for sub in subs)
 
 
 def check_out(folder: Path) -> None:
-    """``--out`` must name a folder (or nothing yet)."""
+    """``--out`` must name a folder, or a path where one can be made."""
+    folder = Path(folder)
+    if folder.is_symlink() and not folder.exists():
+        raise UsageError(f"--out {folder} is a symbolic link to nothing: remove it or choose another --out")
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out {folder} is a file, not a folder: choose another --out")
+    blocked = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise UsageError(f"--out {folder}: {blocked} is a file, so no folder can be made there; choose another --out")
 
 
 def refuse_existing(folder: Path, command: str, overwrite: bool) -> None:
-    """Exit 2 (nothing touched) when ``folder`` already holds a run and ``overwrite`` was not asked for (a
-    comparison's folder is checked by ``compare.check_manifest``: a rerun continues it)."""
+    """Exit 2 (nothing touched) when ``folder`` already holds a run, or a comparison (or runs in its subfolders),
+    and ``overwrite`` was not asked for (a comparison's own folder is checked by ``compare.check_manifest``: a rerun
+    continues it)."""
     check_out(folder)
-    if holds_run(folder) and not overwrite:
+    if overwrite:
+        return
+    if holds_run(folder):
         raise UsageError(
             f"{folder} already holds a run: resume it with `gradspace {command} --resume {folder}`, choose another "
             "--out, or pass --overwrite to replace it"
+        )
+    if holds_compare(folder):
+        raise UsageError(
+            f"{folder} holds a comparison or runs in its subfolders; a run there would mix with them: choose another "
+            "--out"
         )
 
 
 def clear(folder: Path) -> None:
     """Remove what an earlier run wrote (only gradspace's own files: anything else in the folder stays)."""
-    for name in (*RUN_ARTEFACTS, *COMPARE_ARTEFACTS):
+    for name in (*RUN_ARTEFACTS, *COMPARE_ARTEFACTS, *PLOTS):
         path = folder / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -78,55 +98,81 @@ def remove_orphans(folder: Path) -> list[Path]:
 
 
 class RunLock:
-    """``folder/.gradspace.lock`` while a process writes the folder. A lock whose process is gone (a killed run) is
-    taken over; a live one is an error naming its pid. Reentrant within a process (the command line takes it before
-    it reads a checkpoint, the training driver again around training and export). With ``create``, a folder the
+    """``folder/.gradspace.lock`` while a process writes the folder: an exclusive ``flock`` on the file, which the
+    kernel releases however the process ends (a killed run's lock is simply taken over), and the writer's pid in
+    it for the message. Taking the lock checks that the locked file is still the one at the path (a releasing
+    writer unlinks it), so two processes can never both hold it. A file naming a live process that holds no lock
+    (written by hand, or by an older gradspace) is respected too. Reentrant within a process (the command line takes
+    it before it reads a checkpoint, the Trainer again around training and export). With ``create``, a folder the
     lock made and nothing filled is removed again: bad input leaves nothing behind."""
 
-    _held: dict[Path, int] = {}
+    _held: dict[Path, tuple[int, int]] = {}  # lock path -> (fd, depth)
 
     def __init__(self, folder: Path, create: bool = False):
         self.folder = Path(folder)
         self.path = self.folder / LOCK
         self.key = self.path.absolute()
-        self.created = create and not self.folder.exists()
+        self.created = create and not self.folder.exists() and not self.folder.is_symlink()
 
     def __enter__(self) -> RunLock:
-        if self._held.get(self.key):
-            self._held[self.key] += 1
+        if self.key in self._held:
+            fd, depth = self._held[self.key]
+            self._held[self.key] = (fd, depth + 1)
             return self
         check_out(self.folder)
         if self.created:
             self.folder.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+        try:
+            self._held[self.key] = (self._acquire(), 1)
+        except BaseException:
+            self._remove_if_made()
+            raise
+        return self
+
+    def _acquire(self) -> int:
+        import fcntl
+
+        while True:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and alive(pid):
-                    self._remove_if_made()
-                    raise UsageError(
-                        f"another gradspace process (pid {pid}) is writing {self.folder}; wait for it to end, "
-                        f"or choose another --out (if no such run exists, delete {self.path})"
-                    ) from None
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            except IsADirectoryError:
+                raise UsageError(f"{self.path} is a folder; it should be gradspace's lock file: remove it") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = _pid_in(fd)
+                os.close(fd)
+                raise UsageError(self._busy(pid)) from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if not same:  # released and unlinked between our open and our lock: take the new file
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            self._held[self.key] = 1
-            return self
-        raise UsageError(f"could not take the lock {self.path}; delete it if no run is writing the folder")
+            pid = _pid_in(fd)
+            if pid and pid != os.getpid() and alive(pid):
+                os.close(fd)
+                raise UsageError(self._busy(pid))
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            return fd
+
+    def _busy(self, pid: int) -> str:
+        who = f"another gradspace process (pid {pid})" if pid else "another gradspace process"
+        return (
+            f"{who} is writing {self.folder}; wait for it to end, or choose another --out (if no such run exists, "
+            f"delete {self.path})"
+        )
 
     def __exit__(self, *exc) -> bool:
-        count = self._held.get(self.key, 0)
-        if count > 1:
-            self._held[self.key] = count - 1
-        elif count == 1:
+        fd, depth = self._held.get(self.key, (None, 0))
+        if depth > 1:
+            self._held[self.key] = (fd, depth - 1)
+        elif depth == 1:
             del self._held[self.key]
-            self.path.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)  # while still locked: a waiting opener sees the path change
+            os.close(fd)
             self._remove_if_made()
         return False
 
@@ -135,10 +181,25 @@ class RunLock:
             self.folder.rmdir()
 
 
+def _pid_in(fd: int) -> int:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
 def folder_of(checkpoint: Path) -> Path:
-    """The run folder a checkpoint file belongs to."""
+    """The folder a run resumed from ``checkpoint`` writes by default: the run folder of ``RUN/checkpoints/``, or
+    the folder a loose checkpoint file lies in."""
     checkpoint = Path(checkpoint)
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def source_of(checkpoint: Path) -> Path | None:
+    """The run folder whose history a checkpoint continues (links followed): the one whose ``checkpoints/`` holds
+    it; None for a loose checkpoint file, which belongs to no run folder."""
+    real = Path(checkpoint).resolve()
+    return real.parent.parent if real.parent.name == "checkpoints" else None
 
 
 def target(args: argparse.Namespace, command: Command, name) -> Path:
@@ -154,24 +215,34 @@ def target(args: argparse.Namespace, command: Command, name) -> Path:
     return Path("runs") / f"{name({**command.defaults, **explicit_options(args, command.defaults)})}-{stamp}"
 
 
+def _inside(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a != b and (b in a.parents or a in b.parents)
+
+
 def check(out: Path, resume: dict | None, overwrite: bool, command: str) -> list[Path]:
     """Refuse (nothing touched) a run that would mix two runs' histories in ``out`` or discard one's work: a fresh
-    run needs a folder that holds no run, a resume into another run's folder an empty one, a resume in place from an
-    older checkpoint leaves newer good ones in place; ``overwrite`` allows each. Returns the newer checkpoints that
-    :func:`prepare` removes."""
+    run needs a folder that holds no run nor comparison; a resume into another folder one that holds no run and is
+    neither inside the source run nor around it; a resume in place from an older checkpoint leaves newer good ones
+    in place; ``overwrite`` allows the first three. Returns the newer checkpoints that :func:`prepare` removes."""
     from . import checkpoint as ck
 
     check_out(out)
     if resume is None:
         refuse_existing(out, command, overwrite)
         return []
-    start, source = int(resume["step"]), folder_of(Path(resume["path"]))
-    if source.resolve() != out.resolve():
+    start, source = int(resume["step"]), source_of(Path(resume["path"]))
+    if source is None or source != out.resolve():
+        if source is not None and _inside(out, source):
+            raise UsageError(f"--out {out} and the run it resumes, {source}, lie one inside the other: choose another")
         if holds_run(out) and not overwrite:
+            whose = (
+                f"resuming {source} there" if source else f"resuming {Path(resume['path']).name} there (a loose file)"
+            )
             raise UsageError(
-                f"{out} already holds another run: resuming {source} there would mix the two; choose an empty "
-                f"--out, resume in place with `gradspace {command} --resume {source}`, or pass --overwrite to "
-                f"replace the run in {out}"
+                f"{out} already holds another run: {whose} would mix the two; choose an empty --out"
+                + (f", resume in place with `gradspace {command} --resume {source}`" if source else "")
+                + f", or pass --overwrite to replace the run in {out}"
             )
         return []
     skipped = {Path(p).name for p in resume.get("skipped", ())}
@@ -193,7 +264,8 @@ def prepare(out: Path, resume: dict | None, overwrite: bool, command: str) -> No
     """Make ``out`` ready for this run, under its lock, before anything is written (after :func:`check`): a fresh
     run clears what an overwritten run left; a resume into another folder copies its run's history up to the
     checkpoint there; a resume in place sets aside the checkpoints that did not load (and, asked to, the newer
-    ones)."""
+    ones), and its summary, which stops describing the folder once training goes on (the model folder, which
+    records its step, stays until it is replaced)."""
     from . import checkpoint as ck
 
     newer = check(out, resume, overwrite, command)
@@ -202,21 +274,28 @@ def prepare(out: Path, resume: dict | None, overwrite: bool, command: str) -> No
     if resume is None:
         clear(out)
         return
-    source = folder_of(Path(resume["path"]))
-    if source.resolve() != out.resolve():
+    source, start = source_of(Path(resume["path"])), int(resume["step"])
+    if source is None or source != out.resolve():
         clear(out)
-        _copy_history(source / "metrics.jsonl", out / "metrics.jsonl", int(resume["step"]))
+        if source is None:
+            print(
+                f"gradspace: {Path(resume['path']).name} belongs to no run folder: {out} has no history before "
+                f"step {start}",
+                file=sys.stderr,
+            )
+        _copy_history(source / "metrics.jsonl" if source else None, out / "metrics.jsonl", start)
         return
     for bad in resume.get("skipped", ()):
         _quarantine(Path(bad))
     for path in newer:
         ck.remove_checkpoint(path)
+    (out / "summary.json").unlink(missing_ok=True)
 
 
-def _copy_history(source: Path, dest: Path, start: int) -> None:
+def _copy_history(source: Path | None, dest: Path, start: int) -> None:
     from .summary import logged_by
 
-    lines = source.read_text(encoding="utf-8").splitlines() if source.exists() else []
+    lines = source.read_text(encoding="utf-8").splitlines() if source and source.exists() else []
     write_atomic(dest, "".join(ln + "\n" for ln in lines if logged_by(ln, start)))
 
 
@@ -226,8 +305,12 @@ def _quarantine(checkpoint: Path) -> None:
 
     for part in (checkpoint, dcp_path(checkpoint)):
         if part.exists():
-            os.replace(part, part.with_name(part.name + QUARANTINE))
-            print(f"gradspace: set aside {part.name} (it does not load) as {part.name}{QUARANTINE}", file=sys.stderr)
+            aside = part.with_name(part.name + QUARANTINE)
+            n = 1
+            while aside.exists():  # an earlier one of the same step is kept too
+                aside, n = part.with_name(f"{part.name}{QUARANTINE}.{n}"), n + 1
+            os.replace(part, aside)
+            print(f"gradspace: set aside {part.name} (it does not load) as {aside.name}", file=sys.stderr)
 
 
 def _same(command: Command, key: str, saved: dict[str, Any], asked: Any) -> bool:
@@ -253,7 +336,7 @@ def _same(command: Command, key: str, saved: dict[str, Any], asked: Any) -> bool
         return list(asked or ()) == list(DEFAULT_TARGETS)
     if key == "warmup" and saved.get(key) is None:
         return asked == max(1, int(saved["steps"]) // 10)
-    if key in ("model", "dataset", "eval_dataset", "tokenizer") and asked and saved.get(key):
+    if key in PATH_KEYS and asked and saved.get(key):
         first, second = Path(str(asked)).expanduser(), Path(str(saved[key])).expanduser()
         return first.exists() and second.exists() and first.resolve() == second.resolve()
     return False
@@ -261,10 +344,45 @@ def _same(command: Command, key: str, saved: dict[str, Any], asked: Any) -> bool
 
 def _shown(command: Command, key: str, saved: dict[str, Any]) -> str:
     value = saved.get(key)
+    if value is None and key == "warmup" and "steps" in saved:
+        return f"{max(1, int(saved['steps']) // 10)} (the default: 10% of its {saved['steps']} steps)"
     if value is None and key in ("rank", "update_gap", "scale", "lr"):
         setting = {"update_gap": "update_proj_gap"}.get(key, key)
         return f"{command.settings(saved).get(setting)!r} (the default)"
     return repr(value)
+
+
+#: the options that may name a local file or folder (besides a built-in name or a hub name)
+PATH_KEYS = ("dataset", "eval_dataset", "model", "tokenizer", "task")
+
+
+def _builtin(key: str, value: str) -> bool:
+    from .config import TOKENIZERS
+
+    if key == "dataset":
+        from .data import CORPORA
+
+        return value in CORPORA
+    if key == "task":
+        from .tasks import BUILTIN
+
+        return value in BUILTIN or value.startswith("glue/")
+    if key == "model":
+        from .encoder import BUILTIN as MODELS
+
+        return value.lower() in MODELS
+    return key == "tokenizer" and value in TOKENIZERS
+
+
+def absolute_paths(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A new run's local files and folders as absolute paths, so that its config (in every checkpoint) names the
+    same data wherever it is resumed or exported from, never a same-named file in another directory."""
+    out = dict(cfg)
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and not _builtin(key, value) and Path(value).expanduser().exists():
+            out[key] = str(Path(value).expanduser().resolve())
+    return out
 
 
 def resolve_run(args: argparse.Namespace, command: Command) -> tuple[dict[str, Any], dict | None]:
@@ -277,7 +395,7 @@ def resolve_run(args: argparse.Namespace, command: Command) -> tuple[dict[str, A
     defaults = command.defaults
     explicit = explicit_options(args, defaults)
     if not args.resume:
-        return {**defaults, **explicit}, None
+        return absolute_paths({**defaults, **explicit}), None
     resume = ck.load_newest_good(args.resume)
     path = Path(resume["path"])
     saved = resume["config"]
@@ -302,5 +420,8 @@ def resolve_run(args: argparse.Namespace, command: Command) -> tuple[dict[str, A
                 f"checkpoint {path} was saved with {key}={_shown(command, key, saved)} but this run asks for "
                 f"{key}={explicit[key]!r}"
             )
-        explicit.pop(key)  # the same value, as the checkpoint's run spelled it
-    return {**defaults, **saved, **explicit}, resume
+    cfg = {**defaults, **saved, **explicit}
+    started = max(1, int(saved.get("steps", cfg["steps"])) // 10)
+    if cfg.get("warmup") is None and cfg["steps"] != saved.get("steps", cfg["steps"]) and started < cfg["steps"]:
+        cfg["warmup"] = started  # a longer run keeps its warm-up, not 10% of the new total (nor a shorter one)
+    return cfg, resume

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from .errors import CheckpointError
+
 OPTIMIZER_KEY = "optimizer"
 MODEL_KEY = "model"
 
@@ -91,8 +93,6 @@ def _reader(folder: Path):
 def read_metadata(folder: Path):
     """DCP's metadata of ``folder`` (global shape and dtype of every saved tensor); a missing or unreadable folder
     is a :class:`CheckpointError`."""
-    from .checkpoint import CheckpointError
-
     folder = Path(folder)
     if not (folder / ".metadata").is_file():
         raise CheckpointError(f"checkpoint folder {folder} is missing or incomplete (no .metadata)")
@@ -191,8 +191,6 @@ def load(folder: Path, rest: dict[str, Any], model, optimizer, fsdp: bool) -> No
     model_sd = get_model_state_dict(model) if fsdp else model.state_dict()
     missing = [k for k in model_sd if f"{MODEL_KEY}.{k}" not in sizes]
     if missing:
-        from .checkpoint import CheckpointError
-
         raise CheckpointError(f"checkpoint {folder} has no {missing[0]!r}: it was saved for a different model")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     prefix = f"{OPTIMIZER_KEY}."
@@ -204,8 +202,6 @@ def load(folder: Path, rest: dict[str, Any], model, optimizer, fsdp: bool) -> No
         name = flat[len(prefix) :]
         index, _, key = name.partition(".")
         if not index.isdigit() or int(index) >= len(params):
-            from .checkpoint import CheckpointError
-
             raise CheckpointError(f"checkpoint {folder} has optimizer state for a parameter this model lacks")
         p = params[int(index)]
         dims[name] = state_shard_dim(optimizer, p, key, shape) if fsdp else None

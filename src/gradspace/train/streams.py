@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import UsageError
+from .errors import UsageError
 
 
 class HFStream:

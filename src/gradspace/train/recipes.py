@@ -1,0 +1,286 @@
+"""The recipes: what pretraining and fine-tuning fill in for the Trainer (model, data, optimizer, evaluation,
+export), from a run's config; the parts they share are built once, in :func:`_assemble`.
+
+    summary = run_pretrain(cfg, out)        # or run_finetune(cfg, out); the CLI resolves cfg and resume
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..methods import METHODS, preset_projection
+from .config import EVAL_BATCH, FINETUNE, PRETRAIN, Command, UsageError, parse_optim_args
+from .parallel import Parallel
+from .trainer import Recipe, Trainer
+
+if TYPE_CHECKING:
+    from .encoder import FinetuneSetup
+    from .streams import Data
+
+
+def run_pretrain(cfg: dict[str, Any], out: Path, *, data: Data | None = None, **run) -> dict[str, Any]:
+    """Pretrain one run into ``out`` (created only once everything is set up); returns its summary. ``run``:
+    the :class:`Trainer`'s options (``resume``, ``stop_after``, ``label``, ``parallel``, ``overwrite``)."""
+    parallel = _placement(cfg, run.pop("parallel", None))
+    return Trainer(cfg, out, pretrain_recipe(cfg, out, parallel, data), parallel=parallel, **run).run()
+
+
+def run_finetune(cfg: dict[str, Any], out: Path, *, setup: FinetuneSetup | None = None, **run) -> dict[str, Any]:
+    """Fine-tune ``cfg["model"]`` on ``cfg["task"]`` into ``out``; returns the summary (with the final metrics)."""
+    parallel = _placement(cfg, run.pop("parallel", None))
+    return Trainer(cfg, out, finetune_recipe(cfg, out, parallel, setup), parallel=parallel, **run).run()
+
+
+def pretrain_recipe(cfg: dict[str, Any], out: Path, parallel: Parallel, data: Data | None = None) -> Recipe:
+    """A causal LM (a LLaMA preset or ``--model``) on a corpus: validation loss and perplexity on fixed batches,
+    exported with a tokenizer that fits it."""
+    import torch
+
+    from .export import export_causal_lm
+    from .loop import evaluate
+    from .streams import Data
+
+    PRETRAIN.validate(cfg)
+    data = data or Data(cfg, parallel.world)
+    stream = parallel.shard(data.stream(parallel.world * cfg["batch_size"]))  # each rank its rows
+    torch.manual_seed(cfg["seed"])
+    model = _causal_lm(cfg, data.vocab_size)
+    settings = PRETRAIN.settings(cfg)
+    own_rank = "rank" in preset_projection(cfg["method"])
+    if cfg.get("model") and METHODS[cfg["method"]] is not None and cfg.get("rank") is None and not own_rank:
+        hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", 512)
+        settings["rank"] = max(1, hidden // 4)  # rank d/4, the papers' ratio
+    recipe = _assemble(cfg, PRETRAIN, model, parallel, settings, targets=None, stream=stream)
+    mine = [parallel.rows(b) for b in data.eval_batches]  # every rank its rows of the same validation batches
+
+    def evaluate_fn() -> dict[str, float]:
+        loss = parallel.mean(evaluate(recipe.model, mine)["val_loss"])  # rows of equal length: the global mean
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    recipe.evaluate = evaluate_fn if mine else None
+    recipe.no_eval = {"val_loss": float("nan"), "val_ppl": float("nan")}
+    dataset, tokenizer = getattr(data, "dataset", None), getattr(data, "_tok", None)
+    recipe.export = lambda m, step: export_causal_lm(out, m, dataset, tokenizer, step=step)
+    return recipe
+
+
+def finetune_recipe(cfg: dict[str, Any], out: Path, parallel: Parallel, setup: FinetuneSetup | None = None) -> Recipe:
+    """A pretrained encoder with a fresh head on a classification or regression task: the task's metric on its
+    validation split, exported with the task's class names."""
+    import torch
+
+    from .encoder import FinetuneSetup, evaluate_task
+    from .export import export_classifier
+    from .tasks import ExampleStream, collate_fn, eval_batches
+
+    FINETUNE.validate(cfg)
+    setup = setup or FinetuneSetup(cfg)
+    task = setup.task
+    dtype = _dtype(cfg)
+    collate = collate_fn(setup.tokenizer, cfg["max_length"], dtype if task.regression else torch.long)
+    stream = parallel.shard(ExampleStream(task.train, collate, parallel.world * cfg["batch_size"], seed=cfg["seed"]))
+    recipe = _assemble(
+        cfg, FINETUNE, setup.model, parallel, FINETUNE.settings(cfg), targets=setup.targets, stream=stream
+    )
+    batches = eval_batches(task.validation, collate, EVAL_BATCH, cfg["eval_batches"] * EVAL_BATCH)
+    recipe.evaluate = lambda: evaluate_task(recipe.model, batches, task.num_labels, task.regression)
+    recipe.extra = {"task": task.name, "model": cfg["model"], "metric": task.metric}
+    recipe.export = lambda m, step: export_classifier(out, m, setup.tokenizer, step=step, labels=task.labels)
+    return recipe
+
+
+def _assemble(
+    cfg: dict[str, Any], command: Command, model, parallel: Parallel, settings: dict[str, Any], *, targets, stream
+) -> Recipe:
+    """What every recipe shares: the model on its device and dtype, gradient checkpointing, the torchrun wrapper,
+    the optimizer and schedule (layer-wise when asked), ``torch.compile``."""
+    import torch
+
+    device = torch.device(cfg["device"]) if parallel.world == 1 else parallel.device
+    model = model.to(device=device, dtype=_dtype(cfg))
+    model, inner = parallel.wrap(_prepare_model(cfg, model), blocks=_blocks(model), layerwise=cfg["layerwise"])
+    distributed = {"distributed": parallel.distributed} if parallel.distributed else {}
+    optimizer, scheduler, layerwise = _make_optimizer(cfg, inner, settings, targets, parallel, **distributed)
+    model = torch.compile(model) if cfg["compile"] else model
+    return Recipe(
+        command=command.name,
+        model=model,
+        inner=inner,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        stream=stream,
+        settings=settings,
+        layerwise=layerwise,
+    )
+
+
+def _make_optimizer(
+    cfg: dict[str, Any], model, settings: dict[str, Any], default_targets, parallel: Parallel | None = None, **extra
+):
+    """The method's optimizer with the run's options, its schedule (``transformers.get_scheduler``), and
+    layer-wise mode when asked for (under torchrun averaging each gradient over the ranks); bad options are
+    one-line errors."""
+    from transformers import get_scheduler
+
+    from .. import create_optimizer
+    from ..layerwise import Layerwise
+    from ..params import DEFAULT_TARGETS
+
+    projection = (
+        {}
+        if METHODS[cfg["method"]] is None
+        else {
+            "proj_type": cfg["proj_type"],
+            **({"svd": cfg["svd"]} if cfg.get("svd") else {}),
+            "target_modules": cfg.get("target_modules") or default_targets or DEFAULT_TARGETS,
+        }
+    )
+    try:
+        optimizer = create_optimizer(
+            cfg["method"],
+            model,
+            base=cfg["base"],
+            weight_decay=cfg["weight_decay"],
+            nonfinite=cfg["nonfinite"],
+            **settings,
+            **projection,
+            **parse_optim_args(cfg.get("optim_args")),
+            **extra,
+        )
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from None
+    warmup = cfg["warmup"] if cfg.get("warmup") is not None else max(1, cfg["steps"] // 10)
+    kwargs = {"min_lr_rate": 0.1} if "min_lr" in cfg["scheduler"] else {}
+    if cfg["scheduler"] == "warmup_stable_decay":
+        kwargs = {"num_decay_steps": max(1, cfg["steps"] // 10)}
+    scheduler = get_scheduler(
+        cfg["scheduler"],
+        optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=cfg["steps"],
+        scheduler_specific_kwargs=kwargs,
+    )
+    layerwise = None
+    if cfg["layerwise"]:  # under torchrun: DDP averages each gradient itself, FSDP2 after each block's reduce-scatter
+        ddp = parallel is not None and parallel.strategy == "ddp"
+        group = parallel.group if ddp else None
+        layerwise = Layerwise(optimizer, accumulation_steps=cfg["grad_accum"], process_group=group)
+    return optimizer, scheduler, layerwise
+
+
+def _prepare_model(cfg: dict[str, Any], model):
+    """Gradient checkpointing, as asked."""
+    if cfg["grad_checkpointing"]:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise UsageError("--grad-checkpointing needs a Hugging Face model (gradient_checkpointing_enable)")
+        from .models import checkpoint_activations
+
+        checkpoint_activations(model)
+    return model
+
+
+def _compiled(cfg: dict[str, Any], model):
+    import torch
+
+    return torch.compile(model) if cfg["compile"] else model
+
+
+def _causal_lm(cfg: dict[str, Any], vocab_size: int):
+    """The preset's LLaMA, or ``--model``: a local Hugging Face folder (its weights unless ``--fresh``) or config.
+
+    Its broken ``config.json`` or truncated safetensors are one-line errors naming the file; a folder with no
+    weights starts from random weights as ``--fresh`` does, and says so, as it does when the tokenizer has fewer
+    tokens than the model has embeddings (legitimate, since models pad their vocabularies, but worth knowing)."""
+    if not cfg.get("model"):
+        from .models import build_llama
+
+        return build_llama(cfg["preset"], vocab_size=vocab_size)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .modelfolder import check_weights, read_config
+    from .streams import tokenizer_choice
+
+    path = Path(str(cfg["model"])).expanduser()
+    read_config(path.parent if path.is_file() else path)
+    weights = path.is_dir() and any(
+        (path / f).exists()
+        for f in (
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
+        )
+    )
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one notice
+    try:
+        if weights and not cfg.get("fresh"):
+            check_weights(path)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        else:
+            config = AutoConfig.from_pretrained(path.parent if path.is_file() else path, local_files_only=True)
+            model = AutoModelForCausalLM.from_config(config)
+            if not weights and not cfg.get("fresh") and main:
+                print(
+                    f"gradspace: --model {path} is a config without weights: training starts from random weights "
+                    f"(as --fresh would), with {tokenizer_choice(cfg)[1]}",
+                    file=sys.stderr,
+                )
+    except (OSError, ValueError, KeyError) as err:
+        raise UsageError(f"--model {path} does not load as a causal LM ({str(err).splitlines()[0][:200]})") from None
+    rows = model.get_input_embeddings().num_embeddings
+    if rows < vocab_size:
+        raise UsageError(
+            f"--model {path} has {rows} token embeddings, fewer "
+            f"than the tokenizer's {vocab_size} tokens: give the model's own tokenizer with --tokenizer"
+        )
+    if rows > vocab_size and main:
+        print(
+            f"gradspace: --model {path} has {rows:,} token embeddings and the tokenizer {vocab_size:,} tokens: "
+            f"the other {rows - vocab_size:,} rows match no token (models often pad their embeddings)",
+            file=sys.stderr,
+        )
+    return model
+
+
+def _prepare_model(cfg: dict[str, Any], model):
+    """Gradient checkpointing, as asked."""
+    if cfg["grad_checkpointing"]:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise UsageError("--grad-checkpointing needs a Hugging Face model (gradient_checkpointing_enable)")
+        from .models import checkpoint_activations
+
+        checkpoint_activations(model)
+    return model
+
+
+def _blocks(model):
+    """The model's list of transformer blocks (FSDP2 shards each): the largest ModuleList."""
+    from torch import nn
+
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return max(lists, key=len) if lists else ()
+
+
+def _dtype(cfg: dict[str, Any]):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
+
+
+def _placement(cfg: dict[str, Any], parallel: Parallel | None) -> Parallel:
+    """Threads and process layout of a run (torchrun ranks use their own device); on the CPU, freed memory goes
+    back to the OS."""
+    import torch
+
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    parallel = parallel or Parallel()
+    if (torch.device(cfg["device"]) if parallel.world == 1 else parallel.device).type == "cpu":
+        from .allocator import return_freed_memory
+
+        return_freed_memory()
+    return parallel
