@@ -40,6 +40,7 @@ RUN_FLAGS = [
     (["--config"], {"default": None, "help": "YAML, TOML or JSON file with the same keys; flags override it"}),
     (["--stop-after"], {"type": int, "default": None, "help": argparse.SUPPRESS}),  # tests: Ctrl-C after step N
 ]
+MEMORY_CHECK = (["--no-memory-check"], {"action": "store_true", "help": "run even if predicted not to fit"})
 RESUME = (
     ["--resume"],
     {"default": None, "help": "a checkpoint file, or a run folder (its newest readable checkpoint)"},
@@ -75,12 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     commands = {
-        "pretrain": ("pretrain a LLaMA preset, or your own causal LM (--model), on a corpus", [RESUME, *PARALLEL]),
+        "pretrain": (
+            "pretrain a LLaMA preset, or your own causal LM (--model), on a corpus",
+            [RESUME, MEMORY_CHECK, *PARALLEL],
+        ),
         "finetune": ("fine-tune a pretrained model on a classification or regression task", [RESUME, *PARALLEL]),
         "compare": (
             "run several methods on identical data, seed and budget; write a report (fine-tuning with --task)",
             [],
         ),
+        "plan": ("predict a pretrain run's peak memory, and what fits this machine or --budget", []),
         "sample": ("print text that a pretrained run's model writes after a prompt", SAMPLE),
         "export": (
             "write a run's model folder (RUN/model) from its newest good checkpoint, without training",
@@ -99,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("pretrain", "finetune", "compare"):
             options.add_flags(sp, name)
             flags = [*flags, *RUN_FLAGS]
+        if name == "plan":
+            from .plan.command import add_flags
+
+            add_flags(sp)
         for names, kwargs in flags:
             sp.add_argument(*names, **kwargs)
     return p
@@ -154,6 +163,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         parallel = Parallel(args.fsdp, args.shard_updates, cfg["device"])
         try:
             loaded = parallel.first(lambda: load(cfg, parallel.world))
+            if command is PRETRAIN and not args.no_memory_check:
+                _check_memory(args, cfg, loaded, parallel)
             if parallel.main:
                 resuming = f"; resuming at step {resume['step']}" if resume else ""
                 ranks = f"; {parallel.world} processes, {parallel.strategy}" if parallel.world > 1 else ""
@@ -171,6 +182,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     if parallel.main:
         print(done(summary, out))
     return 0
+
+
+def _check_memory(args: argparse.Namespace, cfg: dict, data: Data, parallel: Parallel) -> None:
+    """Refuse, before the model is built, a run predicted not to fit (every rank agrees: rank 0 decides)."""
+    from .plan.fit import check_before_training
+
+    error = None
+    if parallel.main:
+        given = "method" in explicit_options(args, PRETRAIN.defaults)
+        try:
+            check_before_training(cfg, data.vocab_size, world=parallel.world, fsdp=args.fsdp, method_fixed=given)
+        except UsageError as err:
+            error = err
+    parallel.agree(error)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan.command import run
+
+    return run(args)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -240,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         "pretrain": cmd_train,
         "finetune": cmd_train,
         "compare": cmd_compare,
+        "plan": cmd_plan,
         "sample": cmd_sample,
         "export": cmd_export,
     }

@@ -60,8 +60,10 @@ def child(spec: dict) -> dict:
     cuda = spec["device"].startswith("cuda")
     torch.manual_seed(0)
     model = build_llama(spec["preset"], vocab_size=spec["vocab"]).to(spec["device"])
-    checkpoint_activations(model)
-    x = torch.randint(0, spec["vocab"], (1, spec["seq_len"]), generator=torch.Generator().manual_seed(1))
+    if spec.get("checkpointing", True):
+        checkpoint_activations(model)
+    rows = spec.get("batch", 1)
+    x = torch.randint(0, spec["vocab"], (rows, spec["seq_len"]), generator=torch.Generator().manual_seed(1))
     x = x.to(spec["device"])
     method, options = spec["method"], dict(spec["options"])
     if method == "torch-adamw":
