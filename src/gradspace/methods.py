@@ -100,6 +100,7 @@ def create_optimizer(
     proj_type: str | None = None,
     target_modules: str | re.Pattern | Sequence = DEFAULT_TARGETS,
     base: str = "adamw",
+    memory_budget: int | str | dict[str, int] | None = None,
     **kwargs: Any,
 ) -> SubspaceOptimizer:
     """One-line entry point: a preset applied to a model (weights chosen by ``target_modules``) or to param groups.
@@ -107,6 +108,11 @@ def create_optimizer(
     With a model, the selected 2-D linear weights are projected and everything else runs ``base`` in full rank.
     With param groups, groups carrying ``rank`` are projected (Hugging Face Trainer / galore-torch style); the
     keyword ``rank``/``update_proj_gap``/``scale``/``proj_type`` fill what those groups leave out.
+
+    ``memory_budget`` (bytes, or ``"2GiB"``; with a model only) bounds the optimizer state instead of one rank:
+    each projected weight gets its own rank, where its gradient's energy is (``gradspace.ranks``: measured on the
+    gradients the weights hold after a backward, else by a stated prior), and ``rank`` is the most any weight gets
+    (default d/4 of each weight). A dict ``{weight name: rank}`` gives an allocation made earlier (a resumed run's).
     """
     if isinstance(name, nn.Module) or not isinstance(name, str):
         raise TypeError(
@@ -124,8 +130,16 @@ def create_optimizer(
         return SubspaceOptimizer(as_groups(model_or_groups), lr=lr, base=base, **kwargs)
     options = {**{k: v for k, v in preset.items() if k not in PROJECTION_KEYS}, **kwargs}
     given = {**preset_projection(key), **given}
+    if memory_budget is not None and not isinstance(model_or_groups, nn.Module):
+        raise ValueError("memory_budget needs the model itself (create_optimizer(name, model, memory_budget=...))")
     if isinstance(model_or_groups, nn.Module):
         groups = select_params(model_or_groups, target_modules, **{"rank": 128, **given})
+        if memory_budget is not None:
+            from .plan.fit import parse_bytes
+            from .ranks import budget_groups
+
+            budget = parse_bytes(memory_budget) if isinstance(memory_budget, str) else memory_budget
+            groups = budget_groups(groups, budget, key, base, {**options, "max_rank": rank})
     else:
         groups = as_groups(model_or_groups)
         if not any("rank" in g for g in groups):

@@ -12,8 +12,9 @@ from .memory import GiB, plan_memory
 
 #: the options of ``pretrain`` that move its memory: ``gradspace plan`` takes them with the same flags and defaults
 PLAN_KEYS = (
-    "preset", "model", "method", "base", "rank", "update_gap", "svd", "target_modules", "optim_args", "dtype",
-    "layerwise", "grad_checkpointing", "batch_size", "seq_len", "grad_accum", "device",
+    "preset", "model", "dataset", "tokenizer", "full_vocab", "streaming", "method", "base", "rank", "update_gap",
+    "memory_budget", "svd", "target_modules", "optim_args", "dtype", "layerwise", "grad_checkpointing", "batch_size",
+    "seq_len", "grad_accum", "device",
 )  # fmt: skip
 
 

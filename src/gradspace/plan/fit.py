@@ -64,8 +64,7 @@ def meta_model(cfg: dict[str, Any], vocab_size: int | None = None):
     if cfg.get("model"):
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        path = Path(str(cfg["model"])).expanduser()
-        config = AutoConfig.from_pretrained(path.parent if path.is_file() else path, local_files_only=True)
+        config = AutoConfig.from_pretrained(Path(str(cfg["model"])).expanduser(), local_files_only=True)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
     from ..train.models import build_llama

@@ -129,6 +129,15 @@ OPTIONS: tuple[Option, ...] = (
         per_method=True,
     ),
     Option(
+        "memory_budget",
+        None,
+        "a memory size (20GiB): instead of one rank, a rank per weight where the first gradient's energy is, so "
+        "that the whole run's predicted peak fits it (--rank is then the most any weight gets)",
+        PRE,
+        identity=True,
+        per_method=True,
+    ),
+    Option(
         "target_modules",
         None,  # None: the command's (pretrain: attention and MLP linears; finetune: the encoder's)
         "comma-separated names, substrings or regexes to project, or all-linear",

@@ -54,7 +54,8 @@ def pretrain_recipe(cfg: dict[str, Any], out: Path, parallel: Parallel, data: Da
     if cfg.get("model") and METHODS[cfg["method"]] is not None and cfg.get("rank") is None and not own_rank:
         hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", 512)
         settings["rank"] = max(1, hidden // 4)  # rank d/4, the papers' ratio
-    recipe = _assemble(cfg, PRETRAIN, model, parallel, settings, targets=None, stream=stream)
+    budget = _rank_budget(cfg, model, settings, parallel) if cfg.get("memory_budget") else None
+    recipe = _assemble(cfg, PRETRAIN, model, parallel, settings, targets=None, stream=stream, budget=budget)
     mine = [parallel.rows(b) for b in data.eval_batches]  # every rank its rows of the same validation batches
 
     def evaluate_fn() -> dict[str, float]:
@@ -94,17 +95,36 @@ def finetune_recipe(cfg: dict[str, Any], out: Path, parallel: Parallel, setup: F
 
 
 def _assemble(
-    cfg: dict[str, Any], command: Command, model, parallel: Parallel, settings: dict[str, Any], *, targets, stream
+    cfg: dict[str, Any],
+    command: Command,
+    model,
+    parallel: Parallel,
+    settings: dict[str, Any],
+    *,
+    targets,
+    stream,
+    budget=None,
 ) -> Recipe:
     """What every recipe shares: the model on its device and dtype, gradient checkpointing, the torchrun wrapper,
-    the optimizer and schedule (layer-wise when asked), ``torch.compile``."""
+    the optimizer and schedule (layer-wise when asked), ``torch.compile``. ``budget``: the optimizer-state bytes
+    whose ranks the first batch's gradients choose, or the ranks chosen (``gradspace.ranks``)."""
     import torch
 
     device = torch.device(cfg["device"]) if parallel.world == 1 else parallel.device
     model = model.to(device=device, dtype=_dtype(cfg))
     model, inner = parallel.wrap(_prepare_model(cfg, model), blocks=_blocks(model), layerwise=cfg["layerwise"])
     distributed = {"distributed": parallel.distributed} if parallel.distributed else {}
+    if budget is not None:
+        distributed["memory_budget"] = budget
+        if not isinstance(budget, dict):
+            _first_gradients(inner, stream)
     optimizer, scheduler, layerwise = _make_optimizer(cfg, inner, settings, targets, parallel, **distributed)
+    if budget is not None:  # the allocation, with the run's config in every checkpoint: a resume rebuilds it
+        inner.zero_grad(set_to_none=True)
+        names = {id(p): n for n, p in inner.named_parameters()}
+        cfg["budget_ranks"] = {
+            names[id(p)]: g["rank"] for g in optimizer.param_groups if "rank" in g for p in g["params"]
+        }
     model = torch.compile(model) if cfg["compile"] else model
     return Recipe(
         command=command.name,
@@ -170,6 +190,49 @@ def _make_optimizer(
         group = parallel.group if ddp else None
         layerwise = Layerwise(optimizer, accumulation_steps=cfg["grad_accum"], process_group=group)
     return optimizer, scheduler, layerwise
+
+
+def _rank_budget(cfg: dict[str, Any], model, settings: dict[str, Any], parallel: Parallel):
+    """``--memory-budget``: the ranks a resumed run recorded, or the optimizer-state bytes left of the budget once
+    everything else the run's plan holds (weights, gradients, activations ...) is counted."""
+    from ..plan.fit import parse_bytes, setup_of
+    from ..plan.memory import plan_memory
+
+    if METHODS[cfg["method"]] is None:
+        raise UsageError("--memory-budget chooses the ranks of a projected method; adamw trains in full rank")
+    if parallel.world > 1:
+        raise UsageError("--memory-budget under torchrun is not supported yet: give --rank")
+    if cfg.get("budget_ranks"):
+        return dict(cfg["budget_ranks"])
+    try:
+        budget = parse_bytes(cfg["memory_budget"])
+    except ValueError as err:
+        raise UsageError(f"--memory-budget: {err}") from None
+    import torch
+
+    with torch.device("meta"):
+        meta = type(model)(model.config)
+    plan = plan_memory(meta, setup_of({**cfg, "rank": settings.get("rank")}))
+    state = sum(x.bytes for x in plan.lines if "state" in x.part or "moments" in x.part)
+    left = budget - (plan.peak - state)
+    if left <= 0:
+        raise UsageError(
+            f"--memory-budget {cfg['memory_budget']}: the run needs {(plan.peak - state) / 2**30:.2f} GiB besides "
+            "its optimizer state (gradspace plan shows where); give a larger budget"
+        )
+    return left
+
+
+def _first_gradients(model, stream) -> None:
+    """The gradients of the first training batch, which ``memory_budget`` allocates ranks by; the stream is put
+    back where it was, so training still starts with that batch."""
+    from .loop import _model_inputs
+
+    state = stream.state_dict()
+    batch = next(stream)
+    stream.load_state_dict(state)
+    device = next(model.parameters()).device
+    model(**_model_inputs(batch, device)).loss.backward()
 
 
 def _prepare_model(cfg: dict[str, Any], model):
@@ -244,6 +307,49 @@ def _causal_lm(cfg: dict[str, Any], vocab_size: int):
             file=sys.stderr,
         )
     return model
+
+
+def _rank_budget(cfg: dict[str, Any], model, settings: dict[str, Any], parallel: Parallel):
+    """``--memory-budget``: the ranks a resumed run recorded, or the optimizer-state bytes left of the budget once
+    everything else the run's plan holds (weights, gradients, activations ...) is counted."""
+    from ..plan.fit import parse_bytes, setup_of
+    from ..plan.memory import plan_memory
+
+    if METHODS[cfg["method"]] is None:
+        raise UsageError("--memory-budget chooses the ranks of a projected method; adamw trains in full rank")
+    if parallel.world > 1:
+        raise UsageError("--memory-budget under torchrun is not supported yet: give --rank")
+    if cfg.get("budget_ranks"):
+        return dict(cfg["budget_ranks"])
+    try:
+        budget = parse_bytes(cfg["memory_budget"])
+    except ValueError as err:
+        raise UsageError(f"--memory-budget: {err}") from None
+    import torch
+
+    with torch.device("meta"):
+        meta = type(model)(model.config)
+    plan = plan_memory(meta, setup_of({**cfg, "rank": settings.get("rank")}))
+    state = sum(x.bytes for x in plan.lines if "state" in x.part or "moments" in x.part)
+    left = budget - (plan.peak - state)
+    if left <= 0:
+        raise UsageError(
+            f"--memory-budget {cfg['memory_budget']}: the run needs {(plan.peak - state) / 2**30:.2f} GiB besides "
+            "its optimizer state (gradspace plan shows where); give a larger budget"
+        )
+    return left
+
+
+def _first_gradients(model, stream) -> None:
+    """The gradients of the first training batch, which ``memory_budget`` allocates ranks by; the stream is put
+    back where it was, so training still starts with that batch."""
+    from .loop import _model_inputs
+
+    state = stream.state_dict()
+    batch = next(stream)
+    stream.load_state_dict(state)
+    device = next(model.parameters()).device
+    model(**_model_inputs(batch, device)).loss.backward()
 
 
 def _prepare_model(cfg: dict[str, Any], model):
