@@ -105,3 +105,15 @@ def test_the_7b_preset_is_refused_with_what_fits(tmp_path, monkeypatch, capsys):
     assert code == 2 and "predicted to need at least" in err and "these fit" in err, err
     first = next(line for line in err.splitlines() if line.strip().startswith("gradspace pretrain --preset 7b"))
     assert "--dtype bfloat16" in first and "--layerwise" in first
+
+
+def test_a_finetuning_run_is_checked_on_the_model_it_loaded(tmp_path, monkeypatch, capsys):
+    from test_finetune import FAST
+
+    monkeypatch.setattr(fit, "available", lambda device="cpu": 2**20)
+    args = ["finetune", "--task", "sms-spam", *FAST, "--steps", "2", "--eval-every", "0"]
+    assert run(*args, "--out", tmp_path / "ft") == 2
+    err = capsys.readouterr().err
+    assert "predicted to need" in err and "no configuration of this model fits" in err
+    assert not (tmp_path / "ft").exists()
+    assert run(*args, "--out", tmp_path / "ft", "--no-memory-check") == 0

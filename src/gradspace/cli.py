@@ -80,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
             "pretrain a LLaMA preset, or your own causal LM (--model), on a corpus",
             [RESUME, MEMORY_CHECK, *PARALLEL],
         ),
-        "finetune": ("fine-tune a pretrained model on a classification or regression task", [RESUME, *PARALLEL]),
+        "finetune": (
+            "fine-tune a pretrained model on a classification or regression task",
+            [RESUME, MEMORY_CHECK, *PARALLEL],
+        ),
         "compare": (
             "run several methods on identical data, seed and budget; write a report (fine-tuning with --task)",
             [],
@@ -163,8 +166,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         parallel = Parallel(args.fsdp, args.shard_updates, cfg["device"])
         try:
             loaded = parallel.first(lambda: load(cfg, parallel.world))
-            if command is PRETRAIN and not args.no_memory_check:
-                _check_memory(args, cfg, loaded, parallel)
+            if not args.no_memory_check:
+                from .plan.command import check_run
+
+                check_run(args, command, cfg, loaded, parallel)
             if parallel.main:
                 resuming = f"; resuming at step {resume['step']}" if resume else ""
                 ranks = f"; {parallel.world} processes, {parallel.strategy}" if parallel.world > 1 else ""
@@ -182,22 +187,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if parallel.main:
         print(done(summary, out))
     return 0
-
-
-def _check_memory(args: argparse.Namespace, cfg: dict, data: Data, parallel: Parallel) -> None:
-    """Refuse, before the model is built, a run predicted not to fit (every rank agrees: rank 0 decides)."""
-    from .plan.fit import check_before_training
-
-    error = None
-    if parallel.main:
-        given = "method" in explicit_options(args, PRETRAIN.defaults)
-        try:
-            check_before_training(cfg, data.vocab_size, world=parallel.world, fsdp=args.fsdp, method_fixed=given)
-        except UsageError as err:
-            error = err
-        except Exception as err:  # a model the planner cannot probe trains unchecked, and says so
-            print(f"gradspace: warning: memory not checked ({type(err).__name__}: {err})", file=sys.stderr)
-    parallel.agree(error)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

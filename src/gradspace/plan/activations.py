@@ -40,14 +40,14 @@ def _layers_key(config) -> str:
     raise ValueError(f"cannot tell the number of layers of a {type(config).__name__}")
 
 
-def _saved_by_forward(config, layers: int, batch: int, seq_len: int, dtype: torch.dtype) -> int:
-    from transformers import AutoModelForCausalLM
+def _saved_by_forward(config, layers: int, batch: int, seq_len: int, dtype: torch.dtype, classifier: bool) -> int:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = copy.deepcopy(config)
     setattr(config, _layers_key(config), layers)
     config.use_cache = False
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = (AutoModelForSequenceClassification if classifier else AutoModelForCausalLM).from_config(config)
     model = model.to_empty(device="cpu").to(dtype)
     with torch.no_grad():
         for p in model.parameters():
@@ -63,7 +63,7 @@ def _saved_by_forward(config, layers: int, batch: int, seq_len: int, dtype: torc
 
     ids = torch.zeros(batch, seq_len, dtype=torch.long)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(input_ids=ids, labels=ids)
+        out = model(input_ids=ids, labels=ids[:, 0] if classifier else ids)
     del out, model
     return sum(seen.values())
 
@@ -76,16 +76,19 @@ PROBE_VOCAB = (256, 512)
 _probed: dict[tuple, tuple[int, int]] = {}
 
 
-def saved_activations(config, batch: int, seq_len: int, dtype: torch.dtype) -> Saved:
+def saved_activations(config, batch: int, seq_len: int, dtype: torch.dtype, classifier: bool = False) -> Saved:
     """The bytes a forward of ``batch`` x ``seq_len`` keeps, by part (see the module docstring). Probed once per
     architecture, sequence length and dtype with one sequence (what is kept grows with the batch, one sequence's
-    worth per row), and remembered for the rest of the process."""
-    key = (config.to_json_string(), seq_len, str(dtype))
+    worth per row), and remembered for the rest of the process. ``classifier``: a sequence classifier (its
+    ``num_labels`` logits per row), as fine-tuning trains."""
+    key = (config.to_json_string(), seq_len, str(dtype), classifier)
     if key not in _probed:
         small, larger = (_with_vocab(config, v) for v in PROBE_VOCAB)
-        one = _saved_by_forward(small, 1, 1, seq_len, dtype)
-        per_layer = max(0, _saved_by_forward(small, 2, 1, seq_len, dtype) - one)
-        per_vocab = (_saved_by_forward(larger, 1, 1, seq_len, dtype) - one) / (PROBE_VOCAB[1] - PROBE_VOCAB[0])
+        one = _saved_by_forward(small, 1, 1, seq_len, dtype, classifier)
+        per_layer = max(0, _saved_by_forward(small, 2, 1, seq_len, dtype, classifier) - one)
+        per_vocab = (_saved_by_forward(larger, 1, 1, seq_len, dtype, classifier) - one) / (
+            PROBE_VOCAB[1] - PROBE_VOCAB[0]
+        )
         one += round(per_vocab * (config.vocab_size - PROBE_VOCAB[0]))
         _probed[key] = (per_layer, max(0, one - per_layer))
     per_layer, rest = _probed[key]
@@ -95,5 +98,5 @@ def saved_activations(config, batch: int, seq_len: int, dtype: torch.dtype) -> S
         per_layer=batch * per_layer,
         rest=batch * rest,
         layer_input=batch * seq_len * hidden * elem,
-        logits=batch * seq_len * config.vocab_size * 4,
+        logits=batch * 4 * (config.num_labels if classifier else seq_len * config.vocab_size),
     )

@@ -71,3 +71,26 @@ def run(args: argparse.Namespace) -> int:
     elif plan.peak > have:
         print("no configuration of this model fits", file=sys.stderr)
     return 0
+
+
+def check_run(args: argparse.Namespace, command, cfg: dict, loaded, parallel) -> None:
+    """Refuse, before training builds its model and optimizer, a run predicted not to fit (rank 0 decides for
+    every rank); fine-tuning plans the model it loaded."""
+    from ..train.config import FINETUNE, explicit_options
+    from ..train.errors import UsageError
+    from .fit import check_before_training
+
+    error = None
+    if parallel.main:
+        given = "method" in explicit_options(args, command.defaults)
+        model = getattr(loaded, "model", None) if command is FINETUNE else None
+        vocab = None if model is not None else loaded.vocab_size
+        if model is not None and not cfg.get("target_modules"):
+            cfg = {**cfg, "target_modules": loaded.targets}  # the encoder's own linears
+        try:
+            check_before_training(cfg, vocab, world=parallel.world, fsdp=args.fsdp, method_fixed=given, model=model)
+        except UsageError as err:
+            error = err
+        except Exception as err:  # a model the planner cannot probe trains unchecked, and says so
+            print(f"gradspace: warning: memory not checked ({type(err).__name__}: {err})", file=sys.stderr)
+    parallel.agree(error)

@@ -46,7 +46,7 @@ def setup_of(cfg: dict[str, Any], world: int = 1, fsdp: bool = False) -> Setup:
         layerwise=cfg["layerwise"],
         grad_checkpointing=cfg["grad_checkpointing"],
         batch_size=cfg["batch_size"],
-        seq_len=cfg["seq_len"],
+        seq_len=cfg.get("seq_len") or cfg["max_length"],  # fine-tuning: the examples' length
         grad_accum=cfg["grad_accum"],
         svd=cfg.get("svd"),
         device=cfg["device"],
@@ -146,8 +146,11 @@ def fitting(model, s: Setup, budget: int, method_fixed: bool, limit: int = 5) ->
 
 def command_line(s: Setup, cfg: dict[str, Any]) -> str:
     """The ``gradspace pretrain`` flags of a setup (beside the run's other flags)."""
-    where = f"--model {cfg['model']}" if cfg.get("model") else f"--preset {cfg['preset']}"
-    parts = [f"gradspace pretrain {where} --method {s.method}"]
+    if "task" in cfg:
+        where = f"finetune --task {cfg['task']} --model {cfg['model']}"
+    else:
+        where = f"pretrain --model {cfg['model']}" if cfg.get("model") else f"pretrain --preset {cfg['preset']}"
+    parts = [f"gradspace {where} --method {s.method}"]
     if s.base != "adamw":
         parts.append(f"--base {s.base}")
     if s.rank and s.method != "apollo-mini":
@@ -183,12 +186,25 @@ def _split(plan: Plan) -> str:
 
 
 def check_before_training(
-    cfg: dict[str, Any], vocab_size: int | None, *, world: int = 1, fsdp: bool = False, method_fixed: bool = True
+    cfg: dict[str, Any],
+    vocab_size: int | None,
+    *,
+    world: int = 1,
+    fsdp: bool = False,
+    method_fixed: bool = True,
+    model=None,
 ) -> None:
-    """Refuse (a UsageError: exit 2) a run predicted not to fit this machine, naming configurations that do."""
+    """Refuse (a UsageError: exit 2) a run predicted not to fit this machine, naming configurations that do.
+    ``model``: the model already loaded (fine-tuning), planned through a meta-device copy of its architecture."""
+    import torch
+
     from ..train.errors import UsageError
 
-    model = meta_model(cfg, vocab_size)
+    if model is not None:
+        with torch.device("meta"):
+            model = type(model)(model.config)
+    else:
+        model = meta_model(cfg, vocab_size)
     setup = setup_of(cfg, world, fsdp)
     have = available(setup.device)
     here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if setup.device == "cpu" else 1

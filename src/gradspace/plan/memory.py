@@ -22,6 +22,7 @@ gradients, transients): activations are freed as gradients appear, so the two do
 from __future__ import annotations
 
 import math
+import re
 import weakref
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -102,7 +103,8 @@ def projected_names(model, s: Setup) -> set[str]:
 
     if METHODS[s.method] is None:
         return set()
-    targets = tuple(s.target_modules or DEFAULT_TARGETS)
+    targets = s.target_modules or DEFAULT_TARGETS
+    targets = (targets,) if isinstance(targets, (str, re.Pattern)) else tuple(targets)
     known = _selected.setdefault(model, {})
     if targets not in known:
         known[targets] = {n for g in select_params(model, targets) if "rank" in g for n in g["param_names"]}
@@ -173,7 +175,8 @@ def plan_memory(model, setup: Setup | None = None, *, probe: bool = True, **opti
     state, largest = known[key]
     state = {k: v // shard if "bases" not in k else v for k, v in state.items()}
 
-    saved = saved_activations(config, s.batch_size, s.seq_len, DTYPES[s.dtype]) if probe else None
+    classifier = not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None
+    saved = saved_activations(config, s.batch_size, s.seq_len, DTYPES[s.dtype], classifier) if probe else None
     layers = next(getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(config, k))
     if saved is None:
         acts, acts_how, saved = 0, "not counted (a lower bound)", Saved(0, 0, 0, 0)
@@ -262,8 +265,6 @@ def _fsdp_gathered(model, elem: int) -> int:
     and their gradients before the reduce-scatter, and three decoder blocks' parameters (the one computing, the
     one prefetched, and the one whose gradients are being reduced). Measured: LLaMA-350M on 2 ranks, 0.65-0.8 GiB
     of "rest" (docs/benchmarks.md)."""
-    import re
-
     block = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
     blocks: dict[str, int] = {}
     root = 0
