@@ -15,6 +15,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 from itertools import chain
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from . import basis_storage, recovery, validation
+from . import basis_storage, recovery, rounding, validation
 from . import distributed as dist_support
 from . import moments as moment_policies
 from . import update as outputs
@@ -32,7 +33,7 @@ from .projection import PROJ_TYPES, basis_on_right, largest_principal_angle, ori
 from .recovery import RECOVERY_DEFAULTS
 from .rules import RULES, get_rule
 from .trackers import TRACKERS, Context, get_tracker
-from .trackers.base import orthonormalize
+from .trackers.base import orthonormalize, seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +139,14 @@ class SubspaceOptimizer(Optimizer):
         diagnostics: bool = True,
         distributed: str | None = None,
         process_group: Any = None,
+        weight_rounding: str = "nearest",
         **options: Any,
     ):
         validation.check_lr_and_decay(lr, weight_decay)
+        if weight_rounding not in rounding.ROUNDINGS:
+            raise ValueError(f"weight_rounding must be one of {', '.join(rounding.ROUNDINGS)}, got {weight_rounding!r}")
+        if weight_rounding == "stochastic" and distributed is not None:
+            raise ValueError("weight_rounding='stochastic' is not supported with distributed='shard_updates' yet")
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_MODES)}, got {nonfinite!r}")
         rule_options, projection_options = route_options(options, base, tracker)
@@ -162,6 +168,7 @@ class SubspaceOptimizer(Optimizer):
         get_rule(base).validate(defaults)  # before the params, as torch.optim does
         self.seed = int(seed)
         self.nonfinite = nonfinite
+        self.weight_rounding = weight_rounding
         self.collect_diagnostics = diagnostics
         self.distributed = dist_support.check_mode(distributed)
         self.process_group = process_group
@@ -500,12 +507,44 @@ class SubspaceOptimizer(Optimizer):
         if layout is None:
             self._step_full_rank(group, [p])
             return
-        state = self.state[p]
-        self._step_projected(group, p, state, get_rule(group["base"]), *layout, projected_grad)
-        state["step"] += 1
-        self._decay(group, [p])
+        with self._float32_step(group, p) if self._rounds(p) else nullcontext():
+            state = self.state[p]
+            self._step_projected(group, p, state, get_rule(group["base"]), *layout, projected_grad)
+            state["step"] += 1
+            self._decay(group, [p])
 
     def _step_full_rank(self, group: dict, params: list[torch.Tensor]) -> None:
+        rounded = [p for p in params if self._rounds(p)]
+        if rounded:  # each on its float32 copy, the others batched as usual
+            for p in rounded:
+                with self._float32_step(group, p):
+                    self._step_full_rank_now(group, [p])
+            params = [p for p in params if not self._rounds(p)]
+            if not params:
+                return
+        self._step_full_rank_now(group, params)
+
+    def _rounds(self, p: torch.Tensor) -> bool:
+        return self.weight_rounding == "stochastic" and p.dtype == torch.bfloat16 and not dist_support.is_dtensor(p)
+
+    @contextmanager
+    def _float32_step(self, group: dict, p: torch.Tensor):
+        """Step ``p`` (bfloat16) on a float32 copy, its state still made in bfloat16, then write the copy back with
+        stochastic rounding (``gradspace.rounding``)."""
+        low, kept = p.data, group.get("state_dtype")
+        p.data = low.float()
+        if kept is None:
+            group["state_dtype"] = low.dtype  # the moments keep the weight's dtype, as without rounding
+        try:
+            yield
+            draw = int(self.state[p].get("step", 0))
+            g = seeded_generator(Context(self.param_index(p), False, self.seed), draw, low.device, "rounding")
+            rounding.stochastic_round_(low, p.data, g)
+        finally:
+            group["state_dtype"] = kept
+            p.data = low
+
+    def _step_full_rank_now(self, group: dict, params: list[torch.Tensor]) -> None:
         rule = get_rule(group["base"])
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):

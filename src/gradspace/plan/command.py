@@ -14,7 +14,7 @@ from .memory import GiB, plan_memory
 PLAN_KEYS = (
     "preset", "model", "dataset", "tokenizer", "full_vocab", "streaming", "method", "base", "rank", "update_gap",
     "memory_budget", "svd", "target_modules", "optim_args", "dtype", "layerwise", "grad_checkpointing", "batch_size",
-    "seq_len", "grad_accum", "device",
+    "seq_len", "grad_accum", "device", "weight_rounding",
 )  # fmt: skip
 
 

@@ -54,6 +54,7 @@ def setup_of(cfg: dict[str, Any], world: int = 1, fsdp: bool = False) -> Setup:
         fsdp=fsdp,
         target_modules=cfg.get("target_modules"),
         optim_args=parse_optim_args(cfg.get("optim_args")),
+        weight_rounding=cfg.get("weight_rounding", "nearest"),
     )
 
 

@@ -59,6 +59,7 @@ class Setup:
     fsdp: bool = False
     target_modules: Any = None  #: None: attention and MLP linears
     optim_args: dict[str, Any] = field(default_factory=dict)  #: tracker and rule options (basis_dtype=bfloat16 ...)
+    weight_rounding: str = "nearest"  #: stochastic: each bfloat16 weight steps on a float32 copy
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,8 @@ def plan_memory(model, setup: Setup | None = None, *, probe: bool = True, **opti
     per_elem, chunk = RULE_WORKSPACE.get(s.base, (4, None))
     rule_ws = min(full_rank, chunk or full_rank) * per_elem
     step_ws = max(projected_ws, rule_ws)
+    if s.weight_rounding == "stochastic" and s.dtype == "bfloat16":  # the float32 copy, the noise, the rounded
+        step_ws += 12 * max(p.numel() for p in trainable)
     ddp_buckets = grads_all if s.world > 1 and not s.fsdp and not s.layerwise else 0
     gathered = _fsdp_gathered(model, elem) if s.fsdp and s.world > 1 else 0
 

@@ -204,7 +204,17 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("seed", 0, type=int, identity=True),
     Option("device", "cpu", "cpu, cuda, cuda:1, ... (cpu)"),
-    Option("dtype", "float32", choices=("float32", "bfloat16"), identity=True),
+    Option(
+        "dtype", "float32", "the weights' dtype (and the compute's)", choices=("float32", "bfloat16"), identity=True
+    ),
+    Option(
+        "weight_rounding",
+        "nearest",
+        "how an update is written into bfloat16 weights: nearest, or stochastic (unbiased: small updates survive)",
+        choices=("nearest", "stochastic"),
+        identity=True,
+        per_method=True,
+    ),
     # the model and the data
     Option("preset", "tiny", "LLaMA size: " + ", ".join(PRESET_NAMES) + " (default tiny)", PRE, identity=True),
     Option(

@@ -166,6 +166,7 @@ def _make_optimizer(
             base=cfg["base"],
             weight_decay=cfg["weight_decay"],
             nonfinite=cfg["nonfinite"],
+            weight_rounding=cfg["weight_rounding"],
             **settings,
             **projection,
             **parse_optim_args(cfg.get("optim_args")),
