@@ -12,6 +12,7 @@ from gradspace.bench import (
     budget,
     distributed_memory,
     memory,
+    plan_accuracy,
     real_memory,
     sharded_updates,
     step,
@@ -100,6 +101,7 @@ RUNNERS = [
     (adarank_sweep, "run_variants"),
     (memory, "run"),
     (real_memory, "run"),
+    (plan_accuracy, "run"),
 ]
 
 
@@ -118,7 +120,16 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
 
 
 def test_the_subcommands_keep_their_order():
-    assert list(_subcommands()) == ["update", "step", "svd", "budget", "distributed", "adarank", "memory"]
+    assert list(_subcommands()) == [
+        "update",
+        "step",
+        "svd",
+        "budget",
+        "plan-accuracy",
+        "distributed",
+        "adarank",
+        "memory",
+    ]
 
 
 @pytest.mark.parametrize("name", list(_subcommands()))

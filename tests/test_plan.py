@@ -117,3 +117,14 @@ def test_a_finetuning_run_is_checked_on_the_model_it_loaded(tmp_path, monkeypatc
     assert "predicted to need" in err and "no configuration of this model fits" in err
     assert not (tmp_path / "ft").exists()
     assert run(*args, "--out", tmp_path / "ft", "--no-memory-check") == 0
+
+
+def test_the_accuracy_benchmark_reports_prediction_measurement_and_error():
+    from gradspace.bench import plan_accuracy
+
+    out = plan_accuracy.run(("tiny",), (1,), seq_len=32, steps=1, threads=1, vocab=500, labels=["AdamW"])
+    rows = [line for line in out.splitlines() if line.startswith("| tiny | AdamW |")]
+    assert len(rows) == 2  # checkpointing on and off
+    for row in rows:
+        error = float(row.strip("| ").split("|")[-1].strip().rstrip("%"))
+        assert abs(error) < 10, out
