@@ -8,8 +8,8 @@ import pytest
 from conftest import run
 from gradspace.bench.real_memory import measure
 from gradspace.plan import fit
-from gradspace.plan.fit import parse_bytes
 from gradspace.plan.memory import GiB, plan_memory
+from gradspace.sizes import parse_bytes
 from gradspace.train.models import build_llama
 from test_cli import SMALL
 

@@ -9,6 +9,7 @@ from torch import nn
 
 import gradspace
 from conftest import run
+from gradspace import METHODS
 from gradspace.bench.formula import weight_bytes
 from gradspace.optimizer import optimizer_state_bytes
 from gradspace.ranks import allocate_ranks
@@ -34,7 +35,7 @@ def test_the_budget_goes_where_the_energy_is():
     flat = weight_with_gradient([1.0] * 64)  # spread over all 64
     weights = {"steep": steep, "flat": flat}
     budget = state(weights, {"steep": 16, "flat": 16})  # what rank 16 for both costs
-    ranks = allocate_ranks(weights, budget, "galore", max_rank=48, step=1)
+    ranks = allocate_ranks(weights, budget, METHODS["galore"], max_rank=48, step=1)
     assert ranks["flat"] > 16 > ranks["steep"]  # the steep one's energy is captured long before rank 16
     assert state(weights, ranks) <= budget
     more = {**ranks, "flat": ranks["flat"] + 1}
@@ -44,10 +45,10 @@ def test_the_budget_goes_where_the_energy_is():
 def test_without_gradients_the_prior_splits_alike_weights_alike_and_too_little_is_an_error():
     weights = {n: nn.Parameter(torch.zeros(64, 96)) for n in ("a", "b", "c")}
     budget = state(weights, dict.fromkeys(weights, 12))
-    ranks = allocate_ranks(weights, budget, "galore", step=1)
+    ranks = allocate_ranks(weights, budget, METHODS["galore"], step=1)
     assert len(set(ranks.values())) == 1 and state(weights, ranks) <= budget
     with pytest.raises(ValueError, match="does not hold even rank 1"):
-        allocate_ranks(weights, 10, "galore")
+        allocate_ranks(weights, 10, METHODS["galore"])
 
 
 def test_create_optimizer_keeps_its_state_within_the_budget(tmp_path):

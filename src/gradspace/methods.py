@@ -135,11 +135,11 @@ def create_optimizer(
     if isinstance(model_or_groups, nn.Module):
         groups = select_params(model_or_groups, target_modules, **{"rank": 128, **given})
         if memory_budget is not None:
-            from .plan.fit import parse_bytes
             from .ranks import budget_groups
+            from .sizes import parse_bytes
 
             budget = parse_bytes(memory_budget) if isinstance(memory_budget, str) else memory_budget
-            groups = budget_groups(groups, budget, key, base, {**options, "max_rank": rank})
+            groups = budget_groups(groups, budget, preset, base, {**options, "max_rank": rank})
     else:
         groups = as_groups(model_or_groups)
         if not any("rank" in g for g in groups):

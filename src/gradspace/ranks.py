@@ -33,7 +33,7 @@ def _spectrum(p: torch.Tensor, top: int) -> torch.Tensor:
 def allocate_ranks(
     weights: dict[str, torch.Tensor],
     budget: int,
-    method: str = "galore",
+    preset: dict[str, Any],
     base: str = "adamw",
     *,
     min_rank: int = 1,
@@ -41,14 +41,15 @@ def allocate_ranks(
     step: int | None = None,
     options: dict[str, Any] | None = None,
 ) -> dict[str, int]:
-    """``{name: rank}`` for the 2-D ``weights`` (projected by ``method`` with inner rule ``base``) whose state
-    fits ``budget`` bytes (see the module docstring); an error if even ``min_rank`` everywhere does not fit."""
-    from .bench.formula import weight_bytes
+    """``{name: rank}`` for the 2-D ``weights`` (projected by a method's ``preset``, ``gradspace.METHODS[name]``,
+    with inner rule ``base``) whose state fits ``budget`` bytes (see the module docstring); an error if even
+    ``min_rank`` everywhere does not fit."""
+    from .state_formula import weight_state_bytes
 
     options = {**(options or {}), "base": base}
 
     def cost(p, r):
-        return weight_bytes(tuple(p.shape), p.element_size(), method, r, options)
+        return weight_state_bytes(tuple(p.shape), p.element_size(), preset, r, options)
 
     tops = {n: max(min_rank, max_rank or min(p.shape) // 4) for n, p in weights.items()}
     curves = {n: _spectrum(p, tops[n]) for n, p in weights.items()}
@@ -83,12 +84,12 @@ def allocate_ranks(
 
 
 def budget_groups(
-    groups: list[dict], budget: int | dict[str, int], method: str, base: str, options: dict[str, Any]
+    groups: list[dict], budget: int | dict[str, int], preset: dict[str, Any], base: str, options: dict[str, Any]
 ) -> list[dict]:
     """``groups`` (``select_params``'s) with each projected group split by the rank ``allocate_ranks`` gives its
     weights, for a state budget of ``budget`` bytes over the whole model (full-rank parameters' state included);
     or by the ranks ``budget`` maps each weight's name to (an allocation recorded earlier, e.g. by a run)."""
-    from .bench.formula import weight_bytes
+    from .state_formula import weight_state_bytes
 
     projected = {n: p for g in groups if "rank" in g for n, p in zip(g["param_names"], g["params"])}
     if isinstance(budget, dict):
@@ -98,10 +99,10 @@ def budget_groups(
         ranks = {n: int(budget[n]) for n in projected}
     else:
         rest = [p for g in groups if "rank" not in g for p in g["params"]]
-        fixed = sum(weight_bytes(tuple(p.shape), p.element_size(), "adamw", math.inf, {"base": base}) for p in rest)
+        fixed = sum(weight_state_bytes(tuple(p.shape), p.element_size(), None, math.inf, {"base": base}) for p in rest)
         options = dict(options)
         max_rank = options.pop("max_rank", None)
-        ranks = allocate_ranks(projected, budget - fixed, method, base, max_rank=max_rank, options=options)
+        ranks = allocate_ranks(projected, budget - fixed, preset, base, max_rank=max_rank, options=options)
     out = []
     for g in groups:
         if "rank" not in g:

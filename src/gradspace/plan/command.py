@@ -7,7 +7,8 @@ import argparse
 import os
 import sys
 
-from .fit import as_json, available, fitting, meta_model, parse_bytes, setup_of
+from ..sizes import parse_bytes
+from .fit import as_json, available, fitting, meta_model, setup_of
 from .memory import GiB, plan_memory
 
 #: the options of ``pretrain`` that move its memory: ``gradspace plan`` takes them with the same flags and defaults

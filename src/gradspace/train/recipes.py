@@ -196,8 +196,9 @@ def _make_optimizer(
 def _rank_budget(cfg: dict[str, Any], model, settings: dict[str, Any], parallel: Parallel):
     """``--memory-budget``: the ranks a resumed run recorded, or the optimizer-state bytes left of the budget once
     everything else the run's plan holds (weights, gradients, activations ...) is counted."""
-    from ..plan.fit import parse_bytes, setup_of
+    from ..plan.fit import setup_of
     from ..plan.memory import plan_memory
+    from ..sizes import parse_bytes
 
     if METHODS[cfg["method"]] is None:
         raise UsageError("--memory-budget chooses the ranks of a projected method; adamw trains in full rank")
@@ -245,12 +246,6 @@ def _prepare_model(cfg: dict[str, Any], model):
 
         checkpoint_activations(model)
     return model
-
-
-def _compiled(cfg: dict[str, Any], model):
-    import torch
-
-    return torch.compile(model) if cfg["compile"] else model
 
 
 def _causal_lm(cfg: dict[str, Any], vocab_size: int):
@@ -307,60 +302,6 @@ def _causal_lm(cfg: dict[str, Any], vocab_size: int):
             f"the other {rows - vocab_size:,} rows match no token (models often pad their embeddings)",
             file=sys.stderr,
         )
-    return model
-
-
-def _rank_budget(cfg: dict[str, Any], model, settings: dict[str, Any], parallel: Parallel):
-    """``--memory-budget``: the ranks a resumed run recorded, or the optimizer-state bytes left of the budget once
-    everything else the run's plan holds (weights, gradients, activations ...) is counted."""
-    from ..plan.fit import parse_bytes, setup_of
-    from ..plan.memory import plan_memory
-
-    if METHODS[cfg["method"]] is None:
-        raise UsageError("--memory-budget chooses the ranks of a projected method; adamw trains in full rank")
-    if parallel.world > 1:
-        raise UsageError("--memory-budget under torchrun is not supported yet: give --rank")
-    if cfg.get("budget_ranks"):
-        return dict(cfg["budget_ranks"])
-    try:
-        budget = parse_bytes(cfg["memory_budget"])
-    except ValueError as err:
-        raise UsageError(f"--memory-budget: {err}") from None
-    import torch
-
-    with torch.device("meta"):
-        meta = type(model)(model.config)
-    plan = plan_memory(meta, setup_of({**cfg, "rank": settings.get("rank")}))
-    state = sum(x.bytes for x in plan.lines if "state" in x.part or "moments" in x.part)
-    left = budget - (plan.peak - state)
-    if left <= 0:
-        raise UsageError(
-            f"--memory-budget {cfg['memory_budget']}: the run needs {(plan.peak - state) / 2**30:.2f} GiB besides "
-            "its optimizer state (gradspace plan shows where); give a larger budget"
-        )
-    return left
-
-
-def _first_gradients(model, stream) -> None:
-    """The gradients of the first training batch, which ``memory_budget`` allocates ranks by; the stream is put
-    back where it was, so training still starts with that batch."""
-    from .loop import _model_inputs
-
-    state = stream.state_dict()
-    batch = next(stream)
-    stream.load_state_dict(state)
-    device = next(model.parameters()).device
-    model(**_model_inputs(batch, device)).loss.backward()
-
-
-def _prepare_model(cfg: dict[str, Any], model):
-    """Gradient checkpointing, as asked."""
-    if cfg["grad_checkpointing"]:
-        if not hasattr(model, "gradient_checkpointing_enable"):
-            raise UsageError("--grad-checkpointing needs a Hugging Face model (gradient_checkpointing_enable)")
-        from .models import checkpoint_activations
-
-        checkpoint_activations(model)
     return model
 
 
