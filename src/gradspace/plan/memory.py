@@ -151,7 +151,6 @@ def plan_memory(model, setup: Setup | None = None, *, probe: bool = True, **opti
     """The predicted peak of training ``model`` (a Hugging Face causal LM, built on the meta device: nothing is
     allocated) with ``setup`` (or its fields as keywords), per process. ``probe=False`` leaves the activations and the
     baseline out (a lower bound, with nothing run)."""
-    from .activations import Saved, saved_activations
     from .baseline import process_baseline
 
     s = replace(setup or Setup(), **options)
@@ -176,30 +175,8 @@ def plan_memory(model, setup: Setup | None = None, *, probe: bool = True, **opti
     state, largest = known[key]
     state = {k: v // shard if "bases" not in k else v for k, v in state.items()}
 
-    classifier = not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None
-    saved = saved_activations(config, s.batch_size, s.seq_len, DTYPES[s.dtype], classifier) if probe else None
-    layers = next(getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(config, k))
-    if saved is None:
-        acts, acts_how, saved = 0, "not counted (a lower bound)", Saved(0, 0, 0, 0)
-    elif s.grad_checkpointing:
-        acts = layers * saved.layer_input + saved.per_layer + saved.rest
-        acts_how = f"{layers} layer inputs (checkpointing) + one layer recomputed + embeddings, head and loss"
-    else:
-        acts = layers * saved.per_layer + saved.rest
-        acts_how = f"{layers} layers x {saved.per_layer / 2**20:.1f} MiB + embeddings, head and loss"
-    loss_backward = 2 * saved.logits  # the gradients of the log-softmax and of the logits, at the start of backward
-    exact_svd = s.svd != "randomized" and s.method in ("galore", "fira", "subtrack", "subtrack++", "osd")
-    k, l = largest
-    projected_ws = 2 * k * l * 4 + ((k * k + k * l) * 4 if exact_svd else 0)  # gradient and update; U and Vh
-    full_rank = max(
-        (p.numel() for n, p in model.named_parameters() if p.requires_grad and n not in projected_names(model, s)),
-        default=0,
-    )
-    per_elem, chunk = RULE_WORKSPACE.get(s.base, (4, None))
-    rule_ws = min(full_rank, chunk or full_rank) * per_elem
-    step_ws = max(projected_ws, rule_ws)
-    if s.weight_rounding == "stochastic" and s.dtype == "bfloat16":  # the float32 copy, the noise, the rounded
-        step_ws += 12 * max(p.numel() for p in trainable)
+    acts, acts_how, loss_backward = _activations(model, s, probe)
+    step_ws, step_how = _step_workspace(model, s, largest, trainable)
     ddp_buckets = grads_all if s.world > 1 and not s.fsdp and not s.layerwise else 0
     gathered = _fsdp_gathered(model, elem) if s.fsdp and s.world > 1 else 0
 
@@ -224,17 +201,7 @@ def plan_memory(model, setup: Setup | None = None, *, probe: bool = True, **opti
         Line(
             "loss backward", loss_backward, "two float32 batch x sequence x vocabulary gradients (log-softmax, logits)"
         ),
-        Line(
-            "step transients",
-            step_ws,
-            (
-                "the largest projected weight's float32 gradient and update"
-                + (", and its exact SVD" if exact_svd else "")
-                if projected_ws >= rule_ws
-                else f"{s.base} on the largest full-rank parameter ({per_elem} B per element"
-                + (f", {chunk:,} at a time)" if chunk else ")")
-            ),
-        ),
+        Line("step transients", step_ws, step_how),
     ]
     if ddp_buckets:
         lines.append(Line("DDP buckets", ddp_buckets, "DDP's gradient buckets beside .grad"))
@@ -245,6 +212,49 @@ def plan_memory(model, setup: Setup | None = None, *, probe: bool = True, **opti
     lines.append(Line("allocator headroom", headroom, f"{HEADROOM:.0%} of the live tensors"))
     at = "backward" if backward >= step else "step"
     return Plan(s, lines, base + live + headroom, at)
+
+
+def _activations(model, s: Setup, probe: bool) -> tuple[int, str, int]:
+    """(activations, how, the loss's backward): what the forward keeps, counted by the probe (none without it)."""
+    from .activations import saved_activations
+
+    config = model.config
+    if not probe:
+        return 0, "not counted (a lower bound)", 0
+    classifier = not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None
+    saved = saved_activations(config, s.batch_size, s.seq_len, DTYPES[s.dtype], classifier)
+    layers = next(getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(config, k))
+    if s.grad_checkpointing:
+        acts = layers * saved.layer_input + saved.per_layer + saved.rest
+        how = f"{layers} layer inputs (checkpointing) + one layer recomputed + embeddings, head and loss"
+    else:
+        acts = layers * saved.per_layer + saved.rest
+        how = f"{layers} layers x {saved.per_layer / 2**20:.1f} MiB + embeddings, head and loss"
+    return acts, how, 2 * saved.logits  # the log-softmax's and the logits' gradients, at the start of backward
+
+
+def _step_workspace(model, s: Setup, largest: tuple[int, int], trainable) -> tuple[int, str]:
+    """The step's largest workspace: the largest projected weight's update (and exact SVD), or the inner rule on
+    the largest full-rank parameter, plus stochastic rounding's float32 copy."""
+    exact_svd = s.svd != "randomized" and s.method in ("galore", "fira", "subtrack", "subtrack++", "osd")
+    k, l = largest
+    projected_ws = 2 * k * l * 4 + ((k * k + k * l) * 4 if exact_svd else 0)  # gradient and update; U and Vh
+    full_rank = max(
+        (p.numel() for n, p in model.named_parameters() if p.requires_grad and n not in projected_names(model, s)),
+        default=0,
+    )
+    per_elem, chunk = RULE_WORKSPACE.get(s.base, (4, None))
+    rule_ws = min(full_rank, chunk or full_rank) * per_elem
+    if projected_ws >= rule_ws:
+        how = "the largest projected weight's float32 gradient and update" + (", and its exact SVD" * exact_svd)
+    else:
+        how = f"{s.base} on the largest full-rank parameter ({per_elem} B per element" + (
+            f", {chunk:,} at a time)" if chunk else ")"
+        )
+    ws = max(projected_ws, rule_ws)
+    if s.weight_rounding == "stochastic" and s.dtype == "bfloat16":  # the float32 copy, the noise, the rounded
+        ws += 12 * max(p.numel() for p in trainable)
+    return ws, how
 
 
 def _state_how(part: str, s: Setup, rank: int) -> str:

@@ -142,9 +142,13 @@ def train(
         if step_hook is not None and step_hook(step) and step != steps:
             stopped_at = step
             break
-    wall_time = time.perf_counter() - start
+    return _result(history, skipped, time.perf_counter() - start, tokens, stopped_at)
+
+
+def _result(history, skipped: int, wall_time: float, tokens: int, stopped_at) -> dict[str, Any]:
+    """``train``'s return: the train loss is the mean of the last 10% of steps (at most 10)."""
     tail = [r["loss"] for r in history[-max(1, min(10, len(history) // 10)) :] if math.isfinite(r["loss"])]
-    result: dict[str, Any] = {
+    return {
         "history": history,
         "train_loss": sum(tail) / len(tail) if tail else float("nan"),
         "skipped_steps": skipped,
@@ -153,4 +157,3 @@ def train(
         "tokens_per_s": tokens / wall_time,
         "stopped_at": stopped_at,
     }
-    return result
