@@ -252,6 +252,18 @@ def _suggest(parser: argparse.ArgumentParser, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .train.parallel import exit_torn_down
+
+    try:
+        code = _main(argv)
+    except SystemExit as stop:
+        exit_torn_down(stop.code)
+        raise
+    exit_torn_down(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     _suggest(parser, argv)

@@ -14,6 +14,8 @@ class Parallel:
     """This process's place in a ``torchrun`` job. Without one (WORLD_SIZE unset or 1) it is a single process and
     every method is a no-op, so the training code has one path."""
 
+    tore_down = False  # set by ``close`` in a torchrun worker (see ``exit_torn_down``)
+
     def __init__(self, fsdp: bool = False, shard_updates: bool = False, device: str = "cpu"):
         from ..distributed import init_from_env
 
@@ -106,10 +108,33 @@ class Parallel:
         return batch if self.world == 1 else rank_rows(batch, self.rank, self.world)
 
     def close(self) -> None:
+        """Tear the process group down while the interpreter is whole: reference cycles (FSDP2's modules, unwaited
+        collectives) are collected first, so no gloo worker thread frees a tensor during interpreter shutdown."""
         if self.world > 1:
+            import gc
+
             import torch.distributed as dist
 
+            gc.collect()
             dist.destroy_process_group()
+            Parallel.tore_down = True
+
+
+def exit_torn_down(code) -> None:
+    """End a ``torchrun`` worker whose process group was torn down without running interpreter shutdown: a gloo
+    worker thread that drops the last reference to a tensor then needs the GIL, and at shutdown that aborts the
+    process ("terminate called without an active exception", exit -6) after every file was written. Everything the
+    run writes is closed by now; only the standard streams need flushing. A no-op in a single process."""
+    if not Parallel.tore_down:
+        return
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
 
 def rank_rows(batch, rank: int, world: int):
