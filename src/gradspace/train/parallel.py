@@ -127,13 +127,12 @@ def exit_torn_down(code) -> None:
     run writes is closed by now; only the standard streams need flushing. A no-op in a single process."""
     if not Parallel.tore_down:
         return
+    import contextlib
     import sys
 
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing more can be said
             stream.flush()
-        except (OSError, ValueError):
-            pass
     os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
 
