@@ -74,5 +74,5 @@ def test_galore_with_stochastic_rounding_trains_keeps_bfloat16_moments_and_resum
 
 
 def test_bad_rounding_is_an_error():
-    with pytest.raises(ValueError, match="weight_rounding must be one of nearest, stochastic"):
+    with pytest.raises(ValueError, match="weight_rounding must be one of auto, nearest, stochastic"):
         SubspaceOptimizer([nn.Parameter(torch.ones(3))], weight_rounding="up")

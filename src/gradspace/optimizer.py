@@ -29,6 +29,7 @@ from . import moments as moment_policies
 from . import update as outputs
 from .components import LIKE_GRAD
 from .energy import captured_energy, inverse_gram
+from .int8_weights import is_int8
 from .projection import PROJ_TYPES, basis_on_right, largest_principal_angle, oriented, project
 from .recovery import RECOVERY_DEFAULTS
 from .rules import RULES, get_rule
@@ -139,13 +140,13 @@ class SubspaceOptimizer(Optimizer):
         diagnostics: bool = True,
         distributed: str | None = None,
         process_group: Any = None,
-        weight_rounding: str = "nearest",
+        weight_rounding: str = "auto",
         **options: Any,
     ):
         validation.check_lr_and_decay(lr, weight_decay)
         if weight_rounding not in rounding.ROUNDINGS:
             raise ValueError(f"weight_rounding must be one of {', '.join(rounding.ROUNDINGS)}, got {weight_rounding!r}")
-        if weight_rounding == "stochastic" and distributed is not None:
+        if weight_rounding != "nearest" and distributed is not None:
             raise ValueError("weight_rounding='stochastic' is not supported with distributed='shard_updates' yet")
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_MODES)}, got {nonfinite!r}")
@@ -525,21 +526,38 @@ class SubspaceOptimizer(Optimizer):
         self._step_full_rank_now(group, params)
 
     def _rounds(self, p: torch.Tensor) -> bool:
+        """Whether ``p`` steps on a float32 copy written back at the end: an int8 weight always, a bfloat16 one
+        with stochastic rounding."""
+        if is_int8(p):
+            return True
         return self.weight_rounding == "stochastic" and p.dtype == torch.bfloat16 and not dist_support.is_dtensor(p)
+
+    def _rounding_generator(self, p: torch.Tensor) -> torch.Generator:
+        draw = int(self.state[p].get("step", 0))
+        return seeded_generator(Context(self.param_index(p), False, self.seed), draw, p.device, "rounding")
 
     @contextmanager
     def _float32_step(self, group: dict, p: torch.Tensor):
-        """Step ``p`` (bfloat16) on a float32 copy, its state still made in bfloat16, then write the copy back with
-        stochastic rounding (``gradspace.rounding``)."""
+        """Step ``p`` (bfloat16 or int8) on a float32 copy, its state still made in the weight's dtype (an int8
+        weight's: its compute dtype), then write the copy back with stochastic rounding (``gradspace.rounding``;
+        an int8 weight stochastically unless ``weight_rounding="nearest"``, ``gradspace.int8_weights``)."""
+        if is_int8(p):
+            kept = group.get("state_dtype")
+            if kept is None:
+                group["state_dtype"] = p.dtype
+            try:
+                with p.updating(None if self.weight_rounding == "nearest" else lambda: self._rounding_generator(p)):
+                    yield
+            finally:
+                group["state_dtype"] = kept
+            return
         low, kept = p.data, group.get("state_dtype")
         p.data = low.float()
         if kept is None:
             group["state_dtype"] = low.dtype  # the moments keep the weight's dtype, as without rounding
         try:
             yield
-            draw = int(self.state[p].get("step", 0))
-            g = seeded_generator(Context(self.param_index(p), False, self.seed), draw, low.device, "rounding")
-            rounding.stochastic_round_(low, p.data, g)
+            rounding.stochastic_round_(low, p.data, self._rounding_generator(p))
         finally:
             group["state_dtype"] = kept
             p.data = low

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import torch
 
-ROUNDINGS = ("nearest", "stochastic")
+#: ``auto``: stochastic for int8 weights (``gradspace.int8_weights``: round-to-nearest loses nearly every update
+#: there), round-to-nearest for bfloat16 ones (as torch does)
+ROUNDINGS = ("auto", "nearest", "stochastic")
 
 
 def stochastic_round_(out: torch.Tensor, value: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -17,6 +17,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
+from ..train.precision import WEIGHT_DTYPES
 from .memory import GiB, Plan, Setup, plan_memory
 
 
@@ -41,7 +42,7 @@ def setup_of(cfg: dict[str, Any], world: int = 1, fsdp: bool = False) -> Setup:
         fsdp=fsdp,
         target_modules=cfg.get("target_modules"),
         optim_args=parse_optim_args(cfg.get("optim_args")),
-        weight_rounding=cfg.get("weight_rounding", "nearest"),
+        weight_rounding=cfg.get("weight_rounding", "auto"),
     )
 
 
@@ -85,13 +86,14 @@ def candidates(s: Setup, hidden: int, method_fixed: bool) -> list[tuple[tuple, S
     out = []
     for m_index, method in enumerate(methods):
         projected = METHODS[method] is not None
-        for rank, layerwise, bf16_basis, eight_bit, ckpt, bf16, batch in product(
+        lower = WEIGHT_DTYPES[WEIGHT_DTYPES.index(s.dtype) :]  # the run's weight dtype, then the smaller ones
+        for rank, layerwise, bf16_basis, eight_bit, ckpt, smaller, batch in product(
             ranks if projected else [None],
             (False, True),
             (False, True) if projected else (False,),
             (False, True),
             (False, True),
-            (False, True) if s.dtype == "float32" else (False,),
+            range(len(lower)),
             micro,
         ):
             if global_batch % batch:
@@ -106,12 +108,12 @@ def candidates(s: Setup, hidden: int, method_fixed: bool) -> list[tuple[tuple, S
                 layerwise=layerwise,
                 base="adamw8bit" if eight_bit else s.base,
                 grad_checkpointing=ckpt or s.grad_checkpointing,
-                dtype="bfloat16" if bf16 else s.dtype,
+                dtype=lower[smaller],
                 batch_size=batch,
                 grad_accum=global_batch // batch,
                 optim_args=args,
             )
-            tricks = (layerwise, bf16_basis, eight_bit, ckpt, bf16, global_batch // batch)
+            tricks = (layerwise, bf16_basis, eight_bit, ckpt, smaller, global_batch // batch)
             out.append(((m_index, -(rank or 0), sum(map(bool, tricks)), tricks), setup))
     out.sort(key=lambda x: x[0])
     return out

@@ -32,7 +32,6 @@ import torch
 GiB = 2**30
 #: what the allocator keeps beyond the live tensors, as a share of them (measured: docs/benchmarks.md)
 HEADROOM = 0.03
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: the inner rule's temporaries on a full-rank parameter, bytes per element, and the elements it takes at a time:
 #: torch's fused Adam kernel none; the 8-bit rule dequantises m and v chunk by chunk (measured on LLaMA-60M's
 #: embedding: 171 MB for a 4 Mi-element chunk); the others one float32 temporary
@@ -59,7 +58,7 @@ class Setup:
     fsdp: bool = False
     target_modules: Any = None  #: None: attention and MLP linears
     optim_args: dict[str, Any] = field(default_factory=dict)  #: tracker and rule options (basis_dtype=bfloat16 ...)
-    weight_rounding: str = "nearest"  #: stochastic: each bfloat16 weight steps on a float32 copy
+    weight_rounding: str = "auto"  #: stochastic: each bfloat16 weight steps on a float32 copy (int8 ones always do)
 
 
 @dataclass(frozen=True)
@@ -131,7 +130,7 @@ def _state_lines(model, s: Setup, rank: int) -> tuple[dict[str, int], tuple[int,
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        elem = DTYPES[s.dtype].itemsize
+        elem = _compute(s).itemsize
         if name not in projected or p.dim() != 2 or rank >= min(p.shape):
             parts["full-rank parameters' state"] += weight_bytes(tuple(p.shape), elem, "adamw", math.inf, options)
             continue
@@ -159,11 +158,12 @@ def plan_memory(model, setup: Setup | None = None, *, probe: bool = True, **opti
     from ..methods import preset_projection
 
     rank = preset_projection(s.method).get("rank", s.rank or max(1, hidden // 4))  # APOLLO-Mini: its own 1
-    elem = DTYPES[s.dtype].itemsize
+    elem = _compute(s).itemsize
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     shard = s.world if s.fsdp else 1
-    weights = sum(p.numel() for p in params) * elem // shard
+    int8 = _int8_params(model, s)
+    weights = (sum(p.numel() for p in params if id(p) not in int8) * elem + sum(int8.values())) // shard
     grads_all = sum(p.numel() for p in trainable) * elem // shard
     biggest_grad = max(p.numel() for p in trainable) * elem
     held_all = not s.layerwise or s.grad_accum > 1
@@ -182,13 +182,14 @@ def plan_memory(model, setup: Setup | None = None, *, probe: bool = True, **opti
 
     base = process_baseline(s.device) if probe else 0
     fixed = weights + sum(state.values())
-    backward = fixed + acts + loss_backward + gathered + (biggest_grad if not held_all else 0)
+    dequantised = 6 * max((p.numel() for p in params if id(p) in int8), default=0)  # float32, then compute dtype
+    backward = fixed + acts + loss_backward + gathered + (biggest_grad if not held_all else 0) + dequantised
     step = fixed + grads + ddp_buckets + step_ws + gathered  # FSDP2: backward's end, every shard's gradient held
     live = max(backward, step)
     headroom = int(HEADROOM * live)
     lines = [
         Line("baseline", base, "the process: interpreter, torch, transformers (measured once per machine)"),
-        Line("weights", weights, f"{sum(p.numel() for p in params):,} parameters x {elem} B" + _per(shard)),
+        Line("weights", weights, _weights_how(params, int8, elem) + _per(shard)),
         Line(
             "gradients",
             grads,
@@ -222,7 +223,7 @@ def _activations(model, s: Setup, probe: bool) -> tuple[int, str, int]:
     if not probe:
         return 0, "not counted (a lower bound)", 0
     classifier = not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None
-    saved = saved_activations(config, s.batch_size, s.seq_len, DTYPES[s.dtype], classifier)
+    saved = saved_activations(config, s.batch_size, s.seq_len, _compute(s), classifier)
     layers = next(getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(config, k))
     if s.grad_checkpointing:
         acts = layers * saved.layer_input + saved.per_layer + saved.rest
@@ -254,7 +255,40 @@ def _step_workspace(model, s: Setup, largest: tuple[int, int], trainable) -> tup
     ws = max(projected_ws, rule_ws)
     if s.weight_rounding == "stochastic" and s.dtype == "bfloat16":  # the float32 copy, the noise, the rounded
         ws += 12 * max(p.numel() for p in trainable)
+        how += ", and stochastic rounding's float32 copy"
+    if s.dtype == "int8":  # the float32 working copy, then quantising it: the noise, the scaled copy, the codes
+        ws += 13 * max(p.numel() for p in trainable)
+        how += ", and the int8 weight's float32 working copy and its quantisation"
     return ws, how
+
+
+def _compute(s: Setup) -> torch.dtype:
+    from ..train.precision import compute_dtype
+
+    return compute_dtype({"dtype": s.dtype}, s.device)
+
+
+def _int8_params(model, s: Setup) -> dict[int, int]:
+    """``{id(parameter): bytes stored}`` of the weights ``--dtype int8`` stores in 8 bits (codes and scales)."""
+    if s.dtype != "int8":
+        return {}
+    from ..int8_weights import DEFAULT_GROUP_SIZE, int8_modules
+
+    out = {}
+    for name in int8_modules(model, s.target_modules):
+        w = model.get_submodule(name).weight
+        rows, cols = w.shape
+        groups = cols // DEFAULT_GROUP_SIZE if cols % DEFAULT_GROUP_SIZE == 0 else 1
+        out[id(w)] = rows * cols + rows * groups * 4
+    return out
+
+
+def _weights_how(params, int8: dict[int, int], elem: int) -> str:
+    total = sum(p.numel() for p in params)
+    if not int8:
+        return f"{total:,} parameters x {elem} B"
+    low = sum(p.numel() for p in params if id(p) in int8)
+    return f"{low:,} parameters in int8 (1 B, and a float32 scale per 256), {total - low:,} x {elem} B"
 
 
 def _state_how(part: str, s: Setup, rank: int) -> str:

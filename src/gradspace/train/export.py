@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ..int8_weights import SCALES_SUFFIX, dequantized, is_int8
+
 MODEL_DIR = "model"
 
 
@@ -52,12 +54,12 @@ def _full_vocabulary(model, vocab_map: torch.Tensor, size: int):
     with torch.device("meta"):
         full = AutoModelForCausalLM.from_config(config)
     state = {}
-    for key, value in model.state_dict().items():
+    for key, value in float_state(model).items():
         if key.endswith(("embed_tokens.weight", "lm_head.weight")) and value.shape[0] == vocab_map.numel():
             rows = torch.zeros(size, value.shape[1], dtype=value.dtype)
-            rows[vocab_map.long()] = value.detach().cpu()
+            rows[vocab_map.long()] = dequantized(value).detach().cpu()
             value = rows
-        state[key] = value.detach()
+        state[key] = value.detach()  # an int8 weight itself (assigned: no float copy)
     full.load_state_dict(state, strict=False, assign=True)  # a tied head shares the embedding's rows
     full.tie_weights()
     trained = dict(model.named_buffers())  # non-persistent ones (rotary frequencies) are not in the state dict
@@ -69,6 +71,57 @@ def _full_vocabulary(model, vocab_map: torch.Tensor, size: int):
     if left:
         raise RuntimeError(f"export: no trained values for {', '.join(left[:5])}")
     return full
+
+
+SHARD_BYTES = 2 * 2**30
+
+
+def float_state(model) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with each int8 weight as itself (an ``Int8Weight``, whose values are read when
+    needed) instead of its codes and scales: the state a float model of the same architecture loads."""
+    int8 = {n: p for n, p in model.named_parameters() if is_int8(p)}
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.endswith(SCALES_SUFFIX) and key[: -len(SCALES_SUFFIX)] in int8:
+            continue
+        state[key] = int8[key].detach() if key in int8 else value
+    return state
+
+
+def save_dequantized(model, folder: Path) -> None:
+    """A model with int8 weights as a Hugging Face folder of dequantised weights (the compute dtype), in safetensors
+    shards of at most :data:`SHARD_BYTES`, each dequantised only while its shard is written: at 7B the model is
+    6.5 GB in int8 and would be 13 more as one bfloat16 state dict."""
+    from safetensors.torch import save_file
+
+    state, seen = float_state(model), set()
+    shards: list[list[str]] = [[]]
+    size, total = 0, 0
+    for key, value in state.items():
+        ident = id(value) if is_int8(value) else value.data_ptr()
+        if ident in seen:  # a tied weight: saved once, as save_pretrained does
+            continue
+        seen.add(ident)
+        nbytes = value.numel() * value.element_size()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+        total += nbytes
+    n = len(shards)
+    weight_map = {}
+    for i, keys in enumerate(shards, 1):
+        name = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+        tensors = {k: dequantized(state[k]).detach().contiguous().cpu() for k in keys}
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, name))
+        del tensors
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
 
 
 def export_causal_lm(folder: Path, model, dataset, tokenizer=None, step: int | None = None) -> Path:
@@ -125,7 +178,10 @@ def _written(folder: Path, model, tokenizer, step: int | None, info: dict[str, A
 
     out = Path(folder) / MODEL_DIR
     with atomic_folder(out, "the model folder") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if any(is_int8(p) for p in model.parameters()):
+            save_dequantized(model, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if generation is not None:
             generation.save_pretrained(tmp)

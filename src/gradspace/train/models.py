@@ -7,6 +7,8 @@ ones that train on a CPU.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 GPT2_EOS = 50256
@@ -54,18 +56,51 @@ def llama_config(preset: str, vocab_size: int = 50257, **overrides):
     return LlamaConfig(**fields)
 
 
-def build_llama(preset: str, vocab_size: int = 50257, device: str | torch.device | None = None, **overrides):
-    """A freshly initialised ``LlamaForCausalLM`` of a preset (random init draws on torch's global RNG).
+def build_llama(
+    preset: str,
+    vocab_size: int = 50257,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    int8_group_size: int | None = None,
+    **overrides,
+):
+    """A freshly initialised ``LlamaForCausalLM`` of a preset (random init draws on torch's global RNG), built in
+    ``dtype`` (float32 by default) so that a bfloat16 7B never exists in float32.
 
     ``device="meta"`` builds the model without allocating its weights, e.g. to count parameters of the 7B.
+    ``int8_group_size``: the blocks' linear weights stored in int8 (``gradspace.int8_weights``), each quantised as
+    soon as it is initialised, so the model never exists in full precision.
     """
     from transformers import LlamaForCausalLM
 
     config = llama_config(preset, vocab_size, **overrides)
-    if device is None:
-        return LlamaForCausalLM(config)
-    with torch.device(device):
-        return LlamaForCausalLM(config)
+    if int8_group_size is not None:
+        return _build_int8(LlamaForCausalLM, config, torch.device(device or "cpu"), dtype, int8_group_size)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    with torch.device(device) if device is not None else nullcontext():
+        return LlamaForCausalLM._from_config(config, **kwargs)
+
+
+def _build_int8(cls, config, device: torch.device, dtype: torch.dtype | None, group_size: int):
+    """Built on the meta device, then each module allocated, initialised (the model's own ``_init_weights``) and,
+    for the int8 targets, quantised before the next is allocated."""
+    from itertools import chain
+
+    from ..int8_weights import int8_modules, quantize_module_
+
+    with torch.device("meta"):
+        model = cls._from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+    targets = set(int8_modules(model))
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            own = chain(module.parameters(recurse=False), module.buffers(recurse=False))
+            if any(t.is_meta for t in own):
+                module.to_empty(device=device, recurse=False)
+                model._init_weights(module)
+                if name in targets:
+                    quantize_module_(module, "weight", group_size, dtype)
+    model.tie_weights()
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -205,13 +205,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("seed", 0, type=int, identity=True),
     Option("device", "cpu", "cpu, cuda, cuda:1, ... (cpu)"),
     Option(
-        "dtype", "float32", "the weights' dtype (and the compute's)", choices=("float32", "bfloat16"), identity=True
+        "dtype",
+        "float32",
+        "the weights' dtype (and the compute's); int8: the blocks' linear weights in 8 bits with per-group scales, "
+        "the rest and the compute in bfloat16 where the CPU or GPU is fast in it, else float32",
+        choices=("float32", "bfloat16", "int8"),
+        identity=True,
     ),
     Option(
         "weight_rounding",
-        "nearest",
-        "how an update is written into bfloat16 weights: nearest, or stochastic (unbiased: small updates survive)",
-        choices=("nearest", "stochastic"),
+        "auto",
+        "how an update is written into bfloat16 or int8 weights: nearest, or stochastic (unbiased: small updates "
+        "survive); auto: stochastic for int8, nearest for bfloat16",
+        choices=("auto", "nearest", "stochastic"),
         identity=True,
         per_method=True,
     ),

@@ -58,13 +58,14 @@ def _causal_lm(run: Path, cfg: dict[str, Any], state: dict[str, Any], step: int)
 
     from .config import PRETRAIN
     from .export import export_causal_lm
+    from .precision import store_weights
     from .recipes import _causal_lm as build
     from .streams import Data
 
     cfg = {**PRETRAIN.defaults, **cfg}
     data = Data(cfg, 1)  # the vocabulary the run trained with: the export's tokenizer
     model = build({**cfg, "fresh": True}, data.vocab_size)  # the checkpoint's weights replace the folder's
-    model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]])
+    model = store_weights(model, cfg)
     _load(model, state, run)
     return export_causal_lm(run, model, getattr(data, "dataset", None), getattr(data, "_tok", None), step=step)
 
@@ -75,8 +76,9 @@ def _classifier(run: Path, cfg: dict[str, Any], state: dict[str, Any], step: int
     from .config import FINETUNE
     from .encoder import FinetuneSetup
     from .export import export_classifier
+    from .precision import store_weights
 
     setup = FinetuneSetup({**FINETUNE.defaults, **cfg})
-    model = setup.model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]])
+    model = store_weights(setup.model, cfg, setup.targets)
     _load(model, state, run)
     return export_classifier(run, model, setup.tokenizer, step=step, labels=setup.task.labels)

@@ -110,8 +110,12 @@ def _assemble(
     whose ranks the first batch's gradients choose, or the ranks chosen (``gradspace.ranks``)."""
     import torch
 
+    from .precision import store_weights
+
     device = torch.device(cfg["device"]) if parallel.world == 1 else parallel.device
-    model = model.to(device=device, dtype=_dtype(cfg))
+    if cfg["dtype"] == "int8" and parallel.world > 1:
+        raise UsageError("--dtype int8 under torchrun is not supported yet: use --dtype bfloat16")
+    model = store_weights(model.to(device=device), cfg, cfg.get("target_modules") or targets)
     model, inner = parallel.wrap(_prepare_model(cfg, model), blocks=_blocks(model), layerwise=cfg["layerwise"])
     distributed = {"distributed": parallel.distributed} if parallel.distributed else {}
     if budget is not None:
@@ -257,7 +261,9 @@ def _causal_lm(cfg: dict[str, Any], vocab_size: int):
     if not cfg.get("model"):
         from .models import build_llama
 
-        return build_llama(cfg["preset"], vocab_size=vocab_size)
+        from .precision import int8_group_size
+
+        return build_llama(cfg["preset"], vocab_size, dtype=_dtype(cfg), int8_group_size=int8_group_size(cfg))
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .modelfolder import check_weights, read_config
@@ -278,10 +284,10 @@ def _causal_lm(cfg: dict[str, Any], vocab_size: int):
     try:
         if weights and not cfg.get("fresh"):
             check_weights(path)
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=_dtype(cfg))
         else:
             config = AutoConfig.from_pretrained(path.parent if path.is_file() else path, local_files_only=True)
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, dtype=_dtype(cfg))
             if not weights and not cfg.get("fresh") and main:
                 print(
                     f"gradspace: --model {path} is a config without weights: training starts from random weights "
@@ -314,9 +320,9 @@ def _blocks(model):
 
 
 def _dtype(cfg: dict[str, Any]):
-    import torch
+    from .precision import compute_dtype
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
+    return compute_dtype(cfg)
 
 
 def _placement(cfg: dict[str, Any], parallel: Parallel | None) -> Parallel:
