@@ -15,9 +15,13 @@ weight of that dtype, but it stores only the codes and scales:
   or to the nearest code when no generator is given. An in-place operation outside ``updating`` writes back by
   round-to-nearest at once.
 
-Layout (symmetric, absmax): row ``i``'s inputs ``[j g, (j + 1) g)`` share the scale ``max |w| / 127``, so that
-element's code is exactly +-127 and no code is clipped; ``group_size=0`` gives one scale per output channel.
-The scales are recomputed from the float weight every time it is written back.
+Layout (symmetric, absmax): row ``i``'s inputs ``[j g, (j + 1) g)`` share the scale ``max |w| / 120``, so that
+element's code is +-120, no code is clipped, and the group can grow 7 steps before it needs a new scale;
+``group_size=0`` gives one scale per output channel.
+A write-back keeps a group's scale while its largest value stays within 64 to 127 steps, so an element the update
+did not move keeps its code exactly (Q-GaLore recomputes every scale at every step, which re-rounds every element
+against a new grid: noise on weights no update touched); a group that outgrows it, or shrinks below half of it, is
+rescaled.
 
 A model's ``state_dict()`` holds the stored form as plain tensors (``name`` the int8 codes, ``name_scales`` the
 scales), so checkpoints, ``weights_only`` loading and ``torch.distributed.checkpoint`` need nothing special;
@@ -26,8 +30,8 @@ scales), so checkpoints, ``weights_only`` loading and ``torch.distributed.checkp
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -38,22 +42,41 @@ from torch.utils._pytree import tree_map
 #: Q-GaLore's group of 256 inputs per scale
 DEFAULT_GROUP_SIZE = 256
 SCALES_SUFFIX = "_scales"
+#: a value within this fraction of a step of a code is that code: ``code * scale / scale`` is off by a float32
+#: rounding, which stochastic rounding must not turn into a one-step move of an element no update touched
+SNAP = 2.0**-12
+#: steps left above a group's largest value when it is given a scale (a rescale re-rounds the whole group: it
+#: should be rare, and an update far below one step must not cause one); 120 of the 127 codes are used
+ROOM = 7.0
 
 
-def quantize(value: torch.Tensor, group_size: int, generator: torch.Generator | None = None):
+def quantize(
+    value: torch.Tensor,
+    group_size: int,
+    generator: torch.Generator | None = None,
+    scales: torch.Tensor | None = None,
+):
     """``(codes, scales)`` of a 2-D float tensor: int8 codes (``value``'s shape) and float32 scales (rows x groups).
-    ``generator``: stochastic rounding (floor of ``value / scale`` plus a uniform draw), else round-to-nearest."""
+    ``generator``: stochastic rounding (down or up, up with the probability of the distance from below), else
+    round-to-nearest. ``scales``: the weight's current scales, kept for every group whose largest value still fits
+    in 64 to 127 steps (so an element the update did not move keeps its code exactly); the others get a new scale."""
     rows, cols = value.shape
     g = group_size if group_size and cols % group_size == 0 else cols
     grouped = value.detach().float().reshape(rows, cols // g, g)
-    scales = grouped.abs().amax(-1) / 127.0
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero group: any scale, codes 0
-    x = grouped / scales.unsqueeze(-1)
-    if generator is None:
-        x = x.round_()
+    amax = grouped.abs().amax(-1)
+    fresh = amax / (127.0 - ROOM)  # the largest value has ROOM steps to grow before its group is rescaled
+    if scales is not None:
+        fresh = torch.where((amax <= 127.0 * scales) & (amax >= 63.5 * scales), scales, fresh)
+    fresh = torch.where(fresh > 0, fresh, torch.ones_like(fresh))  # an all-zero group: any scale, codes 0
+    x = grouped / fresh.unsqueeze(-1)
+    nearest = x.round()
+    if generator is not None:
+        up = torch.rand(x.shape, generator=generator, device=x.device) < (x - x.floor())
+        # a value on a code already (up to the division's rounding) stays there
+        x = torch.where((x - nearest).abs() < SNAP, nearest, x.floor_().add_(up))
     else:
-        x = x.add_(torch.rand(x.shape, generator=generator, device=x.device)).floor_()
-    return x.clamp_(-127, 127).to(torch.int8).reshape(rows, cols), scales
+        x = nearest
+    return x.clamp_(-127, 127).to(torch.int8).reshape(rows, cols), fresh
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -61,6 +84,10 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) ->
     groups = scales.shape[1]
     value = codes.reshape(rows, groups, cols // groups).to(torch.float32) * scales.unsqueeze(-1)
     return value.reshape(rows, cols).to(dtype)
+
+
+#: stochastic rounding's generator, or a callable giving it when the write-back happens; None: to the nearest code
+Rounding = torch.Generator | Callable[[], torch.Generator] | None
 
 
 class _Store:
@@ -76,7 +103,7 @@ class _Store:
         return dequantize(self.codes, self.scales, dtype)
 
     def write(self, value: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        codes, scales = quantize(value, self.group_size, generator)
+        codes, scales = quantize(value, self.group_size, generator, self.scales)
         self.codes.copy_(codes)
         if scales.shape != self.scales.shape:
             raise ValueError(f"scales of shape {tuple(scales.shape)} do not fit {tuple(self.scales.shape)}")
@@ -125,7 +152,9 @@ class Int8Weight(torch.Tensor):
         return self.codes.numel() + self.scales.numel() * self.scales.element_size()
 
     @contextmanager
-    def updating(self, generator: torch.Generator | Callable[[], torch.Generator] | None = None) -> Iterator[torch.Tensor]:
+    def updating(
+        self, generator: torch.Generator | Callable[[], torch.Generator] | None = None
+    ) -> Iterator[torch.Tensor]:
         """Every write to this weight inside the block lands in one float32 working copy, quantised back on exit
         (stochastically rounded with ``generator``, or the generator a callable returns then, else to the nearest
         code); yields the copy."""

@@ -5,7 +5,8 @@ for the same setup, and the error.
 ``python -m gradspace.bench plan-accuracy --presets tiny,60m,350m``: LLaMA (vocabulary 32,000, float32), batch 1
 and 4 x 256 tokens, gradient checkpointing on and off, 2 steps, rank hidden/4 (APOLLO-Mini its own 1), randomized
 SVD, for AdamW, 8-bit AdamW, GaLore, GaLore 8-bit layer-wise and APOLLO-Mini layer-wise (gradspace's own, as
-``gradspace pretrain`` runs them). A configuration predicted not to fit the free memory is not launched.
+``gradspace pretrain`` runs them), and the last two with bfloat16 and int8 weights (``--dtype``). A configuration
+predicted not to fit the free memory is not launched.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ CONFIGS = [
     ("GaLore", "galore", {}, False),
     ("GaLore 8-bit layer-wise", "galore", {"base": "adamw8bit"}, True),
     ("APOLLO-Mini layer-wise", "apollo-mini", {}, True),
+    ("GaLore 8-bit layer-wise bf16 weights", "galore", {"base": "adamw8bit", "dtype": "bfloat16"}, True),
+    ("GaLore 8-bit layer-wise int8 weights", "galore", {"base": "adamw8bit", "dtype": "int8"}, True),
+    ("APOLLO-Mini layer-wise int8 weights", "apollo-mini", {"dtype": "int8"}, True),
 ]
 
 
@@ -35,6 +39,7 @@ def predict(preset: str, method: str, options: dict, layerwise: bool, batch: int
         model,
         method=method,
         base=options.get("base", "adamw"),
+        dtype=options.get("dtype", "float32"),
         rank=rank,
         layerwise=layerwise,
         grad_checkpointing=ckpt,

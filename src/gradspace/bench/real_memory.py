@@ -19,10 +19,12 @@ import time
 
 import torch
 
+from ..int8_weights import DEFAULT_GROUP_SIZE, int8_bytes, is_int8
 from ..layerwise import Layerwise
 from ..methods import METHODS, create_optimizer, preset_projection
 from ..optimizer import optimizer_state_bytes
 from ..train.models import PRESETS, build_llama, checkpoint_activations
+from ..train.precision import compute_dtype
 from ..train.report import markdown_table
 from .formula import formula_bytes
 
@@ -59,13 +61,16 @@ def child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     cuda = spec["device"].startswith("cuda")
     torch.manual_seed(0)
-    model = build_llama(spec["preset"], vocab_size=spec["vocab"]).to(spec["device"])
+    method, options = spec["method"], dict(spec["options"])
+    weights = options.pop("dtype", "float32")  # the run's --dtype: float32, bfloat16 or int8
+    dtype = compute_dtype({"dtype": weights}, spec["device"])
+    group = DEFAULT_GROUP_SIZE if weights == "int8" else None
+    model = build_llama(spec["preset"], spec["vocab"], spec["device"], dtype=dtype, int8_group_size=group)
     if spec.get("checkpointing", True):
         checkpoint_activations(model)
     rows = spec.get("batch", 1)
     x = torch.randint(0, spec["vocab"], (rows, spec["seq_len"]), generator=torch.Generator().manual_seed(1))
     x = x.to(spec["device"])
-    method, options = spec["method"], dict(spec["options"])
     if method == "torch-adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     else:
@@ -92,7 +97,7 @@ def child(spec: dict) -> dict:
         "built": built,
         "peak": torch.cuda.max_memory_allocated() if cuda else _hwm(),
         "after": torch.cuda.memory_allocated() if cuda else _rss(),
-        "weights": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "weights": sum(p.numel() * p.element_size() for p in model.parameters() if not is_int8(p)) + int8_bytes(model),
         "grads": grads_held,
         "state": optimizer_state_bytes(opt),
         "step_s": times,
@@ -106,7 +111,8 @@ def predicted(spec: dict) -> dict:
     if spec["method"] == "torch-adamw":
         state = 2 * weights
     else:
-        state = formula_bytes(model, spec["method"], _rank(spec), {"update_proj_gap": 200, **spec["options"]})
+        options = {k: v for k, v in spec["options"].items() if k != "dtype"}
+        state = formula_bytes(model, spec["method"], _rank(spec), {"update_proj_gap": 200, **options})
     return {"weights": weights, "grads": 0 if spec["layerwise"] else weights, "state": state}
 
 

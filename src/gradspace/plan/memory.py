@@ -176,7 +176,7 @@ def plan_memory(model, setup: Setup | None = None, *, probe: bool = True, **opti
     state = {k: v // shard if "bases" not in k else v for k, v in state.items()}
 
     acts, acts_how, loss_backward = _activations(model, s, probe)
-    step_ws, step_how = _step_workspace(model, s, largest, trainable)
+    step_ws, step_how = _step_workspace(model, s, largest, trainable, int8)
     ddp_buckets = grads_all if s.world > 1 and not s.fsdp and not s.layerwise else 0
     gathered = _fsdp_gathered(model, elem) if s.fsdp and s.world > 1 else 0
 
@@ -234,7 +234,7 @@ def _activations(model, s: Setup, probe: bool) -> tuple[int, str, int]:
     return acts, how, 2 * saved.logits  # the log-softmax's and the logits' gradients, at the start of backward
 
 
-def _step_workspace(model, s: Setup, largest: tuple[int, int], trainable) -> tuple[int, str]:
+def _step_workspace(model, s: Setup, largest: tuple[int, int], trainable, int8: dict[int, int]) -> tuple[int, str]:
     """The step's largest workspace: the largest projected weight's update (and exact SVD), or the inner rule on
     the largest full-rank parameter, plus stochastic rounding's float32 copy."""
     exact_svd = s.svd != "randomized" and s.method in ("galore", "fira", "subtrack", "subtrack++", "osd")
@@ -256,8 +256,8 @@ def _step_workspace(model, s: Setup, largest: tuple[int, int], trainable) -> tup
     if s.weight_rounding == "stochastic" and s.dtype == "bfloat16":  # the float32 copy, the noise, the rounded
         ws += 12 * max(p.numel() for p in trainable)
         how += ", and stochastic rounding's float32 copy"
-    if s.dtype == "int8":  # the float32 working copy, then quantising it: the noise, the scaled copy, the codes
-        ws += 13 * max(p.numel() for p in trainable)
+    if int8:  # the float32 working copy, then quantising it: the noise, the scaled copy, the codes
+        ws += 13 * max(p.numel() for p in trainable if id(p) in int8)
         how += ", and the int8 weight's float32 working copy and its quantisation"
     return ws, how
 

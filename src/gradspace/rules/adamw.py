@@ -57,6 +57,7 @@ class AdamW(InnerRule):
         loop: list[int] = []
         for i, (p, state) in enumerate(zip(params, states)):
             ok = fused is not None and p.grad.dtype == p.dtype == state["exp_avg"].dtype and p.is_contiguous()
+            ok = ok and type(p) in (torch.Tensor, torch.nn.Parameter)  # an int8 weight steps on its float32 copy
             key = (p.device, p.dtype, state["exp_step"])
             (buckets.setdefault(key, []) if ok else loop).append(i)
         super().step_full_rank([params[i] for i in loop], [states[i] for i in loop], group)

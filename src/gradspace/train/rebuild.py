@@ -54,7 +54,6 @@ def _load(model, state: dict[str, Any], path) -> None:
 
 
 def _causal_lm(run: Path, cfg: dict[str, Any], state: dict[str, Any], step: int) -> Path:
-    import torch
 
     from .config import PRETRAIN
     from .export import export_causal_lm
@@ -71,7 +70,6 @@ def _causal_lm(run: Path, cfg: dict[str, Any], state: dict[str, Any], step: int)
 
 
 def _classifier(run: Path, cfg: dict[str, Any], state: dict[str, Any], step: int) -> Path:
-    import torch
 
     from .config import FINETUNE
     from .encoder import FinetuneSetup

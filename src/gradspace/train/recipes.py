@@ -260,7 +260,6 @@ def _causal_lm(cfg: dict[str, Any], vocab_size: int):
     tokens than the model has embeddings (legitimate, since models pad their vocabularies, but worth knowing)."""
     if not cfg.get("model"):
         from .models import build_llama
-
         from .precision import int8_group_size
 
         return build_llama(cfg["preset"], vocab_size, dtype=_dtype(cfg), int8_group_size=int8_group_size(cfg))
