@@ -36,6 +36,9 @@ METHODS: dict[str, dict[str, Any] | None] = {
     # reconstructed from the abstract and reviews (docs/methods.md): random moves need both of these
     "grasswalk": {"tracker": "grasswalk", "moments": "project", "recovery": True},
     "grassjump": {"tracker": "grassjump", "moments": "project", "recovery": True},
+    # Q-GaLore (q-galore-torch 1.0): GaLore with 4-bit projections and lazy, per-layer subspace updates; the paper's
+    # INT8 weights and 8-bit Adam are the run's --dtype int8 and --base adamw8bit (docs/methods.md)
+    "q-galore": {"tracker": "lazy-svd", "moments": "keep", "basis_dtype": "int4"},
     # APOLLO (arXiv:2412.05270, apollo-torch 1.0.3): a Gaussian projection only shapes the moments; the update is
     # the raw gradient scaled per channel. ``scale`` multiplies by sqrt(scale), as in apollo-torch.
     "apollo": {"tracker": "gaussian", "moments": "keep", "output": "scale", "scale_type": "channel", "scale": 1.0},

@@ -146,7 +146,7 @@ class SubspaceOptimizer(Optimizer):
         validation.check_lr_and_decay(lr, weight_decay)
         if weight_rounding not in rounding.ROUNDINGS:
             raise ValueError(f"weight_rounding must be one of {', '.join(rounding.ROUNDINGS)}, got {weight_rounding!r}")
-        if weight_rounding != "nearest" and distributed is not None:
+        if weight_rounding == "stochastic" and distributed is not None:
             raise ValueError("weight_rounding='stochastic' is not supported with distributed='shard_updates' yet")
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_MODES)}, got {nonfinite!r}")

@@ -110,9 +110,10 @@ def check_saved_state(p: torch.Tensor, st: dict, rule, keys: dict[str, str | Non
         )
     basis = st.get("basis")
     if basis is not None:
-        if p.dim() != 2 or basis.shape[0] not in p.shape:
+        shape = st["basis_shape"].tolist() if "basis_shape" in st else basis.shape  # a packed 4-bit basis: its own
+        if p.dim() != 2 or shape[0] not in p.shape:
             raise ValueError(
-                f"optimizer checkpoint has a basis of shape {tuple(basis.shape)} for a parameter of shape "
+                f"optimizer checkpoint has a basis of shape {tuple(shape)} for a parameter of shape "
                 f"{tuple(p.shape)}; it was saved for a different model"
             )
         return

@@ -4,6 +4,7 @@ from ..components import check_declarations, register, unregister
 from .adarank import AdaRankTracker
 from .base import Context, Tracker
 from .gaussian import GaussianTracker
+from .lazy_svd import LazySVDTracker
 from .online_pca import OnlinePCATracker
 from .random_walk import GrassJumpTracker, GrassWalkTracker
 from .subtrack import SubTrackTracker
@@ -25,6 +26,7 @@ def unregister_tracker(name: str) -> None:
 
 for _tracker in (
     SVDTracker(),
+    LazySVDTracker(),
     AdaRankTracker(),
     GrassWalkTracker(),
     GrassJumpTracker(),
