@@ -82,7 +82,7 @@ def test_q_galore_trains_int8_weights_checkpoints_and_resumes_exactly():
             losses.append(loss.item())
         return model, opt, losses
 
-    model, opt, losses = run(12)
+    model, _, losses = run(12)
     assert losses[-1] < losses[0]
     half_model, half_opt, _ = run(6)
     saved = (half_model.state_dict(), half_opt.state_dict())
