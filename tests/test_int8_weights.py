@@ -211,3 +211,17 @@ def test_the_plan_counts_int8_weights_as_the_model_stores_them():
     plan = plan_memory(meta, method="galore", dtype="int8", probe=False)
     stored = int8_bytes(model) + sum(p.numel() * p.element_size() for p in model.parameters() if not is_int8(p))
     assert plan.line("weights") == stored, plan.table()
+
+
+@pytest.mark.parametrize("group", [None, 64])
+def test_a_resumed_preset_is_built_from_the_checkpoints_tensors_themselves(group):
+    torch.manual_seed(0)
+    trained = build_llama("tiny", vocab_size=300, int8_group_size=group)
+    state = trained.state_dict()
+    model = build_llama("tiny", vocab_size=300, int8_group_size=group, state=state)
+    for name, p in model.named_parameters():  # the same storage: the weights are held once
+        stored = p.codes if is_int8(p) else p
+        assert stored.data_ptr() == state[name].data_ptr(), name
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    ids = torch.randint(0, 300, (2, 8))
+    torch.testing.assert_close(model(input_ids=ids).logits, trained(input_ids=ids).logits)

@@ -65,6 +65,14 @@ def store(state: dict, basis: torch.Tensor, group: dict) -> None:
         state["basis"], state["basis_scale"] = codes.to(torch.int8), scale
 
 
+def basis_shape(state: dict) -> tuple[int, int]:
+    """``(k, r)`` of a stored basis, whatever its storage (a packed 4-bit one is a flat byte tensor)."""
+    if "basis_shape" in state:
+        k, r = state["basis_shape"].tolist()
+        return k, r
+    return tuple(state["basis"].shape)
+
+
 def load(state: dict) -> torch.Tensor:
     """The basis as float32 (the stored tensor itself when it is float32)."""
     basis = state["basis"]

@@ -269,12 +269,22 @@ def quantize_module_(module: nn.Module, name: str = "weight", group_size: int = 
     hold the stored form."""
     p = getattr(module, name)
     weight = Int8Weight.from_float(p.detach(), group_size, dtype or p.dtype)
-    setattr(module, name, nn.Parameter(weight, requires_grad=p.requires_grad))
+    _install(module, name, weight, p.requires_grad)
+    return module
+
+
+def wrap_stored(module: nn.Module, codes: torch.Tensor, scales: torch.Tensor, group_size: int, dtype, name="weight"):
+    """``module.<name>`` from its stored form (a checkpoint's codes and scales, used as they are)."""
+    _install(module, name, Int8Weight(_Store(codes, scales, group_size), dtype or torch.float32), True)
+    return module
+
+
+def _install(module: nn.Module, name: str, weight: Int8Weight, requires_grad: bool) -> None:
+    setattr(module, name, nn.Parameter(weight, requires_grad=requires_grad))
     if not getattr(module, "_gradspace_int8_hooks", False):
         module._register_state_dict_hook(_state_dict_hook)
         module._register_load_state_dict_pre_hook(_load_pre_hook, with_module=True)
         module._gradspace_int8_hooks = True
-    return module
 
 
 def int8_bytes(model: nn.Module) -> int:

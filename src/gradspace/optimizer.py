@@ -759,7 +759,7 @@ class SubspaceOptimizer(Optimizer):
                 tracker = get_tracker(group["tracker"])
                 per_weight[name] = {
                     "shape": tuple(p.shape),
-                    "rank": int(st["basis"].shape[1]),
+                    "rank": int(basis_storage.basis_shape(st)[1]),
                     "energy": _num(d.get("energy")),
                     "angle": _num(d.get("angle")),
                     "updates": int(st.get("updates", 0)),

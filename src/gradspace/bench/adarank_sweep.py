@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from ..basis_storage import basis_shape
 from ..methods import create_optimizer
 from ..optimizer import optimizer_state_bytes
 from ..train.assets import shakespeare_text
@@ -72,7 +73,7 @@ def _train(build, train, held_out, method: str, opts: dict, rank: int, gap: int,
         opt.zero_grad(set_to_none=True)
         model(input_ids=x, labels=x).loss.backward()
         opt.step()
-        ranks.append(sum(opt.state[p]["basis"].shape[1] for p in projected) / len(projected))
+        ranks.append(sum(basis_shape(opt.state[p])[1] for p in projected) / len(projected))
         state.append(optimizer_state_bytes(opt))
     with torch.no_grad():
         val = sum(model(input_ids=x, labels=x).loss.item() for x in held_out) / len(held_out)

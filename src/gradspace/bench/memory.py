@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..basis_storage import basis_shape
 from ..methods import METHODS, create_optimizer, preset_projection
 from ..optimizer import optimizer_state_bytes
 from ..train.models import PRESETS, build_llama
@@ -248,7 +249,7 @@ def adarank_table(
         ranks, clocks = {}, {}
         for p, st in opt.state.items():
             if "basis" in st:
-                ranks[names[p]] = st["basis"].shape[1]
+                ranks[names[p]] = basis_shape(st)[1]
                 clocks[names[p]] = (st["step"] - st.get("trk_last", 0), st["updates"])
         counted = optimizer_state_bytes(opt)
         formula = formula_bytes(model, method, rank, {"update_proj_gap": gap}, ranks, clocks)

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from ..basis_storage import basis_shape
 from ..layerwise import Layerwise
 from ..methods import METHODS, create_optimizer
 from ..optimizer import optimizer_state_bytes
@@ -96,7 +97,7 @@ def peak_child(spec: dict) -> dict:
     }
     if method != "torch-adamw":
         names = {p: n for n, p in model.named_parameters()}
-        ranks = {names[p]: st["basis"].shape[1] for p, st in opt.state.items() if "basis" in st}
+        ranks = {names[p]: basis_shape(st)[1] for p, st in opt.state.items() if "basis" in st}
         clocks = {
             names[p]: (st["step"] - st.get("trk_last", 0), st["updates"])
             for p, st in opt.state.items()

@@ -62,6 +62,7 @@ def build_llama(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     int8_group_size: int | None = None,
+    state: dict[str, torch.Tensor] | None = None,
     **overrides,
 ):
     """A freshly initialised ``LlamaForCausalLM`` of a preset (random init draws on torch's global RNG), built in
@@ -70,10 +71,14 @@ def build_llama(
     ``device="meta"`` builds the model without allocating its weights, e.g. to count parameters of the 7B.
     ``int8_group_size``: the blocks' linear weights stored in int8 (``gradspace.int8_weights``), each quantised as
     soon as it is initialised, so the model never exists in full precision.
+    ``state``: a checkpoint's model state, which becomes the model's own tensors (no initialisation, no second
+    copy: a resumed 7B holds its weights once).
     """
     from transformers import LlamaForCausalLM
 
     config = llama_config(preset, vocab_size, **overrides)
+    if state is not None:
+        return _from_state(LlamaForCausalLM, config, torch.device(device or "cpu"), dtype, int8_group_size, state)
     if int8_group_size is not None:
         return _build_int8(LlamaForCausalLM, config, torch.device(device or "cpu"), dtype, int8_group_size)
     kwargs = {"dtype": dtype} if dtype is not None else {}
@@ -99,6 +104,40 @@ def _build_int8(cls, config, device: torch.device, dtype: torch.dtype | None, gr
                 model._init_weights(module)
                 if name in targets:
                     quantize_module_(module, "weight", group_size, dtype)
+    model.tie_weights()
+    return model
+
+
+def _from_state(cls, config, device: torch.device, dtype, group_size: int | None, state: dict[str, torch.Tensor]):
+    """The model whose parameters are ``state``'s tensors (moved to ``device`` and ``dtype`` only if they are not
+    there); buffers not in the state (rotary frequencies) initialised by the model's own ``_init_weights``."""
+    from torch import nn
+
+    from ..int8_weights import SCALES_SUFFIX, Int8Weight, int8_modules, wrap_stored
+
+    with torch.device("meta"):
+        model = cls._from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+    targets = set(int8_modules(model)) if group_size is not None else set()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if any(b.is_meta for b in module.buffers(recurse=False)):
+                module.to_empty(device=device, recurse=False)
+                model._init_weights(module)
+            for pname, p in list(module._parameters.items()):
+                key = f"{name}.{pname}" if name else pname
+                if p is None or key not in state:
+                    continue
+                if name in targets and pname == "weight" and key + SCALES_SUFFIX in state:
+                    wrap_stored(module, state[key].to(device), state[key + SCALES_SUFFIX].to(device), group_size, dtype)
+                    continue
+                value = state[key]
+                if isinstance(value, Int8Weight):
+                    raise TypeError(f"{key}: an int8 weight outside the int8 targets")
+                value = value.to(device=device, dtype=dtype or value.dtype)
+                module._parameters[pname] = nn.Parameter(value, requires_grad=p.requires_grad)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise KeyError(f"the checkpoint has no {', '.join(left[:3])}")
     model.tie_weights()
     return model
 

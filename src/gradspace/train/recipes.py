@@ -26,7 +26,8 @@ def run_pretrain(cfg: dict[str, Any], out: Path, *, data: Data | None = None, **
     """Pretrain one run into ``out`` (created only once everything is set up); returns its summary. ``run``:
     the :class:`Trainer`'s options (``resume``, ``stop_after``, ``label``, ``parallel``, ``overwrite``)."""
     parallel = _placement(cfg, run.pop("parallel", None))
-    return Trainer(cfg, out, pretrain_recipe(cfg, out, parallel, data), parallel=parallel, **run).run()
+    recipe = pretrain_recipe(cfg, out, parallel, data, resume=run.get("resume"))
+    return Trainer(cfg, out, recipe, parallel=parallel, **run).run()
 
 
 def run_finetune(cfg: dict[str, Any], out: Path, *, setup: FinetuneSetup | None = None, **run) -> dict[str, Any]:
@@ -35,9 +36,12 @@ def run_finetune(cfg: dict[str, Any], out: Path, *, setup: FinetuneSetup | None 
     return Trainer(cfg, out, finetune_recipe(cfg, out, parallel, setup), parallel=parallel, **run).run()
 
 
-def pretrain_recipe(cfg: dict[str, Any], out: Path, parallel: Parallel, data: Data | None = None) -> Recipe:
+def pretrain_recipe(
+    cfg: dict[str, Any], out: Path, parallel: Parallel, data: Data | None = None, resume: dict | None = None
+) -> Recipe:
     """A causal LM (a LLaMA preset or ``--model``) on a corpus: validation loss and perplexity on fixed batches,
-    exported with a tokenizer that fits it."""
+    exported with a tokenizer that fits it. A preset resumed from a one-file checkpoint is built from the
+    checkpoint's tensors (``build_llama(state=...)``), so its weights are held once."""
     import torch
 
     from .export import export_causal_lm
@@ -48,7 +52,8 @@ def pretrain_recipe(cfg: dict[str, Any], out: Path, parallel: Parallel, data: Da
     data = data or Data(cfg, parallel.world)
     stream = parallel.shard(data.stream(parallel.world * cfg["batch_size"]))  # each rank its rows
     torch.manual_seed(cfg["seed"])
-    model = _causal_lm(cfg, data.vocab_size)
+    state = resume.get("model") if resume and not resume.get("dcp") and parallel.world == 1 else None
+    model = _causal_lm(cfg, data.vocab_size, state)
     settings = PRETRAIN.settings(cfg)
     own_rank = "rank" in preset_projection(cfg["method"])
     if cfg.get("model") and METHODS[cfg["method"]] is not None and cfg.get("rank") is None and not own_rank:
@@ -252,7 +257,7 @@ def _prepare_model(cfg: dict[str, Any], model):
     return model
 
 
-def _causal_lm(cfg: dict[str, Any], vocab_size: int):
+def _causal_lm(cfg: dict[str, Any], vocab_size: int, state: dict | None = None):
     """The preset's LLaMA, or ``--model``: a local Hugging Face folder (its weights unless ``--fresh``) or config.
 
     Its broken ``config.json`` or truncated safetensors are one-line errors naming the file; a folder with no
@@ -262,7 +267,13 @@ def _causal_lm(cfg: dict[str, Any], vocab_size: int):
         from .models import build_llama
         from .precision import int8_group_size
 
-        return build_llama(cfg["preset"], vocab_size, dtype=_dtype(cfg), int8_group_size=int8_group_size(cfg))
+        group = int8_group_size(cfg)
+        if state is not None:
+            try:
+                return build_llama(cfg["preset"], vocab_size, dtype=_dtype(cfg), int8_group_size=group, state=state)
+            except (KeyError, TypeError, RuntimeError):
+                pass  # not this model's state: built as usual, and the restore says what does not fit
+        return build_llama(cfg["preset"], vocab_size, dtype=_dtype(cfg), int8_group_size=group)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .modelfolder import check_weights, read_config
