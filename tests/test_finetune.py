@@ -397,3 +397,16 @@ def test_finetune_eval_dataset_from_the_command_line(tmp_path, sentiment_csv, ca
     said = capsys.readouterr()
     assert f"96 train / {len(HELD_OUT)} validation examples" in said.out + said.err
     assert run("finetune", "--task", "trec", "--eval-dataset", held, "--steps", "2", *FAST) == 2
+
+
+def test_an_encoder_fine_tunes_with_int8_weights_and_resumes_bit_identically(tmp_path, sentiment_csv):
+    args = ["finetune", "--task", sentiment_csv, "--method", "galore", "--steps", "4", "--update-gap", "2"]
+    args += ["--lr", "1e-4", "--eval-every", "2", "--dtype", "int8", *FAST]
+    assert run(*args, "--out", tmp_path / "full") == 0
+    assert run(*args, "--out", tmp_path / "cut", "--stop-after", "2") == 130
+    assert run("finetune", "--resume", tmp_path / "cut", "--threads", "1") == 0
+    full, cut = (load_checkpoint(list_checkpoints(tmp_path / r / "checkpoints")[-1])["model"] for r in ("full", "cut"))
+    int8 = [k for k, v in full.items() if v.dtype == torch.int8]
+    assert int8 and all(k + "_scales" in full for k in int8)  # the encoder's linear weights, stored in 8 bits
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    assert (tmp_path / "full" / "model" / "config.json").is_file()
