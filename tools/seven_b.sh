@@ -20,6 +20,9 @@ import json, sys
 for line in open(sys.argv[1] + "/metrics.jsonl"):
     r = json.loads(line)
     if "step" in r and "loss" in r:
-        print(f"step {r['step']}: loss {r['loss']:.4f}, step time {r['step_time']:.0f} s")
+        parts = ", ".join(f"{k} {r[k]:.1f} s" for k in ("forward_time", "backward_time", "optimizer_time",
+                                                        "subspace_update_time") if k in r)
+        print(f"step {r['step']}: loss {r['loss']:.4f}, step {r['step_time']:.1f} s ({parts}; layer-wise: the "
+              "optimizer's time is inside the backward's)")
 PY
 ls "$out/model"

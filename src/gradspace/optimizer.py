@@ -175,6 +175,7 @@ class SubspaceOptimizer(Optimizer):
         self.process_group = process_group
         self._new_bases: dict[torch.Tensor, torch.Tensor] | None = None
         self.skipped_steps = 0
+        self._step_seconds = 0.0
         self._clipped: list[str] = []
         self._diag: dict[torch.Tensor, dict[str, Any]] = {}
         self._index: dict[torch.Tensor, int] | None = None
@@ -436,9 +437,11 @@ class SubspaceOptimizer(Optimizer):
                 full_rank.setdefault(id(group), []).append(p)
             else:
                 self._step_param(group, p)
+        t0 = time.perf_counter()
         for group in self.param_groups:
             if id(group) in full_rank:
                 self._step_full_rank(group, full_rank[id(group)])
+        self._step_seconds += time.perf_counter() - t0
         return loss
 
     def _check_grads(self, work) -> bool:
@@ -503,7 +506,21 @@ class SubspaceOptimizer(Optimizer):
             raise FloatingPointError(f"non-finite accumulated gradient in {self._name(group, p)}; nothing was updated")
         self._step_param(group, p, projected_grad)
 
+    def seconds(self) -> dict[str, float]:
+        """Running totals since the optimizer was built: ``optimizer_time``, the seconds stepping weights (projection,
+        inner rule, write-back, subspace updates; inside backward under ``Layerwise``), and ``subspace_update_time``,
+        the part in subspace updates (``gradspace.train.loop`` reports both per step)."""
+        updates = sum(d.get("update_seconds", 0.0) for d in self._diag.values())
+        return {"optimizer_time": self._step_seconds, "subspace_update_time": updates}
+
     def _step_param(self, group: dict, p: torch.Tensor, projected_grad: torch.Tensor | None = None) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._step_param_now(group, p, projected_grad)
+        finally:
+            self._step_seconds += time.perf_counter() - t0
+
+    def _step_param_now(self, group: dict, p: torch.Tensor, projected_grad: torch.Tensor | None = None) -> None:
         layout = self.layout(p, group)
         if layout is None:
             self._step_full_rank(group, [p])
@@ -682,6 +699,7 @@ class SubspaceOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._clipped, self._diag, self._index, self._shapes, self._new_bases = [], {}, None, {}, None
+        self._step_seconds = 0.0
         self._building = False
         if not hasattr(self, "_rule_options"):  # pickled by a version that kept only the given options as defaults
             self._rule_options = {k: v for k, v in self.defaults.items() if k not in ("lr", "weight_decay", "base")}

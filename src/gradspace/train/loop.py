@@ -41,12 +41,15 @@ def _model_inputs(batch: Batch | dict[str, torch.Tensor], device: torch.device) 
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _backward_window(model, batches, device, grad_accum, step, skip_nonfinite, all_finite) -> tuple[float, int, bool]:
-    """Forward and backward of one step's ``grad_accum`` micro-batches: ``(summed loss, tokens, all finite)``."""
+def _backward_window(model, batches, device, grad_accum, step, skip_nonfinite, all_finite, times: dict[str, float]):
+    """Forward and backward of one step's ``grad_accum`` micro-batches: ``(summed loss, tokens, all finite)``; the
+    seconds of each are added to ``times`` (a layer-wise optimizer's steps are inside the backward's)."""
     total_loss, step_tokens, finite = 0.0, 0, True
     for _ in range(grad_accum):
         inputs = _model_inputs(next(batches), device)
+        t0 = time.perf_counter()
         loss = model(**inputs).loss
+        times["forward_time"] += time.perf_counter() - t0
         here = bool(torch.isfinite(loss))
         if not (here if all_finite is None else all_finite(here)):
             if not skip_nonfinite:
@@ -56,7 +59,9 @@ def _backward_window(model, batches, device, grad_accum, step, skip_nonfinite, a
                 )
             finite = False  # the rest of the window is still drawn, so the data position stays the same
             continue
+        t0 = time.perf_counter()
         (loss / grad_accum if grad_accum > 1 else loss).backward()
+        times["backward_time"] += time.perf_counter() - t0
         total_loss += loss.item()
         mask = inputs.get("attention_mask")
         step_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
@@ -112,8 +117,10 @@ def train(
     skipped = 0
     for step in range(start_step + 1, steps + 1):
         t0 = time.perf_counter()
+        times = {"forward_time": 0.0, "backward_time": 0.0}
+        before = _optimizer_seconds(optimizer)
         total_loss, step_tokens, finite = _backward_window(
-            model, batches, device, grad_accum, step, skip_nonfinite, all_finite
+            model, batches, device, grad_accum, step, skip_nonfinite, all_finite, times
         )
         grad_norm = None
         if grad_clip and finite:
@@ -135,6 +142,8 @@ def train(
             "grad_norm": grad_norm,
             "step_time": step_time,
             "tokens_per_s": step_tokens / step_time,
+            **times,
+            **{k: v - before[k] for k, v in _optimizer_seconds(optimizer).items()},
         }
         history.append(record)
         if callback is not None and (step % max(1, log_every) == 0 or step == steps):
@@ -143,6 +152,13 @@ def train(
             stopped_at = step
             break
     return _result(history, skipped, time.perf_counter() - start, tokens, stopped_at)
+
+
+def _optimizer_seconds(optimizer) -> dict[str, float]:
+    """A gradspace optimizer's running totals: seconds stepping weights (projection, inner rule, write-back,
+    subspace updates) and of those in subspace updates; nothing for another optimizer."""
+    timing = getattr(optimizer, "seconds", None)
+    return timing() if callable(timing) else {}
 
 
 def _result(history, skipped: int, wall_time: float, tokens: int, stopped_at) -> dict[str, Any]:

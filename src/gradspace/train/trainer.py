@@ -63,6 +63,10 @@ class TrainState:
         return self.elapsed_before + time.perf_counter() - self.clock
 
 
+#: where a step's time went (``gradspace.train.loop``), logged with the step: the logged step's own, not a window's
+TIMES = ("forward_time", "backward_time", "optimizer_time", "subspace_update_time")
+
+
 class MetricsLog:
     """``metrics.jsonl`` and the ``--report-to`` reporters (rank 0 only): a train line every ``log_every`` steps
     with the mean loss of its window (as the Hugging Face Trainer logs it), and an eval line per evaluation."""
@@ -91,8 +95,9 @@ class MetricsLog:
             return
         mean = sum(self.window) / len(self.window) if self.window else float("nan")
         self.window.clear()
-        keys = ("lr", "tokens_per_s", "step_time", "grad_norm")
-        self.write({"type": "train", "step": r["step"], "loss": mean, **{k: r[k] for k in keys}, "elapsed": elapsed})
+        keys = ("lr", "tokens_per_s", "step_time", "grad_norm", *TIMES)
+        record = {k: r[k] for k in keys if k in r}
+        self.write({"type": "train", "step": r["step"], "loss": mean, **record, "elapsed": elapsed})
 
     def close(self) -> None:
         self.file.close()
