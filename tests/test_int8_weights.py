@@ -129,11 +129,13 @@ def test_the_state_dict_holds_the_stored_form_and_loads_back_exactly():
     torch.testing.assert_close(other.get_submodule(key[:-7]).weight.dequantize(), float_state[key], atol=1e-3, rtol=0)
 
 
-def _train(method: str, dtype: torch.dtype, layerwise: bool, steps: int = 4) -> tuple[list[float], nn.Module]:
+def _train(
+    method: str, dtype: torch.dtype, layerwise: bool, steps: int = 4, int8: bool = True, **kw
+) -> tuple[list[float], nn.Module]:
     torch.manual_seed(0)
-    model = build_llama("tiny", vocab_size=300, dtype=dtype, int8_group_size=64)
+    model = build_llama("tiny", vocab_size=300, dtype=dtype, int8_group_size=64 if int8 else None)
     options = {} if METHODS[method] is None else {"rank": 4, "update_proj_gap": 2}
-    opt = create_optimizer(method, model, lr=1e-2, **options)
+    opt = create_optimizer(method, model, lr=1e-2, **options, **kw)
     lw = Layerwise(opt) if layerwise else None
     ids = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(1))
     losses = []
@@ -152,6 +154,13 @@ def test_every_method_trains_int8_weights(method):
     losses, model = _train(method, torch.float32, layerwise=False)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
     assert all(is_int8(p) for n, p in model.named_parameters() if n.endswith("proj.weight"))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_bfloat16_weights_with_stochastic_rounding(method):
+    losses, model = _train(method, torch.bfloat16, layerwise=False, int8=False, weight_rounding="stochastic")
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
 @pytest.mark.parametrize("method", ["galore", "apollo-mini", "adamw"])
