@@ -299,7 +299,8 @@ def _state_how(part: str, s: Setup, rank: int) -> str:
     if "bases" in part:
         if not METHODS[s.method]:
             return "none (full rank)"
-        return f"{METHODS[s.method]['tracker']} tracker, {s.optim_args.get('basis_dtype', 'float32')} basis"
+        basis = {**METHODS[s.method], **s.optim_args}.get("basis_dtype", "float32")
+        return f"{METHODS[s.method]['tracker']} tracker, {basis} basis"
     return (
         f"{s.base} on the weights trained in full rank (all of them for {s.method})"
         if not METHODS[s.method]
