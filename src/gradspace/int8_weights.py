@@ -45,6 +45,8 @@ SCALES_SUFFIX = "_scales"
 #: a value within this fraction of a step of a code is that code: ``code * scale / scale`` is off by a float32
 #: rounding, which stochastic rounding must not turn into a one-step move of an element no update touched
 SNAP = 2.0**-12
+#: elements quantised or dequantised at a time: whole at once, a 7B weight's float32 temporaries took about 1.2 GB
+CHUNK = 1 << 22
 #: steps left above a group's largest value when it is given a scale (a rescale re-rounds the whole group: it
 #: should be rare, and an update far below one step must not cause one); 120 of the 127 codes are used
 ROOM = 7.0
@@ -59,9 +61,20 @@ def quantize(
     """``(codes, scales)`` of a 2-D float tensor: int8 codes (``value``'s shape) and float32 scales (rows x groups).
     ``generator``: stochastic rounding (down or up, up with the probability of the distance from below), else
     round-to-nearest. ``scales``: the weight's current scales, kept for every group whose largest value still fits
-    in 64 to 127 steps (so an element the update did not move keeps its code exactly); the others get a new scale."""
+    in 64 to 127 steps (so an element the update did not move keeps its code exactly); the others get a new scale.
+    Done :data:`CHUNK` elements at a time (whole rows), so its float32 temporaries stay small."""
     rows, cols = value.shape
     g = group_size if group_size and cols % group_size == 0 else cols
+    codes = torch.empty(rows, cols, dtype=torch.int8, device=value.device)
+    new_scales = torch.empty(rows, cols // g, dtype=torch.float32, device=value.device)
+    for a, b in _row_chunks(rows, cols):
+        old = None if scales is None else scales[a:b]
+        codes[a:b], new_scales[a:b] = _quantize_rows(value[a:b], g, generator, old)
+    return codes, new_scales
+
+
+def _quantize_rows(value: torch.Tensor, g: int, generator: torch.Generator | None, scales: torch.Tensor | None):
+    rows, cols = value.shape
     grouped = value.detach().float().reshape(rows, cols // g, g)
     amax = grouped.abs().amax(-1)
     fresh = amax / (127.0 - ROOM)  # the largest value has ROOM steps to grow before its group is rescaled
@@ -80,10 +93,19 @@ def quantize(
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight in ``dtype``, dequantised :data:`CHUNK` elements at a time into the result."""
     rows, cols = codes.shape
     groups = scales.shape[1]
-    value = codes.reshape(rows, groups, cols // groups).to(torch.float32) * scales.unsqueeze(-1)
-    return value.reshape(rows, cols).to(dtype)
+    out = torch.empty(rows, cols, dtype=dtype, device=codes.device)
+    for a, b in _row_chunks(rows, cols):
+        part = codes[a:b].reshape(b - a, groups, cols // groups).to(torch.float32) * scales[a:b].unsqueeze(-1)
+        out[a:b] = part.reshape(b - a, cols)
+    return out
+
+
+def _row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
+    step = max(1, CHUNK // max(1, cols))
+    return [(a, min(rows, a + step)) for a in range(0, rows, step)]
 
 
 #: stochastic rounding's generator, or a callable giving it when the write-back happens; None: to the nearest code

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from ..int8_weights import CHUNK
+
 GiB = 2**30
 #: what the allocator keeps beyond the live tensors, as a share of them (measured: docs/benchmarks.md)
 HEADROOM = 0.03
@@ -182,7 +184,8 @@ def plan_memory(model, setup: Setup | None = None, *, probe: bool = True, **opti
 
     base = process_baseline(s.device) if probe else 0
     fixed = weights + sum(state.values())
-    dequantised = 6 * max((p.numel() for p in params if id(p) in int8), default=0)  # float32, then compute dtype
+    # the backward's dequantised weight (compute dtype), made a chunk at a time through float32
+    dequantised = elem * max((p.numel() for p in params if id(p) in int8), default=0) + 8 * CHUNK * bool(int8)
     backward = fixed + acts + loss_backward + gathered + (biggest_grad if not held_all else 0) + dequantised
     step = fixed + grads + ddp_buckets + step_ws + gathered  # FSDP2: backward's end, every shard's gradient held
     live = max(backward, step)
@@ -256,8 +259,8 @@ def _step_workspace(model, s: Setup, largest: tuple[int, int], trainable, int8: 
     if s.weight_rounding == "stochastic" and s.dtype == "bfloat16":  # the float32 copy, the noise, the rounded
         ws += 12 * max(p.numel() for p in trainable)
         how += ", and stochastic rounding's float32 copy"
-    if int8:  # the float32 working copy, then quantising it: the noise, the scaled copy, the codes
-        ws += 13 * max(p.numel() for p in trainable if id(p) in int8)
+    if int8:  # the float32 working copy, and quantising it a chunk at a time (about 7 float32 temporaries)
+        ws += 4 * max(p.numel() for p in trainable if id(p) in int8) + 28 * CHUNK
         how += ", and the int8 weight's float32 working copy and its quantisation"
     return ws, how
 
