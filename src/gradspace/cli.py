@@ -157,6 +157,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     import contextlib
     import os
 
+    from .train.allocator import return_freed_memory
+
+    return_freed_memory()  # before a checkpoint is read: what its load frees goes back to the OS (glibc)
     command, name, load, model, train, done = TRAINING[args.command]
     out = target(args, command, name)
     with RunLock(out, create=True) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
