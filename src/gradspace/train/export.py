@@ -73,7 +73,8 @@ def _full_vocabulary(model, vocab_map: torch.Tensor, size: int):
     return full
 
 
-SHARD_BYTES = 2 * 2**30
+#: an int8 model's export shard: dequantised, and copied once more by safetensors while it is written
+SHARD_BYTES = 2**29
 
 
 def float_state(model) -> dict[str, torch.Tensor]:
@@ -90,8 +91,8 @@ def float_state(model) -> dict[str, torch.Tensor]:
 
 def save_dequantized(model, folder: Path) -> None:
     """A model with int8 weights as a Hugging Face folder of dequantised weights (the compute dtype), in safetensors
-    shards of at most :data:`SHARD_BYTES`, each dequantised only while its shard is written: at 7B the model is
-    6.5 GB in int8 and would be 13 more as one bfloat16 state dict."""
+    shards of at most :data:`SHARD_BYTES` (512 MiB), each dequantised only while its shard is written: at 7B the
+    model is 6.5 GB in int8 and would be 13 more as one bfloat16 state dict."""
     from safetensors.torch import save_file
 
     state, seen = float_state(model), set()

@@ -159,6 +159,7 @@ class Checkpoints:
             first = str(err).strip().splitlines()[0][:200]
             error = ck.CheckpointError(f"checkpoint does not fit this run ({first})")
         self.parallel.agree(error)
+        resume["model"] = resume["optimizer"] = None  # held by the model and optimizer now: a 7B keeps one copy
         ck.set_rng_state(resume["rng"])
         if Path(resume.get("path", "")).parent.resolve() == self.folder.resolve():
             self.saved = int(resume["step"])  # that checkpoint is this folder's already: not written again
@@ -390,6 +391,7 @@ class Trainer:
             tokens_per_s=result["tokens_per_s"],
         )
         if recipe.export is not None and not summary["diverged"]:
+            recipe.optimizer.state.clear()  # saved and summarised: the export has the memory (7B: 7 GiB of state)
             path = export_model(self.parallel, recipe.inner, recipe.export, cfg["steps"])
             if path is not None:
                 summary["model_folder"] = str(path)
