@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from gradspace.basis_storage import basis_shape
 from gradspace.bench import memory
 from gradspace.bench.__main__ import main
 
@@ -48,7 +49,7 @@ def test_formula_equals_bytes_held_on_real_tensors(label):
     held, counted, model, opt = memory.count_state("tiny", method, RANK, options, "cpu", VOCAB)
     names = {p: n for n, p in model.named_parameters()}
     # adarank chooses its rank from the data: the formula takes the chosen ranks (and nothing else) as input
-    ranks = {names[p]: st["basis"].shape[1] for p, st in opt.state.items() if "basis" in st}
+    ranks = {names[p]: basis_shape(st)[1] for p, st in opt.state.items() if "basis" in st}
     formula = memory.formula_bytes(model, method, RANK, {"update_proj_gap": 200, **options}, ranks)
     assert held == counted == formula
     if method != "adamw":
