@@ -135,16 +135,8 @@ def train(
             scheduler.step()
         step_time = time.perf_counter() - t0
         tokens += step_tokens
-        record = {
-            "step": step,
-            "loss": total_loss / grad_accum if finite else float("nan"),
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "step_time": step_time,
-            "tokens_per_s": step_tokens / step_time,
-            **times,
-            **{k: v - before[k] for k, v in _optimizer_seconds(optimizer).items()},
-        }
+        loss = total_loss / grad_accum if finite else float("nan")
+        record = _record(step, loss, lr, grad_norm, step_time, step_tokens, times, before, optimizer)
         history.append(record)
         if callback is not None and (step % max(1, log_every) == 0 or step == steps):
             callback(record)
@@ -152,6 +144,13 @@ def train(
             stopped_at = step
             break
     return _result(history, skipped, time.perf_counter() - start, tokens, stopped_at)
+
+
+def _record(step, loss, lr, grad_norm, step_time, step_tokens, times, before, optimizer) -> dict[str, Any]:
+    """A step's record: its loss, rate, timings (``times``: forward and backward; the optimizer's since ``before``)."""
+    spent = {k: v - before[k] for k, v in _optimizer_seconds(optimizer).items()}
+    return {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time": step_time,
+            "tokens_per_s": step_tokens / step_time, **times, **spent}  # fmt: skip
 
 
 def _optimizer_seconds(optimizer) -> dict[str, float]:
