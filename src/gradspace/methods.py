@@ -89,7 +89,7 @@ def unregister_method(name: str) -> None:
 def preset_projection(name: str) -> dict[str, Any]:
     """The projection settings a preset fixes itself (APOLLO-Mini's rank 1 and scale 128), which take the place of
     the caller's defaults but not of values the user gives."""
-    return {k: v for k, v in (METHODS[name.lower()] or {}).items() if k in PROJECTION_KEYS}
+    return {k: v for k, v in (METHODS.get(name.lower()) or {}).items() if k in PROJECTION_KEYS}
 
 
 def create_optimizer(

@@ -23,11 +23,18 @@ from .memory import GiB, Plan, Setup, plan_memory
 
 def setup_of(cfg: dict[str, Any], world: int = 1, fsdp: bool = False) -> Setup:
     """The memory-relevant part of a ``pretrain`` configuration."""
+    from ..methods import METHODS
     from ..train.config import parse_optim_args
+    from ..train.errors import UsageError
 
+    method, base = cfg["method"], cfg["base"]
+    if method == "adamw8bit":  # the baseline is full-rank AdamW with the 8-bit rule
+        method, base = "adamw", "adamw8bit"
+    if method not in METHODS:
+        raise UsageError(f"the memory plan does not model method {method} yet (adapters, factors or blocks)")
     return Setup(
-        method=cfg["method"],
-        base=cfg["base"],
+        method=method,
+        base=base,
         rank=cfg.get("rank"),
         update_gap=cfg.get("update_gap") or 200,
         dtype=cfg["dtype"],

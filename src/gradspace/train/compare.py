@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import optim_args
-from ..methods import METHODS
+from ..baselines import is_known, is_projected, method_names, takes_rank
 from .atomic import write_atomic
 from .config import FINETUNE, PRETRAIN, SEED_RANGE, parse_optim_args
 from .encoder import FinetuneSetup
@@ -47,8 +47,8 @@ def method_options(label: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """``"adarank:eta_th=0.02"`` -> ``("adarank", {}, {"eta_th": 0.02})``: (preset, training options, optim_args)."""
     name, _, rest = label.partition(":")
     name = name.strip().lower()
-    if name not in METHODS:
-        raise UsageError(f"unknown method {name!r} in {label!r}; choose from {', '.join(METHODS)}")
+    if not is_known(name):
+        raise UsageError(f"unknown method {name!r} in {label!r}; choose from {', '.join(method_names())}")
     try:
         given = optim_args.parse(rest, f"method {label!r}", sep=";")
     except ValueError as err:
@@ -57,8 +57,10 @@ def method_options(label: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     for key, value in given.items():
         key = key.replace("-", "_")
         (run if key in PER_METHOD else optim)[key] = value
-    if METHODS[name] is None and (optim or {"rank", "update_gap", "scale"} & set(run)):
+    if name == "adamw" and (optim or {"rank", "update_gap", "scale"} & set(run)):
         raise UsageError(f"method {label!r}: adamw is full rank and takes no projection options")
+    if not takes_rank(name) and {"rank", "update_gap", "scale"} & set(run):
+        raise UsageError(f"method {label!r}: {name} has no rank, update gap or scale")
     return name, run, optim
 
 
@@ -69,7 +71,7 @@ def parse_methods(value) -> list[str]:
     else:
         labels = [str(m).strip() for m in value]
     if not labels:
-        raise UsageError(f"no methods given; choose from {', '.join(METHODS)}")
+        raise UsageError(f"no methods given; choose from {', '.join(method_names())}")
     labels = [m if ":" in m else m.lower() for m in labels]
     for label in labels:
         method_options(label)
@@ -136,8 +138,10 @@ def run_config(base: dict[str, Any], label: str, seed: int, lr: float | None = N
     cfg = {**base, "method": method, "seed": seed, **run}
     if optim:
         cfg["optim_args"] = {**parse_optim_args(base.get("optim_args")), **optim}
-    if METHODS[method] is None:
+    if not takes_rank(method):
         cfg.update(rank=None, update_gap=None)
+    elif not is_projected(method):
+        cfg.update(update_gap=None)
     if lr is not None:
         cfg["lr"] = lr
     return cfg

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import optim_args
-from ..methods import METHODS, preset_projection
+from ..baselines import BASELINES, is_known, is_projected, method_names, takes_rank
+from ..methods import preset_projection
 from . import options
 from .errors import UsageError
 from .options import COMPARE_KEYS, COMPARE_OPTIONS, DEFAULT_COMPARE, EVAL_BATCH, PRESET_NAMES, SCHEDULERS, TOKENIZERS
@@ -75,18 +76,19 @@ def max_rank(preset: str) -> int:
 
 def _validate_shared(cfg: dict[str, Any], positive: tuple[str, ...], non_negative: tuple[str, ...]) -> None:
     """Checks common to pretraining and fine-tuning configs."""
-    if cfg["method"] not in METHODS:
-        raise UsageError(f"unknown method {cfg['method']!r}; choose one of {', '.join(METHODS)}")
+    if not is_known(cfg["method"]):
+        raise UsageError(f"unknown method {cfg['method']!r}; choose one of {', '.join(method_names())}")
     for key in positive:
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise UsageError(f"{key.replace('_', '-')} must be a positive integer, got {cfg[key]!r}")
     for key in non_negative:
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 0:
             raise UsageError(f"{key.replace('_', '-')} must be a non-negative integer, got {cfg[key]!r}")
-    if METHODS[cfg["method"]] is None:
-        for key in ("rank", "update_gap"):
-            if cfg.get(key) is not None:
-                raise UsageError(f"--{key.replace('_', '-')} does not apply to method adamw (full rank)")
+    for key in ("rank", "update_gap"):
+        applies = is_projected(cfg["method"]) or (key == "rank" and takes_rank(cfg["method"]))
+        if cfg.get(key) is not None and not applies:
+            what = "full rank" if cfg["method"] == "adamw" else "not a subspace method"
+            raise UsageError(f"--{key.replace('_', '-')} does not apply to method {cfg['method']} ({what})")
     for key in ("rank", "update_gap"):
         if cfg.get(key) is not None and (not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1):
             raise UsageError(f"{key.replace('_', '-')} must be a positive integer, got {cfg[key]!r}")
@@ -184,7 +186,7 @@ PRESET_PROJECTION = {
 def _pretrain_lr(cfg: dict[str, Any]) -> float:
     if cfg["preset"] in ("tiny", "mini"):
         return 3e-3
-    return 1e-2 if METHODS[cfg["method"]] is not None else 1e-3
+    return 1e-2 if is_projected(cfg["method"]) else 1e-3
 
 
 @dataclass(frozen=True)
@@ -217,7 +219,9 @@ class Command:
         """The optimizer's lr and projection: the command's defaults, in place of which a preset may fix its own
         (APOLLO-Mini: rank 1, scale 128), overridden by the config."""
         out: dict[str, Any] = {"lr": cfg["lr"] if cfg.get("lr") is not None else self.lr(cfg)}
-        if METHODS[cfg["method"]] is not None:
+        if takes_rank(cfg["method"]) and not is_projected(cfg["method"]):  # a baseline's adapters or factors
+            out["rank"] = cfg.get("rank") or self.projection(cfg)[0]
+        if is_projected(cfg["method"]):
             rank, gap, scale = self.projection(cfg)
             own = preset_projection(cfg["method"])
             out.update(
@@ -268,6 +272,30 @@ def _check_training_options(cfg: dict[str, Any]) -> None:
             "--layerwise steps every weight inside backward, before the whole gradient exists, so the gradient "
             "cannot be clipped by its global norm: add --grad-clip 0"
         )
+    if cfg["method"] in BASELINES and not is_projected(cfg["method"]):
+        _check_baseline(cfg)
+
+
+def _check_baseline(cfg: dict[str, Any]) -> None:
+    """What the baselines do not support (yet), as one-line errors before anything is built."""
+    name, baseline = cfg["method"], BASELINES[cfg["method"]]
+    for key, flag in (("layerwise", "--layerwise"), ("memory_budget", "--memory-budget")):
+        if cfg.get(key):
+            raise UsageError(f"{flag} is for the subspace methods; method {name} does not take it")
+    if cfg.get("dtype") == "int8":
+        raise UsageError(f"--dtype int8 is for the subspace methods; method {name} trains float32 or bfloat16")
+    if baseline.base is not None and cfg.get("base") not in ("adamw", baseline.base):
+        raise UsageError(f"method {name} is full-rank {baseline.base}; --base {cfg['base']} does not apply")
+    if baseline.pretraining_only and "task" in cfg:
+        raise UsageError(f"method {name} trains a factorised model from scratch: a pretraining baseline only")
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError(f"method {name} under torchrun is not supported yet: run it in one process")
+    try:
+        baseline.check(baseline.options(parse_optim_args(cfg.get("optim_args")))[0], cfg["steps"])
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 PRETRAIN = Command(

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..methods import METHODS
+from ..baselines import takes_rank
 from ..params import is_conv1d
 from . import assets
 from .config import FINETUNE, check_max_length
@@ -166,7 +166,7 @@ class FinetuneSetup:
         except ValueError as err:
             raise UsageError(str(err)) from None
         top = max_rank(self.model, self.targets)
-        if METHODS[cfg["method"]] is not None and cfg.get("rank") is not None and cfg["rank"] > top:
+        if takes_rank(cfg["method"]) and cfg.get("rank") is not None and cfg["rank"] > top:
             raise UsageError(
                 f"rank {cfg['rank']} does not fit model {cfg['model']}: the maximum allowed is {top} "
                 "(its smallest projected weight dimension)"

@@ -80,9 +80,9 @@ class Option:
             kwargs["choices"] = self.choices
         text = self.help.get(command, self.help.get("pretrain", "")) if isinstance(self.help, Per) else self.help
         if "{methods}" in text:
-            from ..methods import METHODS
+            from ..baselines import method_names
 
-            text = text.replace("{methods}", ", ".join(METHODS))
+            text = text.replace("{methods}", ", ".join(method_names()))
         kwargs["help"] = text or None
         flags = list(self.flags) or ["--" + self.key.replace("_", "-")]
         if flags[0].lstrip("-").replace("-", "_") != self.key:
@@ -97,7 +97,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "rank",
         None,  # None: the command's (by preset, d/4 for --model, 8 for fine-tuning)
-        "subspace rank (pretrain: by preset, tiny 16; finetune: 8; --model: d/4)",
+        "subspace rank, or the adapters' or factors' rank of lora, dora, relora, lowrank "
+        "(pretrain: by preset, tiny 16; finetune: 8; --model: d/4)",
         type=int,
         identity=True,
         per_method=True,

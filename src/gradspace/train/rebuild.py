@@ -59,14 +59,19 @@ def _causal_lm(run: Path, cfg: dict[str, Any], state: dict[str, Any], step: int)
     from .export import export_causal_lm
     from .precision import store_weights
     from .recipes import _causal_lm as build
+    from .recipes import baseline_export, prepare_baseline
     from .streams import Data
 
     cfg = {**PRETRAIN.defaults, **cfg}
     data = Data(cfg, 1)  # the vocabulary the run trained with: the export's tokenizer
     model = build({**cfg, "fresh": True}, data.vocab_size)  # the checkpoint's weights replace the folder's
-    model = store_weights(model, cfg)
+    model = prepare_baseline(cfg, store_weights(model, cfg), PRETRAIN.settings(cfg), None, PRETRAIN)
     _load(model, state, run)
-    return export_causal_lm(run, model, getattr(data, "dataset", None), getattr(data, "_tok", None), step=step)
+    dataset, tokenizer = getattr(data, "dataset", None), getattr(data, "_tok", None)
+    write = baseline_export(
+        cfg, run, lambda m, s: export_causal_lm(run, m, dataset, tokenizer, step=s), adapter=bool(cfg.get("model"))
+    )
+    return write(model, step)
 
 
 def _classifier(run: Path, cfg: dict[str, Any], state: dict[str, Any], step: int) -> Path:
@@ -75,8 +80,13 @@ def _classifier(run: Path, cfg: dict[str, Any], state: dict[str, Any], step: int
     from .encoder import FinetuneSetup
     from .export import export_classifier
     from .precision import store_weights
+    from .recipes import baseline_export, prepare_baseline
 
-    setup = FinetuneSetup({**FINETUNE.defaults, **cfg})
+    cfg = {**FINETUNE.defaults, **cfg}
+    setup = FinetuneSetup(cfg)
     model = store_weights(setup.model, cfg, setup.targets)
+    model = prepare_baseline(cfg, model, FINETUNE.settings(cfg), setup.targets, FINETUNE)
     _load(model, state, run)
-    return export_classifier(run, model, setup.tokenizer, step=step, labels=setup.task.labels)
+    labels = setup.task.labels
+    write = baseline_export(cfg, run, lambda m, s: export_classifier(run, m, setup.tokenizer, step=s, labels=labels))
+    return write(model, step)

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..methods import METHODS, preset_projection
+from ..baselines import baseline_of, is_projected
+from ..methods import preset_projection
 from .config import EVAL_BATCH, FINETUNE, PRETRAIN, Command, UsageError, parse_optim_args
 from .parallel import Parallel
 from .trainer import Recipe, Trainer
@@ -52,11 +53,12 @@ def pretrain_recipe(
     data = data or Data(cfg, parallel.world)
     stream = parallel.shard(data.stream(parallel.world * cfg["batch_size"]))  # each rank its rows
     torch.manual_seed(cfg["seed"])
-    state = resume.get("model") if resume and not resume.get("dcp") and parallel.world == 1 else None
+    own_build = resume and not resume.get("dcp") and parallel.world == 1 and baseline_of(cfg["method"]) is None
+    state = resume.get("model") if own_build else None  # a baseline's checkpoint holds its adapters or factors
     model = _causal_lm(cfg, data.vocab_size, state)
     settings = PRETRAIN.settings(cfg)
     own_rank = "rank" in preset_projection(cfg["method"])
-    if cfg.get("model") and METHODS[cfg["method"]] is not None and cfg.get("rank") is None and not own_rank:
+    if cfg.get("model") and is_projected(cfg["method"]) and cfg.get("rank") is None and not own_rank:
         hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", 512)
         settings["rank"] = max(1, hidden // 4)  # rank d/4, the papers' ratio
     budget = _rank_budget(cfg, model, settings, parallel) if cfg.get("memory_budget") else None
@@ -70,7 +72,8 @@ def pretrain_recipe(
     recipe.evaluate = evaluate_fn if mine else None
     recipe.no_eval = {"val_loss": float("nan"), "val_ppl": float("nan")}
     dataset, tokenizer = getattr(data, "dataset", None), getattr(data, "_tok", None)
-    recipe.export = lambda m, step: export_causal_lm(out, m, dataset, tokenizer, step=step)
+    write = lambda m, step: export_causal_lm(out, m, dataset, tokenizer, step=step)  # noqa: E731
+    recipe.export = baseline_export(cfg, out, write, adapter=bool(cfg.get("model")))
     return recipe
 
 
@@ -94,8 +97,10 @@ def finetune_recipe(cfg: dict[str, Any], out: Path, parallel: Parallel, setup: F
     )
     batches = eval_batches(task.validation, collate, EVAL_BATCH, cfg["eval_batches"] * EVAL_BATCH)
     recipe.evaluate = lambda: evaluate_task(recipe.model, batches, task.num_labels, task.regression)
-    recipe.extra = {"task": task.name, "model": cfg["model"], "metric": task.metric}
-    recipe.export = lambda m, step: export_classifier(out, m, setup.tokenizer, step=step, labels=task.labels)
+    recipe.extra.update(task=task.name, model=cfg["model"], metric=task.metric)
+    recipe.export = baseline_export(
+        cfg, out, lambda m, step: export_classifier(out, m, setup.tokenizer, step=step, labels=task.labels)
+    )
     return recipe
 
 
@@ -121,6 +126,7 @@ def _assemble(
     if cfg["dtype"] == "int8" and parallel.world > 1:
         raise UsageError("--dtype int8 under torchrun is not supported yet: use --dtype bfloat16")
     model = store_weights(model.to(device=device), cfg, cfg.get("target_modules") or targets)
+    model = prepare_baseline(cfg, model, settings, targets, command)
     model, inner = parallel.wrap(_prepare_model(cfg, model), blocks=_blocks(model), layerwise=cfg["layerwise"])
     distributed = {"distributed": parallel.distributed} if parallel.distributed else {}
     if budget is not None:
@@ -135,6 +141,12 @@ def _assemble(
             names[id(p)]: g["rank"] for g in optimizer.param_groups if "rank" in g for p in g["params"]
         }
     model = torch.compile(model) if cfg["compile"] else model
+    baseline = baseline_of(cfg["method"])
+    if baseline is not None:
+        scheduler = baseline.schedule(scheduler, _own(cfg), cfg["steps"])
+        trainable = baseline.trainable(inner, optimizer)
+    else:
+        trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     return Recipe(
         command=command.name,
         model=model,
@@ -144,24 +156,65 @@ def _assemble(
         stream=stream,
         settings=settings,
         layerwise=layerwise,
+        extra={"trainable_params": trainable},
+        after_step=None
+        if baseline is None
+        else lambda step: baseline.after_step(inner, optimizer, step, _own(cfg), cfg["steps"], cfg["seed"]),
     )
+
+
+def _own(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A baseline's own options (the rest of ``--optim-args`` is its inner rule's)."""
+    return baseline_of(cfg["method"]).options(parse_optim_args(cfg.get("optim_args")))[0]
+
+
+def prepare_baseline(cfg: dict[str, Any], model, settings: dict[str, Any], targets, command: Command):
+    """The model a baseline trains (adapters added, weights factorised); the model itself for the other methods.
+    Used by the recipes and by ``gradspace export``, so a checkpoint loads into the model it was saved from."""
+    baseline = baseline_of(cfg["method"])
+    if baseline is None:
+        return model
+    try:
+        return baseline.prepare(
+            model, _own(cfg), settings.get("rank"), cfg.get("target_modules") or targets, command is PRETRAIN
+        )
+    except ValueError as err:
+        raise UsageError(f"method {cfg['method']}: {err}") from None
+
+
+def baseline_export(cfg: dict[str, Any], out: Path, write, adapter: bool = True):
+    """``write(model, step)`` for a baseline's run: its peft adapter folder first (``RUN/adapter``, when there is a
+    base model to load it onto), then the merged model through ``write``."""
+    baseline = baseline_of(cfg["method"])
+    if baseline is None:
+        return write
+
+    def export(model, step: int):
+        from .atomic import atomic_folder
+
+        peft = baseline.adapter(model) if adapter else None
+        if peft is not None:
+            with atomic_folder(out / "adapter", "adapter folder") as tmp:
+                peft.save_pretrained(tmp)
+        return write(baseline.merged(model), step)
+
+    return export
 
 
 def _make_optimizer(
     cfg: dict[str, Any], model, settings: dict[str, Any], default_targets, parallel: Parallel | None = None, **extra
 ):
-    """The method's optimizer with the run's options, its schedule (``transformers.get_scheduler``), and
-    layer-wise mode when asked for (under torchrun averaging each gradient over the ranks); bad options are
-    one-line errors."""
-    from transformers import get_scheduler
-
+    """The method's optimizer with the run's options, its schedule and layer-wise mode when asked for; bad
+    options are one-line errors."""
     from .. import create_optimizer
-    from ..layerwise import Layerwise
     from ..params import DEFAULT_TARGETS
 
+    baseline = baseline_of(cfg["method"])
+    if baseline is not None:
+        return _baseline_optimizer(cfg, baseline, model, settings)
     projection = (
         {}
-        if METHODS[cfg["method"]] is None
+        if not is_projected(cfg["method"])
         else {
             "proj_type": cfg["proj_type"],
             **({"svd": cfg["svd"]} if cfg.get("svd") else {}),
@@ -183,23 +236,55 @@ def _make_optimizer(
         )
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
+    return optimizer, _schedule(cfg, optimizer), _layerwise(cfg, optimizer, parallel)
+
+
+def _baseline_optimizer(cfg: dict[str, Any], baseline, model, settings: dict[str, Any]):
+    own, rule = baseline.options(parse_optim_args(cfg.get("optim_args")))
+    try:
+        optimizer = baseline.optimizer(
+            model,
+            settings["lr"],
+            cfg["base"],
+            rule,
+            own,
+            cfg.get("task") is None,
+            weight_decay=cfg["weight_decay"],
+            nonfinite=cfg["nonfinite"],
+            weight_rounding=cfg["weight_rounding"],
+        )
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"method {cfg['method']}: {err}") from None
+    return optimizer, _schedule(cfg, optimizer), None
+
+
+def _schedule(cfg: dict[str, Any], optimizer):
+    """The run's schedule (``transformers.get_scheduler``)."""
+    from transformers import get_scheduler
+
     warmup = cfg["warmup"] if cfg.get("warmup") is not None else max(1, cfg["steps"] // 10)
     kwargs = {"min_lr_rate": 0.1} if "min_lr" in cfg["scheduler"] else {}
     if cfg["scheduler"] == "warmup_stable_decay":
         kwargs = {"num_decay_steps": max(1, cfg["steps"] // 10)}
-    scheduler = get_scheduler(
+    return get_scheduler(
         cfg["scheduler"],
         optimizer,
         num_warmup_steps=warmup,
         num_training_steps=cfg["steps"],
         scheduler_specific_kwargs=kwargs,
     )
+
+
+def _layerwise(cfg: dict[str, Any], optimizer, parallel: Parallel | None):
+    """Layer-wise mode when asked for (under torchrun averaging each gradient over the ranks)."""
+    from ..layerwise import Layerwise
+
     layerwise = None
     if cfg["layerwise"]:  # under torchrun: DDP averages each gradient itself, FSDP2 after each block's reduce-scatter
         ddp = parallel is not None and parallel.strategy == "ddp"
         group = parallel.group if ddp else None
         layerwise = Layerwise(optimizer, accumulation_steps=cfg["grad_accum"], process_group=group)
-    return optimizer, scheduler, layerwise
+    return layerwise
 
 
 def _rank_budget(cfg: dict[str, Any], model, settings: dict[str, Any], parallel: Parallel):
@@ -209,7 +294,7 @@ def _rank_budget(cfg: dict[str, Any], model, settings: dict[str, Any], parallel:
     from ..plan.memory import plan_memory
     from ..sizes import parse_bytes
 
-    if METHODS[cfg["method"]] is None:
+    if not is_projected(cfg["method"]):
         raise UsageError("--memory-budget chooses the ranks of a projected method; adamw trains in full rank")
     if parallel.world > 1:
         raise UsageError("--memory-budget under torchrun is not supported yet: give --rank")

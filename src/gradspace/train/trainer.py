@@ -45,6 +45,7 @@ class Recipe:
     no_eval: dict[str, float] = field(default_factory=dict)  #: the figures of a run that never evaluates
     extra: dict[str, Any] = field(default_factory=dict)  #: more summary fields (task, metric ...)
     layerwise: Any = None  #: the Layerwise stepper of a --layerwise run, kept with it
+    after_step: Callable[[int], None] | None = None  #: a baseline's work after a step (ReLoRA's restarts)
 
 
 @dataclass
@@ -279,6 +280,8 @@ class Trainer:
         with StopFlag(grace=2.0 if parallel.world > 1 else 0.0) as flag:
 
             def hook(step: int) -> bool:
+                if recipe.after_step is not None:
+                    recipe.after_step(step)
                 self.progress.update(step, self.last)
                 if cfg["eval_every"] and step % cfg["eval_every"] == 0 and step != cfg["steps"]:
                     self._evaluate(step)
