@@ -293,3 +293,57 @@ def test_compare_runs_baselines_beside_subspace_methods(tmp_path):
     summaries = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/summary.json")}
     lora = next(s for name, s in summaries.items() if name.startswith("lora"))
     assert lora["rank"] == 4
+
+
+def test_a_full_finetune_exports_as_a_lora_adapter(tmp_path, sentiment_csv, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from gradspace.train.encoder import model_source
+
+    out = tmp_path / "run"
+    argv = ["finetune", "--task", sentiment_csv, "--method", "galore", "--steps", "3", "--lr", "1e-3", "--out", out]
+    assert run(*argv, "--batch-size", "8", "--max-length", "16", "--threads", "1", "--update-gap", "2") == 0
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    batch = tok(["the movie was superb", "the plot was dull"], return_tensors="pt", padding=True)
+    trained = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+
+    def adapted():
+        base = AutoModelForSequenceClassification.from_pretrained(model_source("minilm")[0], num_labels=2)
+        return PeftModel.from_pretrained(base, out / "adapter").eval()
+
+    capsys.readouterr()
+    assert run("export", out, "--lora-rank", "384", "--overwrite") == 0  # full rank: the change exactly
+    assert "LoRA adapter of 36 weights" in capsys.readouterr().out
+    with torch.no_grad():
+        torch.testing.assert_close(adapted()(**batch).logits, trained(**batch).logits, rtol=1e-4, atol=1e-4)
+    assert run("export", out, "--lora-rank", "auto", "--lora-energy", "0.5", "--overwrite") == 0
+    report = json.loads((out / "adapter" / "gradspace.json").read_text())
+    ranks = [w["rank"] for w in report["weights"].values()]
+    assert all(w["energy_kept"] >= 0.5 for w in report["weights"].values()) and max(ranks) < 384
+    assert "classifier" in report["full_modules"]
+    with torch.no_grad():
+        assert adapted()(**batch).logits.shape == (2, 2)
+
+
+def test_low_rank_change_keeps_the_stated_energy():
+    from gradspace.train.lora_export import low_rank_change
+
+    torch.manual_seed(0)
+    u = torch.linalg.qr(torch.randn(20, 20)).Q
+    v = torch.linalg.qr(torch.randn(12, 12)).Q
+    s = torch.tensor([8.0, 4.0, 2.0, 1.0, *[0.1] * 8])
+    delta = u[:, :12] * s @ v.T
+    b, a, kept = low_rank_change(delta, None, 0.9)
+    share = (s**2).cumsum(0) / (s**2).sum()
+    assert a.shape[0] == int((share < 0.9).sum()) + 1 == 2 and kept == pytest.approx(float(share[1]))
+    b, a, kept = low_rank_change(delta, 12, 0.9)
+    torch.testing.assert_close(b @ a, delta, rtol=0, atol=1e-5)
+
+
+def test_lora_export_of_a_preset_run_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("pretrain", *SMALL, "--steps", "2", "--out", out) == 0
+    capsys.readouterr()
+    assert_clean_error(capsys, run("export", out, "--lora-rank", "8", "--overwrite"), "from scratch")
+    assert_clean_error(capsys, run("export", out, "--lora-rank", "zero"), "--lora-rank")

@@ -27,6 +27,7 @@ from .train.config import (
 )
 from .train.encoder import FinetuneSetup
 from .train.parallel import Parallel
+from .train.rebuild import EXPORT_FLAGS
 from .train.recipes import run_finetune, run_pretrain
 from .train.runfolder import RunLock, resolve_run, target
 from .train.streams import Data
@@ -92,14 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sample": ("print text that a pretrained run's model writes after a prompt", SAMPLE),
         "export": (
             "write a run's model folder (RUN/model) from its newest good checkpoint, without training",
-            [
-                (
-                    ["run"],
-                    {"help": "a run folder (its newest checkpoint that loads) or a checkpoint file (its step)"},
-                ),
-                (["--threads"], {"type": int, "default": 0}),
-                (["--overwrite"], {"action": "store_true", "help": "replace a model folder of a later step"}),
-            ],
+            EXPORT_FLAGS,
         ),
     }
     for name, (help_, flags) in commands.items():
@@ -235,8 +229,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    folder, step = export_run(args.run, args.overwrite)
-    print(f"exported the model of step {step} to {folder}")
+    folder, step, adapter = export_run(args.run, args.overwrite, args.lora_rank, args.lora_energy)
+    print(f"exported the model of step {step} to {folder}" + (f"\n{adapter}" if adapter else ""))
     return 0
 
 

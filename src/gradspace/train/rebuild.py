@@ -10,14 +10,34 @@ from typing import Any
 from . import checkpoint as ck
 from .runfolder import RunLock, folder_of, remove_orphans
 
+#: ``gradspace export``'s flags
+EXPORT_FLAGS = [
+    (["run"], {"help": "a run folder (its newest checkpoint that loads) or a checkpoint file (its step)"}),
+    (["--threads"], {"type": int, "default": 0}),
+    (["--overwrite"], {"action": "store_true", "help": "replace a model folder of a later step"}),
+    (
+        ["--lora-rank"],
+        {
+            "default": None,
+            "help": "also write RUN/adapter: the change from the starting model as a peft LoRA adapter, of this rank "
+            "or 'auto' (per weight, the smallest rank keeping --lora-energy of the change)",
+        },
+    ),
+    (["--lora-energy"], {"type": float, "default": 0.9, "help": "share of each weight's change kept by 'auto' (0.9)"}),
+]
 
-def export_run(path: str | Path, overwrite: bool = False) -> tuple[Path, int]:
+
+def export_run(
+    path: str | Path, overwrite: bool = False, lora_rank: str | None = None, lora_energy: float = 0.9
+) -> tuple[Path, int, str | None]:
     """Write the model of ``path`` (a run folder: its newest checkpoint that loads; or a checkpoint file) into its
-    run folder's ``model/``, replacing the folder whole; returns ``(model folder, step)``. The model of a later
-    step is replaced only with ``overwrite`` (exporting an earlier checkpoint is a choice, not a repair)."""
+    run folder's ``model/``, replacing the folder whole; returns ``(model folder, step, adapter report)``. The
+    model of a later step is replaced only with ``overwrite`` (exporting an earlier checkpoint is a choice, not a
+    repair). ``lora_rank`` (a rank or ``"auto"``) also writes ``RUN/adapter`` (``gradspace.train.lora_export``)."""
     from .errors import UsageError
     from .export import exported_step
 
+    _check_lora(lora_rank, lora_energy)
     path = Path(path).expanduser()
     run = folder_of(ck.find_checkpoint(path))
     with RunLock(run):
@@ -32,9 +52,60 @@ def export_run(path: str | Path, overwrite: bool = False) -> tuple[Path, int]:
                 "--overwrite to replace it"
             )
         state = _model_state(resume)
-        if "task" in cfg:
-            return _classifier(run, cfg, state, step), step
-        return _causal_lm(run, cfg, state, step), step
+        build = _classifier if "task" in cfg else _causal_lm
+        if lora_rank is not None:
+            _starting_model(cfg)  # refused before anything is written
+        folder, model = build(run, cfg, state, step)
+        if lora_rank is None:
+            return folder, step, None
+        return folder, step, _adapter(run, cfg, model, lora_rank, lora_energy)
+
+
+def _check_lora(rank: str | None, energy: float) -> None:
+    from .errors import UsageError
+
+    if rank is not None and rank != "auto" and not (str(rank).isdigit() and int(rank) >= 1):
+        raise UsageError(f"--lora-rank must be a positive integer or 'auto', got {rank!r}")
+    if not 0.0 < energy <= 1.0:
+        raise UsageError(f"--lora-energy must be in (0, 1], got {energy!r}")
+
+
+def _starting_model(cfg: dict[str, Any]):
+    """The model the run started from, as a user loads it (its --model folder, or the encoder with the seeded
+    head); a preset trained from scratch has none on disk."""
+    from .errors import UsageError
+
+    if "task" in cfg:
+        from .config import FINETUNE
+        from .encoder import FinetuneSetup
+
+        setup = FinetuneSetup({**FINETUNE.defaults, **cfg})
+        return setup.model, setup.targets
+    if not cfg.get("model"):
+        raise UsageError(
+            "--lora-rank writes an adapter for the model a run started from; this run trained a preset from scratch "
+            "(no starting model on disk): use it with finetune runs or pretrain --model runs"
+        )
+    from .config import PRETRAIN
+    from .recipes import _causal_lm as build
+    from .streams import Data
+
+    cfg = {**PRETRAIN.defaults, **cfg}
+    return build(cfg, Data(cfg, 1).vocab_size), None
+
+
+def _adapter(run: Path, cfg: dict[str, Any], model, rank: str, energy: float) -> str:
+    from ..baselines.base import adapted_modules
+    from .atomic import atomic_folder
+    from .lora_export import describe, write_adapter
+
+    start, targets = _starting_model(cfg)
+    start = start.float()
+    names = adapted_modules(start, cfg.get("target_modules") or targets)
+    model_bytes = sum(p.numel() * 4 for p in model.parameters())
+    with atomic_folder(run / "adapter", "adapter folder") as tmp:
+        summary = write_adapter(tmp, start, model.float(), names, rank, energy)
+    return f"{describe(summary, model_bytes)}; written to {run / 'adapter'}"
 
 
 def _model_state(resume: dict[str, Any]) -> dict[str, Any]:
@@ -68,10 +139,13 @@ def _causal_lm(run: Path, cfg: dict[str, Any], state: dict[str, Any], step: int)
     model = prepare_baseline(cfg, store_weights(model, cfg), PRETRAIN.settings(cfg), None, PRETRAIN)
     _load(model, state, run)
     dataset, tokenizer = getattr(data, "dataset", None), getattr(data, "_tok", None)
-    write = baseline_export(
-        cfg, run, lambda m, s: export_causal_lm(run, m, dataset, tokenizer, step=s), adapter=bool(cfg.get("model"))
-    )
-    return write(model, step)
+    written = {}
+
+    def write(m, s):
+        written["model"] = m  # a baseline's model merged: the plain model the folder holds
+        return export_causal_lm(run, m, dataset, tokenizer, step=s)
+
+    return baseline_export(cfg, run, write, adapter=bool(cfg.get("model")))(model, step), written["model"]
 
 
 def _classifier(run: Path, cfg: dict[str, Any], state: dict[str, Any], step: int) -> Path:
@@ -88,5 +162,10 @@ def _classifier(run: Path, cfg: dict[str, Any], state: dict[str, Any], step: int
     model = prepare_baseline(cfg, model, FINETUNE.settings(cfg), setup.targets, FINETUNE)
     _load(model, state, run)
     labels = setup.task.labels
-    write = baseline_export(cfg, run, lambda m, s: export_classifier(run, m, setup.tokenizer, step=s, labels=labels))
-    return write(model, step)
+    written = {}
+
+    def write(m, s):
+        written["model"] = m
+        return export_classifier(run, m, setup.tokenizer, step=s, labels=labels)
+
+    return baseline_export(cfg, run, write)(model, step), written["model"]
