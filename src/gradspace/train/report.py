@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ COLUMNS = (
     "x galore",
     "optimizer state B",
     "x adamw",
+    "trainable params",
     "peak memory B",
 )
 #: one colour per method in every plot (tab10, in the order of the presets); other names cycle through the rest
@@ -36,6 +38,12 @@ COLORS = {
     "grassjump": "tab:pink",
     "apollo": "#1f3b73",
     "apollo-mini": "#7f6000",
+    "adamw8bit": "#555555",
+    "lora": "#e6ab02",
+    "dora": "#a6761d",
+    "relora": "#66a61e",
+    "lowrank": "#000000",
+    "badam": "#e7298a",
 }
 _SPARE = ("#006d5b", "#8b0000", "#4b0082", "#b8860b", "#2f4f4f")
 
@@ -98,6 +106,7 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
                 _ratio(r["update_seconds"], svd) if method != "adamw" else "-",
                 f"{r['state_bytes']:,.0f}",
                 _ratio(r["state_bytes"], ref and ref["state_bytes"]),
+                f"{r['trainable_params']:,}" if isinstance(r.get("trainable_params"), int) else "-",
                 f"{r['peak_memory']:,.0f}",
             ]
         )
@@ -146,14 +155,15 @@ def text_table(results: dict[str, dict[str, Any]]) -> str:
 
 def _curves(r: dict[str, Any]) -> tuple[tuple[list, list], tuple[list, list, list | None]]:
     """((train steps, losses), (validation steps, means, sds or None)) of one method: its run's curves, or for
-    several seeds the mean at the steps every seed has (the training curve smoothed over 1/50 of the run)."""
+    several seeds the mean at the steps every seed has; the training curve smoothed over :func:`window` steps."""
     import statistics
 
     seeds = list((r.get("curves") or {}).values())
     if not seeds:
         history, evals = r.get("history", []), r.get("evals", [])
         val = [e for e in evals if "val_loss" in e]
-        return ([h["step"] for h in history], [h["loss"] for h in history]), (
+        steps = [h["step"] for h in history]
+        return (steps, _smoothed(steps, [h["loss"] for h in history])), (
             [e["step"] for e in val],
             [e["val_loss"] for e in val],
             None,
@@ -161,17 +171,30 @@ def _curves(r: dict[str, Any]) -> tuple[tuple[list, list], tuple[list, list, lis
     per_step = [{h["step"]: h["loss"] for h in c["history"]} for c in seeds]
     steps = sorted(set.intersection(*(set(p) for p in per_step)))
     mean = [statistics.fmean(p[t] for p in per_step) for t in steps]
-    span = max(1, (steps[-1] - steps[0]) // 50) if steps else 1  # a window in steps: a resumed seed's curve may be
-    smooth, first = [], 0  # logged more sparsely before its checkpoint, so a window in points would reach back far
-    for i, t in enumerate(steps):
-        while steps[first] <= t - span:
-            first += 1
-        smooth.append(statistics.fmean(mean[first : i + 1]))
+    smooth = _smoothed(steps, mean)
     per_eval = [{e["step"]: e["val_loss"] for e in c["evals"] if "val_loss" in e} for c in seeds]
     at = sorted(set.intersection(*(set(p) for p in per_eval)))
     values = [[p[t] for p in per_eval] for t in at]
     sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
     return (steps, smooth), (at, [statistics.fmean(v) for v in values], sds)
+
+
+def window(steps: list[int]) -> int:
+    """The smoothing window of the plotted training loss, in steps: 1/50 of the run."""
+    return max(1, (steps[-1] - steps[0]) // 50) if steps else 1
+
+
+def _smoothed(steps: list[int], values: list[float]) -> list[float]:
+    """The mean over the last :func:`window` steps at each step: a window in steps, not points, since a resumed
+    seed's curve may be logged more sparsely before its checkpoint."""
+    import statistics
+
+    span, smooth, first = window(steps), [], 0
+    for i, t in enumerate(steps):
+        while steps[first] <= t - span:
+            first += 1
+        smooth.append(statistics.fmean(values[first : i + 1]))
+    return smooth
 
 
 def _short(name: str) -> str:
@@ -196,29 +219,8 @@ def write_plots(folder: Path, results: dict[str, dict[str, Any]]) -> list[str]:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    written = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, r in results.items():
-        c = color(method, results)
-        train, val = _curves(r)
-        ax.plot(train[0], train[1], label=method, linewidth=1, color=c, alpha=0.8)
-        if val[0]:
-            ax.plot(val[0], val[1], "o-", markersize=3, linewidth=0.8, color=c)
-            if val[2] is not None:
-                low = [m - sd for m, sd in zip(val[1], val[2])]
-                high = [m + sd for m, sd in zip(val[1], val[2])]
-                ax.fill_between(val[0], low, high, color=c, alpha=0.2, linewidth=0)
-    several = any(r.get("curves") for r in results.values())
-    ax.set(
-        xlabel="step",
-        ylabel="loss (thin: train, dots: validation)",
-        title="Loss" + (": mean over seeds, band ± 1 sd (validation)" if several else ""),
-    )
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, folder / "loss.png")
-    plt.close(fig)
-    written.append("loss.png")
+    written = ["loss.png"]
+    _loss_plot(plt, folder / "loss.png", results)
 
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(results) + 1.5))
     methods = list(results)[::-1]
@@ -238,6 +240,41 @@ def write_plots(folder: Path, results: dict[str, dict[str, Any]]) -> list[str]:
     written.append("state_bytes.png")
 
     return written + _per_layer_plots(folder, results)
+
+
+def _loss_plot(plt, path: Path, results: dict[str, dict[str, Any]]) -> None:
+    """Two panels, one colour per method: the whole run (smoothed train loss, validation points) and its last
+    30% zoomed to the range the curves span there, where the methods' differences are read."""
+    curves = {m: _curves(r) for m, r in results.items()}
+    last = max((t[0][-1] for t, _ in curves.values() if t[0]), default=0)
+    start = 0.7 * last
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1, 1.2]})
+    zoomed = []
+    for method, (train, val) in curves.items():
+        c = color(method, results)
+        for ax in axes:
+            ax.plot(train[0], train[1], label=method, linewidth=1.2, color=c, alpha=0.85)
+            if val[0]:
+                ax.plot(val[0], val[1], "o--", markersize=4, linewidth=0.8, color=c)
+                if val[2] is not None:
+                    low = [m - sd for m, sd in zip(val[1], val[2])]
+                    high = [m + sd for m, sd in zip(val[1], val[2])]
+                    ax.fill_between(val[0], low, high, color=c, alpha=0.2, linewidth=0)
+        zoomed += [y for x, y in zip(train[0], train[1]) if x >= start]
+        zoomed += [y for x, y in zip(val[0], val[1]) if x >= start]
+    finite = [y for y in zoomed if math.isfinite(y)]
+    if finite and last:
+        pad = 0.05 * (max(finite) - min(finite) or 1.0)
+        axes[1].set(xlim=(start, last * 1.01), ylim=(min(finite) - pad, max(finite) + pad))
+    steps = next((t[0] for t, _ in curves.values() if t[0]), [])
+    several = any(r.get("curves") for r in results.values())
+    ylabel = f"loss (line: train, mean over {window(steps)} steps; dots: validation)"
+    axes[0].set(xlabel="step", ylabel=ylabel, title="Loss" + (": mean over seeds, band ± 1 sd" if several else ""))
+    axes[1].set(xlabel="step", title="The last 30% of the run")
+    axes[1].legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
 
 
 def _per_layer_plots(folder: Path, results: dict[str, dict[str, Any]]) -> list[str]:
