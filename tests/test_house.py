@@ -61,3 +61,17 @@ def test_the_error_types_and_the_option_grammar_are_leaves():
     """Any module may raise the run's errors or read options without importing more of gradspace."""
     for leaf in (SRC / "train" / "errors.py", SRC / "optim_args.py"):
         assert _imports(leaf, {_module(p) for p in SRC.rglob("*.py")}) == set(), leaf
+
+
+def test_a_run_does_not_import_the_baselines_packages():
+    """peft pulls in bitsandbytes and badam pulls in transformers.Trainer: tens of MB a run of another method must
+    not hold (the planner's measured baseline would count them)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, gradspace.cli, gradspace.train.trainer, gradspace.train.recipes, gradspace.baselines\n"
+        "print(sorted(m for m in ('peft', 'badam', 'bitsandbytes') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -16,6 +16,7 @@ step counter and the block's float32 copy are part of ``state_dict()``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import warnings
 from typing import Any
@@ -60,7 +61,7 @@ class BAdam(Baseline):
         inner = torch.optim.AdamW(
             model.parameters(), lr=lr, weight_decay=kw.get("weight_decay", 0.0), **{"betas": (0.9, 0.999), **rule}
         )
-        return BlockCoordinate(
+        return block_coordinate()(
             inner,
             list(model.named_parameters()),
             switch_block_every=own["switch_block_every"],
@@ -80,68 +81,70 @@ def _quiet():
     return stack
 
 
-def _block_optimizer():
-    from badam import BlockOptimizer
-
-    return BlockOptimizer
-
-
 def _trainable(model: nn.Module, optimizer) -> int:
     prefixes = [p for block in optimizer.block_prefix_list for p in block] + list(optimizer.active_modules)
     return sum(p.numel() for n, p in model.named_parameters() if any(x in n for x in prefixes))
 
 
-class BlockCoordinate(_block_optimizer()):
-    """``badam.BlockOptimizer`` with what a run needs of an optimizer here: a complete ``state_dict`` (resume) and
-    ``diagnostics()`` (the summary's state bytes)."""
+@functools.cache
+def block_coordinate() -> type:
+    """The optimizer class, built on first use: importing ``badam`` imports ``transformers.Trainer`` (seconds and
+    tens of MB), which a run of another method must not pay."""
+    from badam import BlockOptimizer
 
-    skipped_steps = 0
+    class BlockCoordinate(BlockOptimizer):
+        """``badam.BlockOptimizer`` with what a run needs of an optimizer here: a complete ``state_dict`` (resume) and
+        ``diagnostics()`` (the summary's state bytes)."""
 
-    def __init__(self, *args, **kwargs):
-        with _quiet():
-            super().__init__(*args, **kwargs)
-        self.__dict__.pop("state_dict", None)  # the package points state_dict at the inner AdamW's: ours is whole
+        skipped_steps = 0
 
-    def step(self, *args, **kwargs):
-        with _quiet():
-            return super().step(*args, **kwargs)
+        def __init__(self, *args, **kwargs):
+            with _quiet():
+                super().__init__(*args, **kwargs)
+            self.__dict__.pop("state_dict", None)  # the package points state_dict at the inner AdamW's: ours is whole
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "inner": self.base_optimizer.state_dict(),
-            "block": {
-                "global_step": self.global_step,
-                "current_block_idx": self.current_block_idx,
-                "active": list(self.active_param_prefixs),
-                "order": list(getattr(self, "block_order", [])),
-            },
-            "copies": [p.detach().clone() for p in self.param_idx2hp.values()],
-        }
+        def step(self, *args, **kwargs):
+            with _quiet():
+                return super().step(*args, **kwargs)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        block = state["block"]
-        self.active_param_prefixs = list(block["active"])
-        with _quiet():
-            self._switch_trainable_params_single_gpu(0)
-        copies = list(self.param_idx2hp.values())
-        if len(copies) != len(state["copies"]):
-            raise ValueError("badam checkpoint: its active block does not match this model's parameters")
-        with torch.no_grad():
-            for p, saved in zip(copies, state["copies"]):
-                p.copy_(saved)
-        self.base_optimizer.state = type(self.base_optimizer.state)()
-        self.base_optimizer.load_state_dict(state["inner"])
-        self.global_step, self.current_block_idx = block["global_step"], block["current_block_idx"]
-        if self.switch_mode == "random":
-            self.block_order = list(block["order"])
+        def state_dict(self) -> dict[str, Any]:
+            return {
+                "inner": self.base_optimizer.state_dict(),
+                "block": {
+                    "global_step": self.global_step,
+                    "current_block_idx": self.current_block_idx,
+                    "active": list(self.active_param_prefixs),
+                    "order": list(getattr(self, "block_order", [])),
+                },
+                "copies": [p.detach().clone() for p in self.param_idx2hp.values()],
+            }
 
-    def diagnostics(self) -> dict[str, Any]:
-        """The inner AdamW's moments and the active block's float32 copy, in bytes."""
-        tensors = [v for s in self.base_optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-        tensors += list(self.param_idx2hp.values())
-        return {
-            "weights": {},
-            "skipped_steps": 0,
-            "state_bytes": sum(t.numel() * t.element_size() for t in tensors),
-            "update_seconds": 0.0,
-        }
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            block = state["block"]
+            self.active_param_prefixs = list(block["active"])
+            with _quiet():
+                self._switch_trainable_params_single_gpu(0)
+            copies = list(self.param_idx2hp.values())
+            if len(copies) != len(state["copies"]):
+                raise ValueError("badam checkpoint: its active block does not match this model's parameters")
+            with torch.no_grad():
+                for p, saved in zip(copies, state["copies"]):
+                    p.copy_(saved)
+            self.base_optimizer.state = type(self.base_optimizer.state)()
+            self.base_optimizer.load_state_dict(state["inner"])
+            self.global_step, self.current_block_idx = block["global_step"], block["current_block_idx"]
+            if self.switch_mode == "random":
+                self.block_order = list(block["order"])
+
+        def diagnostics(self) -> dict[str, Any]:
+            """The inner AdamW's moments and the active block's float32 copy, in bytes."""
+            tensors = [v for s in self.base_optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+            tensors += list(self.param_idx2hp.values())
+            return {
+                "weights": {},
+                "skipped_steps": 0,
+                "state_bytes": sum(t.numel() * t.element_size() for t in tensors),
+                "update_seconds": 0.0,
+            }
+
+    return BlockCoordinate

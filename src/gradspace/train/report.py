@@ -243,35 +243,40 @@ def write_plots(folder: Path, results: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _loss_plot(plt, path: Path, results: dict[str, dict[str, Any]]) -> None:
-    """Two panels, one colour per method: the whole run (smoothed train loss, validation points) and its last
-    30% zoomed to the range the curves span there, where the methods' differences are read."""
+    """Two panels, one colour per method: the whole run (smoothed train loss, validation points), and the last
+    30% of the run zoomed to the range its curves span there, where the methods' differences are read: the
+    validation loss (with its band over seeds) when the runs evaluate, else the smoothed train loss (every method
+    reads the same batches, so the train loss's wiggles are shared and hide the differences)."""
     curves = {m: _curves(r) for m, r in results.items()}
     last = max((t[0][-1] for t, _ in curves.values() if t[0]), default=0)
     start = 0.7 * last
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1, 1.2]})
+    validated = any(len([x for x in val[0] if x >= start]) >= 1 for _, val in curves.values())
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.15]})
     zoomed = []
     for method, (train, val) in curves.items():
         c = color(method, results)
-        for ax in axes:
-            ax.plot(train[0], train[1], label=method, linewidth=1.2, color=c, alpha=0.85)
-            if val[0]:
-                ax.plot(val[0], val[1], "o--", markersize=4, linewidth=0.8, color=c)
-                if val[2] is not None:
-                    low = [m - sd for m, sd in zip(val[1], val[2])]
-                    high = [m + sd for m, sd in zip(val[1], val[2])]
-                    ax.fill_between(val[0], low, high, color=c, alpha=0.2, linewidth=0)
-        zoomed += [y for x, y in zip(train[0], train[1]) if x >= start]
-        zoomed += [y for x, y in zip(val[0], val[1]) if x >= start]
-    finite = [y for y in zoomed if math.isfinite(y)]
+        axes[0].plot(train[0], train[1], linewidth=1.0, color=c, alpha=0.8)
+        if val[0]:
+            axes[0].plot(val[0], val[1], "o", markersize=3, color=c)
+        x, y, band = (val[0], val[1], val[2]) if validated else (train[0], train[1], None)
+        style = "o-" if validated else "-"
+        axes[1].plot(x, y, style, markersize=4, linewidth=1.4, color=c, label=method)
+        if band is not None:
+            low, high = [m - sd for m, sd in zip(y, band)], [m + sd for m, sd in zip(y, band)]
+            axes[1].fill_between(x, low, high, color=c, alpha=0.15, linewidth=0)
+            zoomed += [v for t, v in zip(x, low) if t >= start] + [v for t, v in zip(x, high) if t >= start]
+        zoomed += [v for t, v in zip(x, y) if t >= start]
+    finite = [v for v in zoomed if math.isfinite(v)]
     if finite and last:
         pad = 0.05 * (max(finite) - min(finite) or 1.0)
-        axes[1].set(xlim=(start, last * 1.01), ylim=(min(finite) - pad, max(finite) + pad))
+        axes[1].set(xlim=(start - 0.02 * last, last * 1.02), ylim=(min(finite) - pad, max(finite) + pad))
     steps = next((t[0] for t, _ in curves.values() if t[0]), [])
     several = any(r.get("curves") for r in results.values())
     ylabel = f"loss (line: train, mean over {window(steps)} steps; dots: validation)"
-    axes[0].set(xlabel="step", ylabel=ylabel, title="Loss" + (": mean over seeds, band ± 1 sd" if several else ""))
-    axes[1].set(xlabel="step", title="The last 30% of the run")
-    axes[1].legend(fontsize=8, ncol=2)
+    axes[0].set(xlabel="step", ylabel=ylabel, title="Loss" + (": mean over seeds" if several else ""))
+    what = "validation loss" + (" (band: ± 1 sd over seeds)" if several else "") if validated else "train loss"
+    axes[1].set(xlabel="step", title=f"The last 30% of the run: {what}")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
