@@ -75,8 +75,8 @@ def test_lora_trains_adapters_and_the_rest_and_exports_the_merge(tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
-    assert run("pretrain", *SMALL, "--method", "lora", "--rank", "4", "--optim-args", "alpha=8", "--out", out) == 0
-    state = final_model(out)
+    assert run("pretrain", *SMALL, "--method", "lora", "--rank", "4", "--optim-args", "lora_alpha=8", "--out", out) == 0
+    state = final_model(out)  # peft's own name for alpha
     first = load_checkpoint(list_checkpoints(out / "checkpoints")[0])["model"]
     q = "model.layers.0.self_attn.q_proj"
     # the adapted weight is frozen, its adapter and everything outside the adapted modules train
@@ -224,11 +224,30 @@ def test_badam_changes_one_block_at_a_time_in_order_with_one_blocks_state():
     assert all(len(c) == 1 for c in changed), changed
     order = [next(iter(c)) for c in changed]
     blocks = ["embedding", *(f"layer {i}" for i in range(model.config.num_hidden_layers)), "norm and head"]
-    seen = list(dict.fromkeys(order))
-    assert seen == blocks[: len(seen)] and len(seen) >= 4  # ascending, block after block
+    assert order == [b for b in blocks for _ in range(2)][:8], order  # ascending, two steps each
     adamw = create_optimizer("adamw", build_llama("tiny", 40), 1e-2)
     full = sum(2 * p.numel() * 4 for g in adamw.param_groups for p in g["params"])
     assert opt.diagnostics()["state_bytes"] < full / 2
+
+
+def test_badam_finetunes_a_bert_one_encoder_layer_at_a_time_with_the_head_always(tmp_path, sentiment_csv):
+    """A BERT names its layers ``encoder.layer.N.``, which the package's own block inference does not find."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from gradspace.train.encoder import model_source
+
+    out = tmp_path / "run"
+    argv = ["finetune", "--task", sentiment_csv, "--method", "badam", "--steps", "4", "--lr", "1e-3", "--out", out]
+    argv += ["--optim-args", "switch_block_every=2", "--warmup", "0", "--batch-size", "8", "--max-length", "16"]
+    assert run(*argv) == 0
+    base = AutoModelForSequenceClassification.from_pretrained(model_source("minilm")[0], num_labels=2).state_dict()
+    tuned = load_file(out / "model" / "model.safetensors")
+    changed = {n for n, w in tuned.items() if n in base and not torch.equal(w, base[n])}
+    layers = {n.split(".")[3] for n in changed if ".encoder.layer." in n}
+    assert layers == {"0", "1"}, layers  # steps 1-2 train layer 0, steps 3-4 layer 1
+    assert any(n.startswith("bert.pooler.") for n in changed) and "classifier.weight" in tuned
+    assert not any("embeddings" in n for n in changed)
 
 
 def test_lowrank_factorises_and_exports_the_product(tmp_path):
@@ -270,6 +289,7 @@ def test_adamw8bit_is_full_rank_adamw_with_the_8bit_rule(tmp_path):
         (["pretrain", "--method", "badam", "--optim-args", "switch_mode=sideways"], ["switch_mode"]),
         (["pretrain", "--method", "lora", "--dtype", "int8"], ["int8", "lora"]),
         (["pretrain", "--method", "lora", "--update-gap", "5"], ["update-gap", "lora"]),
+        (["pretrain", "--method", "lora", "--optim-args", "alpha=8,lora_alpha=4"], ["alpha", "lora_alpha", "both"]),
     ],
 )
 def test_bad_baseline_options_are_one_line_errors(tmp_path, capsys, argv, words):

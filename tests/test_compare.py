@@ -175,3 +175,22 @@ def test_a_grid_may_grow_but_not_lose_rates(tmp_path):
     kept = compare.check_manifest(tmp_path, {**m, "lr_grid": {"adamw": [1e-3]}}, False)["lr_grid"]
     assert kept == {"galore": [1e-3, 3e-3], "adamw": [1e-3]}  # the other method's grid stays on record
     assert compare.check_manifest(tmp_path, {**m, "config": {"steps": 3}}, True)["config"] == {"steps": 3}
+
+
+def test_lr_from_runs_each_method_at_the_rate_an_earlier_comparison_chose(tmp_path, capsys):
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    results = {"adamw": {"lr": 2e-3}, "galore": {"lr": 5e-3}, "osd": {"lr": 7e-3}}
+    (earlier / "metrics.json").write_text(json.dumps({"results": results}))
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "adamw,galore,osd", "--lr-from", earlier, "--lr-grid", "osd=1e-3", *TINY]
+    assert run(*argv, "--steps", "2", "--out", out) == 0
+    assert "lr adamw 0.002, galore 0.005, osd 0.001" in capsys.readouterr().err
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    assert {m: r["lr"] for m, r in results.items()} == {"adamw": 2e-3, "galore": 5e-3, "osd": 1e-3}  # --lr-grid wins
+    assert not (out / "tune").exists()  # one rate each: nothing to tune
+    code = run("compare", "--methods", "adamw,apollo", "--lr-from", earlier / "metrics.json", *TINY, "--out", out)
+    err = capsys.readouterr().err
+    assert code == 2 and "no learning rate for apollo" in err and "--lr-grid apollo=" in err
+    assert run("compare", "--methods", "adamw", "--lr-from", tmp_path / "none", *TINY, "--out", out) == 2
+    assert "not a gradspace compare" in capsys.readouterr().err

@@ -57,19 +57,39 @@ class BAdam(Baseline):
             raise ValueError(f"badam takes betas and eps for its AdamW, not {', '.join(unknown)}")
         self.check(own, 1)
         include = {k: own[k] if own[k] is not None else pretraining for k in ("include_embedding", "include_lm_head")}
-        heads = [] if pretraining else [h for h in HEADS if hasattr(model, h)]
+        names = [n for n, _ in model.named_parameters()]
+        heads = [] if pretraining else [f"{h}." for h in HEADS if any(f"{h}." in n for n in names)]
         inner = torch.optim.AdamW(
             model.parameters(), lr=lr, weight_decay=kw.get("weight_decay", 0.0), **{"betas": (0.9, 0.999), **rule}
         )
         return block_coordinate()(
             inner,
             list(model.named_parameters()),
+            block_prefix_list=blocks(model, heads, **include),
             switch_block_every=own["switch_block_every"],
             switch_mode=own["switch_mode"],
-            active_modules=[f"{h}." for h in heads],
+            active_modules=heads,
             verbose=0,
-            **include,
         )
+
+
+def blocks(model: nn.Module, heads: list[str], include_embedding: bool, include_lm_head: bool) -> list[list[str]]:
+    """The package's blocks, found from the model's structure: one per layer of its stack of layers (its largest
+    ``nn.ModuleList``), its embeddings as one and the rest (final norm, LM head) as one. The package infers them from
+    names matching ``layers.N.``, which a BERT (``encoder.layer.N.``) does not have: it then finds no block."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise ValueError("badam needs a model with a stack of layers (an nn.ModuleList) to make its blocks of")
+    stack, layers = max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+    per_layer = [[f"{stack}.{i}."] for i in range(len(layers))]
+    embeddings = [f"{n}." for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    taken = [p for block in per_layer for p in block] + embeddings + heads
+    rest = [n for n, _ in model.named_parameters() if not any(p in n for p in taken)]
+    return (
+        ([embeddings] if include_embedding and embeddings else [])
+        + per_layer
+        + ([rest] if include_lm_head and rest else [])
+    )
 
 
 def _quiet():
@@ -104,8 +124,12 @@ def block_coordinate() -> type:
             self.__dict__.pop("state_dict", None)  # the package points state_dict at the inner AdamW's: ours is whole
 
         def step(self, *args, **kwargs):
+            """The package's single-device step, switching after every ``switch_block_every``-th step: the package
+            tests its counter after incrementing it, so its first block trains one step less than the others."""
             with _quiet():
-                return super().step(*args, **kwargs)
+                self.step_single_gpu(*args, **kwargs)
+                if self.global_step % self.switch_block_every == 0:
+                    self.switch_trainable_params()
 
         def state_dict(self) -> dict[str, Any]:
             return {

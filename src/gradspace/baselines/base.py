@@ -13,6 +13,8 @@ class Baseline:
     name = ""
     #: its own options -> defaults; everything else in optim_args is the inner rule's
     defaults: dict[str, Any] = {}
+    #: other names of its options (the package's own spelling, e.g. peft's ``lora_alpha``) -> the option
+    aliases: dict[str, str] = {}
     #: whether ``--rank`` is the baseline's own (the adapters' or factors' rank)
     uses_rank = False
     #: the inner rule it needs, if any (``adamw8bit``); the run's ``--base`` otherwise
@@ -22,6 +24,11 @@ class Baseline:
 
     def options(self, optim_args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """``(own options with defaults filled in, the inner rule's options)``."""
+        for alias, key in self.aliases.items():
+            if alias in optim_args:
+                if key in optim_args:
+                    raise ValueError(f"{self.name}: give {key} or {alias}, not both (they are one option)")
+                optim_args = {(key if k == alias else k): v for k, v in optim_args.items()}
         own = {**self.defaults, **{k: v for k, v in optim_args.items() if k in self.defaults}}
         return own, {k: v for k, v in optim_args.items() if k not in self.defaults}
 

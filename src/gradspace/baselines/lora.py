@@ -23,6 +23,7 @@ HEADS = ("classifier", "score")
 
 class LoRA(Baseline):
     defaults = {"alpha": 32.0, "dropout": 0.05}
+    aliases = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
     uses_rank = True
 
     def __init__(self, name: str):

@@ -106,6 +106,43 @@ def parse_lr_grid(value, labels: list[str]) -> dict[str, list[float]]:
     return {m: grid.get(m, default) for m in labels if grid.get(m, default)}
 
 
+def rates_from(path, labels: list[str], grid: dict[str, list[float]]) -> dict[str, list[float]]:
+    """``--lr-from``: the rate each method (not already in ``grid`` and not given ``lr=``) ran at in an earlier
+    comparison (its tuned rate), read from that comparison's ``metrics.json``, as a one-rate grid."""
+    if path is None:
+        return {}
+    file = Path(path) / "metrics.json" if Path(path).is_dir() else Path(path)
+    try:
+        results = json.loads(file.read_text())["results"]
+        rates = {label: float(r["lr"]) for label, r in results.items() if isinstance(r, dict) and r.get("lr")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UsageError(f"--lr-from {path}: not a gradspace compare's folder or metrics.json ({err})") from None
+    wanted = [m for m in labels if m not in grid and "lr" not in method_options(m)[1]]
+    missing = [m for m in wanted if m not in rates]
+    if missing:
+        raise UsageError(
+            f"--lr-from {path} has no learning rate for {', '.join(missing)} (it has {', '.join(rates) or 'none'}): "
+            f"give theirs, e.g. --lr-grid {missing[0]}=1e-3"
+        )
+    return {m: [rates[m]] for m in wanted}
+
+
+def _shown(methods: list[str], seeds: int, grid: dict[str, list[float]]) -> str:
+    """The methods, seeds and learning rates of a comparison, in one line."""
+    tuned = {m: grid[m] for m in methods if len(grid.get(m, ())) > 1}
+    fixed = {m: grid[m][0] for m in methods if len(grid.get(m, ())) == 1}
+    grids = {tuple(g) for g in tuned.values()}
+    parts = [f"{', '.join(methods)} x {seeds} seed(s)"]
+    if len(grids) == 1:
+        which = "" if len(tuned) == len(methods) else f" ({', '.join(tuned)})"
+        parts.append("lr tuned over " + ", ".join(f"{lr:g}" for lr in next(iter(grids))) + which)
+    elif tuned:
+        parts.append(f"lr tuned over {tuned}")
+    if fixed:
+        parts.append("lr " + ", ".join(f"{m} {lr:g}" for m, lr in fixed.items()))
+    return ", ".join(parts)
+
+
 def _rates(value, key: str) -> list[float]:
     raw = value.split(",") if isinstance(value, str) else list(value)
     try:
@@ -343,6 +380,7 @@ def run_compare(
     overwrite: bool = False,
     seeds: int = 1,
     lr_grid=None,
+    lr_from=None,
     tune_fraction: float = 0.25,
     jobs: int = 1,
 ) -> dict:
@@ -358,6 +396,7 @@ def run_compare(
     if not isinstance(tune_fraction, (int, float)) or isinstance(tune_fraction, bool) or not 0 < tune_fraction <= 1:
         raise UsageError(f"tune-fraction must be in (0, 1], got {tune_fraction!r}")
     grid = parse_lr_grid(lr_grid, methods)
+    grid.update(rates_from(lr_from, methods, grid))
     cfg = absolute_paths(cfg)  # the runs' configs and the manifest name the same files from any directory
     finetune = "task" in cfg
     command = FINETUNE if finetune else PRETRAIN
@@ -379,10 +418,7 @@ def run_compare(
         what = f"fine-tuning {cfg['model']} on {setup.info}"
     else:
         what = f"llama-{cfg['preset']}, {Data(run_config(cfg, methods[0], seed_list[0])).info}"
-    grids = {tuple(g) for g in grid.values()}
-    rates = ", ".join(f"{lr:g}" for lr in next(iter(grids))) if len(grids) == 1 and len(grid) == len(methods) else ""
-    shown = f"{', '.join(methods)} x {seeds} seed(s)" + (f", lr tuned over {rates or grid}" if grid else "")
-    print(f"gradspace compare: {shown}; {what}; report in {out}", file=sys.stderr)
+    print(f"gradspace compare: {_shown(methods, seeds, grid)}; {what}; report in {out}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / MANIFEST, json.dumps(manifest, indent=1, default=str))
     launcher = Launcher(command.name, jobs, stop_after, overwrite)

@@ -323,6 +323,12 @@ OPTIONS: tuple[Option, ...] = (
         ("compare",),
         append=True,
     ),
+    Option(
+        "lr_from",
+        None,
+        "an earlier compare's folder or metrics.json: each method not in --lr-grid runs at the rate it chose there",
+        ("compare",),
+    ),
     Option("tune_fraction", 0.25, "a tuning run's share of --steps (0.25)", ("compare",), float),
     Option("jobs", 1, "runs at once, each with its share of the CPU threads (1)", ("compare",), int),
 )
