@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m gradspace compare --preset mini --tokenizer chars --steps 300 --eval-every 100 --threads 2 --overwrite --out runs/demo
+	$(PY) -m gradspace compare --preset mini --tokenizer chars --steps 300 --eval-every 100 --lr-from docs/results/1-pretrain --threads 2 --overwrite --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
