@@ -206,7 +206,7 @@ def test_state_is_the_formula_and_apollo_mini_holds_two_1_x_n_moments():
         assert optimizer_state_bytes(opt) == formula_bytes(model, method, rank, {}), method
         if method == "apollo-mini":
             st = opt.state[model["attn"].weight]
-            assert st["exp_avg"].shape == st["exp_avg_sq"].shape == (1, 256)
+            assert st["rule"]["exp_avg"].shape == st["rule"]["exp_avg_sq"].shape == (1, 256)
             assert st["basis"].shape == (64, 1)
         model.zero_grad()
 

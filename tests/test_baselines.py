@@ -163,7 +163,7 @@ def test_a_relora_restart_merges_without_changing_the_function_and_prunes_moment
         if "lora_B" in n:
             assert not p.any()
     for p in adapters:
-        m = opt.state[p]["exp_avg"]
+        m = opt.state[p]["rule"]["exp_avg"]
         assert 0 < int(m.count_nonzero()) <= math.ceil(m.numel() * 0.25)
     again = _peft_model()
     opt2 = create_optimizer("adamw", again, 1e-2)
@@ -183,9 +183,9 @@ def test_magnitude_pruning_keeps_the_largest_entries():
     opt = create_optimizer("adamw", [p], 1e-2)
     p.grad = torch.arange(10.0) - 4.5
     opt.step()
-    m = opt.state[p]["exp_avg"].clone()
+    m = opt.state[p]["rule"]["exp_avg"].clone()
     prune_moments(opt, [p], 0.8)
-    kept = opt.state[p]["exp_avg"].nonzero().flatten().tolist()
+    kept = opt.state[p]["rule"]["exp_avg"].nonzero().flatten().tolist()
     assert kept == m.abs().topk(2).indices.sort().values.tolist()
 
 

@@ -59,7 +59,9 @@ def test_the_preset_line_and_the_tracker_class_train(clean):
     curve = losses(opt, model)
     assert curve[-1] < 0.9 * curve[0]  # it trains
     state = opt.state[model.up.weight]
-    assert state["tr_moves"] == 5  # moved at steps 6, 11, ... 26 (every update_proj_gap = 5 steps after the first)
+    assert (
+        state["tracker"]["tr_moves"] == 5
+    )  # moved at steps 6, 11, ... 26 (every update_proj_gap = 5 steps after the first)
     basis = state["basis"]
     assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1]))  # coordinate axes: orthonormal
 

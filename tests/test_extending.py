@@ -39,7 +39,7 @@ class PowerTracker(Tracker):
         return top_singular_basis(gn, rank, ctx.right)
 
     def update(self, gn, state, group, ctx):
-        s, g = state["basis"], gn.float()
+        s, g = state.basis, gn.float()
         for _ in range(group["iters"]):
             s = orthonormalize(g @ (g.mT @ s))
         state["trk_seen"] += 1
@@ -85,7 +85,10 @@ def test_a_new_tracker_and_rule_train_resume_and_count(registered, base):
     opt = create_optimizer("power", projected_groups(model, rank=4, gap=5), lr=1e-2, base=base, iters=2)
     loss0 = nn.functional.mse_loss(model(data[0][0]), data[0][1]).item()
     train(model, opt, data[:12])
-    assert opt.state[model.mid.weight]["updates"] == 2 and float(opt.state[model.mid.weight]["trk_seen"][0]) == 2
+    assert (
+        opt.state[model.mid.weight]["updates"] == 2
+        and float(opt.state[model.mid.weight]["tracker"]["trk_seen"][0]) == 2
+    )
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)

@@ -50,7 +50,7 @@ class TopNormTracker(Tracker):
         return basis
 
     def update(self, gn, state, group, ctx):  # one rank under shard_updates: only its update_diagnostics change
-        basis, state["tn_diag_share"] = self._axes(gn, state["basis"].shape[1], group)
+        basis, state["tn_diag_share"] = self._axes(gn, state.basis.shape[1], group)
         return basis
 
     def on_update(self, state, group):  # every rank
@@ -194,7 +194,7 @@ def test_train_checkpoint_and_resume_bit_exactly(registered, base):
     loss0 = nn.functional.mse_loss(model(data[0][0]), data[0][1]).item()
     train(model, opt, data[:12])
     state = opt.state[model.mid.weight]
-    assert state["updates"] == state["tn_moves"] == 2
+    assert state["updates"] == state["tracker"]["tn_moves"] == 2
     assert opt.diagnostics()["weights"]["param1"]["tn_diag_share"] > 4 / 40  # better than 4 random rows of 40
     saved = roundtrip(opt.state_dict())
     expected = [p.detach().clone() for p in train(model, opt, data[12:]).parameters()]
@@ -216,8 +216,8 @@ def test_the_new_rules_declared_state_is_what_reset_restarts(registered):
     opt = build(model, "sign-momentum")
     train(model, opt, batches(6))  # moves at step 5: "reset" restarts the rule's state
     state = opt.state[model.mid.weight]
-    assert state["sm_step"] == 1 and state["step"] == 6
-    assert opt.state[model.head.weight]["sm_step"] == 6  # full rank: never reset
+    assert state["rule"]["sm_step"] == 1 and state["step"] == 6
+    assert opt.state[model.head.weight]["rule"]["sm_step"] == 6  # full rank: never reset
 
 
 # --------------------------------------------------------------------------------------------------- layer-wise
@@ -250,7 +250,8 @@ def test_layerwise_runs_the_new_components(registered, base, accum):
         # the full gradient is kept only before the first basis and before the move at step 5; every other window
         # accumulates S^T G (needs_every_gradient = False)
         assert held == [True, False] + [False] * 8 + [True, False]
-    assert opt.state[model.mid.weight]["tn_moves"] == ref_opt.state[ref.mid.weight]["tn_moves"] == 12 // accum // 5
+    moves = opt.state[model.mid.weight]["tracker"]["tn_moves"]
+    assert moves == ref_opt.state[ref.mid.weight]["tracker"]["tn_moves"] == 12 // accum // 5
 
 
 # ------------------------------------------------------------------------------------ shard_updates, 2 processes
@@ -286,7 +287,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 model, opt = _ddp_run(rank, base, mode)
                 out[(base, mode)] = [p.detach().clone() for p in model.parameters()]
                 out[(base, mode, "state")] = [
-                    (st["tn_moves"], st["tn_diag_share"].clone()) for st in opt.state.values() if "tn_moves" in st
+                    (st["tracker"]["tn_moves"], st["tracker"]["tn_diag_share"].clone())
+                    for st in opt.state.values()
+                    if "tn_moves" in st.get("tracker", {})
                 ]
             model, opt = _ddp_run(rank, base, "shard_updates", steps=6)  # saved between the moves at 3 and 6
             saved = roundtrip((model.state_dict(), opt.state_dict()))

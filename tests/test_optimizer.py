@@ -10,6 +10,7 @@ from torch import nn
 
 from conftest import batches, make_model, projected_groups, train
 from gradspace import SubspaceOptimizer, create_optimizer, optimizer_state_bytes
+from gradspace.components import flat_items
 
 PROJECTED = ("up", "mid", "down")
 
@@ -65,13 +66,14 @@ def test_bf16_basis_is_float32_and_state_dtypes_survive_loading():
     train(model, opt, data, dtype=torch.bfloat16)
     st = opt.state[model.up.weight]
     assert st["basis"].dtype == torch.float32
-    assert st["exp_avg"].dtype == torch.float32
-    before = {k: v.dtype for k, v in st.items() if isinstance(v, torch.Tensor)}
+    assert st["rule"]["exp_avg"].dtype == torch.float32
+    before = {k: v.dtype for k, v in flat_items(st) if isinstance(v, torch.Tensor)}
+    assert {"basis", "rule.exp_avg", "rule.exp_avg_sq"} <= before.keys()
 
     model2 = copy.deepcopy(model)
     opt2 = SubspaceOptimizer(projected_groups(model2, gap=5), lr=1e-2, state_dtype="float32")
     opt2.load_state_dict(roundtrip(opt.state_dict()))
-    after = {k: v.dtype for k, v in opt2.state[model2.up.weight].items() if isinstance(v, torch.Tensor)}
+    after = {k: v.dtype for k, v in flat_items(opt2.state[model2.up.weight]) if isinstance(v, torch.Tensor)}
     assert after == before
     assert torch.equal(opt2.state[model2.up.weight]["basis"], st["basis"])  # no lossy cast on the way
 
@@ -81,7 +83,7 @@ def test_bf16_default_state_dtype_follows_param():
     opt = SubspaceOptimizer(projected_groups(model, gap=5), lr=1e-2)
     train(model, opt, batches(3), dtype=torch.bfloat16)
     st = opt.state[model.down.weight]
-    assert st["basis"].dtype == torch.float32 and st["exp_avg"].dtype == torch.bfloat16
+    assert st["basis"].dtype == torch.float32 and st["rule"]["exp_avg"].dtype == torch.bfloat16
     assert all(torch.isfinite(p.float()).all() for p in model.parameters())
 
 
@@ -176,8 +178,9 @@ def test_nonfinite_gradient_errors_naming_the_param_and_changes_nothing():
     assert all(torch.equal(a, b) for a, b in zip(snapshot(model), params))
     after = opt.state_dict()
     for pid, st in state["state"].items():
-        for k, v in st.items():
-            assert torch.equal(torch.as_tensor(v), torch.as_tensor(after["state"][pid][k]))
+        now = dict(flat_items(after["state"][pid]))
+        for k, v in flat_items(st):
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(now[k]))
 
 
 def test_nonfinite_skip_mode_skips_whole_step_and_counts_it():
@@ -297,7 +300,7 @@ def test_add_param_group_takes_plain_tensors_after_create_optimizer():
 def _frozen(opt):
     sd = opt.state_dict()
     groups = [{**g, "params": [id(p) for p in g["params"]]} for g in opt.param_groups]
-    return groups, {k: {n: torch.as_tensor(v).clone() for n, v in st.items()} for k, st in sd["state"].items()}
+    return groups, {k: {n: torch.as_tensor(v).clone() for n, v in flat_items(st)} for k, st in sd["state"].items()}
 
 
 def test_a_rejected_add_param_group_leaves_the_optimizer_as_it_was(caplog):

@@ -258,7 +258,7 @@ def test_state_dtype_reaches_full_rank_parameters(method):
     opt = create_optimizer(method, groups, lr=1e-2, state_dtype="float32")
     train(model, opt, batches(2), dtype=torch.bfloat16)
     for p in (model.head.weight, model.norm.weight, model.up.bias):
-        assert opt.state[p]["exp_avg"].dtype == torch.float32, p.shape
+        assert opt.state[p]["rule"]["exp_avg"].dtype == torch.float32, p.shape
     with pytest.raises(ValueError, match="state_dtype"):
         create_optimizer(
             method,

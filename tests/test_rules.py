@@ -10,6 +10,7 @@ from torch import nn
 
 from conftest import batches, make_model, projected_groups
 from gradspace import SubspaceOptimizer, optimizer_state_bytes
+from gradspace.components import flat_items
 from gradspace.rules import RULES, get_rule
 from gradspace.rules.adam8bit import BLOCK, dequantize, dynamic_map, quantize
 
@@ -101,7 +102,7 @@ def test_sgd_is_bit_identical_to_torch_sgd(options):
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p, q)
     if options["momentum"] == 0:
-        assert all(set(st) == {"step"} for st in opt.state.values())
+        assert all(set(st) == {"step", "rule"} and st["rule"] == {} for st in opt.state.values())
 
 
 def test_lion_matches_the_formula():
@@ -150,10 +151,10 @@ def test_adafactor_matches_torch_adafactor_given_its_step_size():
     for p, q in zip(ours, theirs):  # the same second moment, factored the same way
         st, rst = opt.state[p], ref.state[q]
         if p.dim() >= 2:
-            torch.testing.assert_close(st["fac_row"], rst["row_var"])
-            torch.testing.assert_close(st["fac_col"], rst["col_var"])
+            torch.testing.assert_close(st["rule"]["fac_row"], rst["row_var"])
+            torch.testing.assert_close(st["rule"]["fac_col"], rst["col_var"])
         else:
-            torch.testing.assert_close(st["fac_v"], rst["variance"])
+            torch.testing.assert_close(st["rule"]["fac_v"], rst["variance"])
 
 
 def test_adafactor_beta1_is_an_ema_of_the_clipped_update():
@@ -297,9 +298,11 @@ def test_reset_zeroes_and_restarts(name):
     rule = get_rule(name)
     group = {**rule.defaults, **({"beta1": 0.9} if name == "adafactor" else {})}
     state, _ = run_rule(rule, [torch.randn(4, 6) for _ in range(2)], group)
-    state["step"] = 2
+    fresh = {}
+    rule.init_state(fresh, torch.empty(3, 6), group)
+    state["stale"] = torch.ones(1)  # anything left in the rule's part: reset clears it all (the rule owns it)
     rule.reset(state, torch.empty(3, 6), group)
-    assert state["step"] == 2  # the shared counter is not the rule's
+    assert set(state) == set(fresh) <= set(rule.state_keys)
     for key, value in state.items():
         if key in rule.state_keys and isinstance(value, torch.Tensor) and value.is_floating_point():
             assert not bool(value.any())
@@ -352,7 +355,7 @@ def test_every_rule_trains_under_every_policy(config, policy):
     assert opt.state[model.up.weight]["basis"].shape == (24, 4)  # projected
     assert "basis" not in opt.state[model.head.weight]  # full rank
     for st in opt.state.values():
-        for key, value in st.items():
+        for key, value in flat_items(st):
             assert isinstance(value, (torch.Tensor, int, float)), (key, type(value))
 
 
@@ -367,10 +370,8 @@ def test_bf16_params_keep_their_state_dtype(config):
     for st in opt.state.values():
         floats = {
             v.dtype
-            for k, v in st.items()
-            if isinstance(v, torch.Tensor)
-            and v.is_floating_point()
-            and not k.startswith(("q8_", "basis", "trk_", "rec_"))
+            for k, v in st["rule"].items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not k.startswith("q8_")
         }
         assert floats <= {torch.bfloat16}
 

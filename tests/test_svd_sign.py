@@ -9,6 +9,7 @@ import torch
 
 from conftest import batches, make_model, projected_groups, train
 from gradspace import SubspaceOptimizer, create_optimizer, optimizer_state_bytes
+from gradspace.components import TrackerState
 from gradspace.trackers import Context, get_tracker, svd
 from test_optimizer import roundtrip
 
@@ -53,7 +54,7 @@ def first_basis(tracker, method, sign, right):
     gn = torch.randn(24, 16, generator=gen) @ torch.randn(16, 40, generator=gen)
     group = {**projected_groups(make_model())[0], "tracker": tracker, "svd": method, "svd_sign": sign}
     group = {**get_tracker(tracker).defaults, **group}
-    return get_tracker(tracker).init(gn, 6, {"step": 0}, group, Context(0, right, 0))
+    return get_tracker(tracker).init(gn, 6, TrackerState({"step": 0}), group, Context(0, right, 0))
 
 
 @pytest.mark.parametrize("right", [False, True])

@@ -6,6 +6,7 @@ from torch import nn
 
 from conftest import CTX, batches, make_model, projected_groups, train, with_spectrum
 from gradspace import SubspaceOptimizer
+from gradspace.components import TrackerState
 from gradspace.optimizer import state_bytes
 from gradspace.trackers import Context, get_tracker
 from gradspace.trackers.base import orthonormality_error, seeded_generator
@@ -25,7 +26,7 @@ def test_adarank_picks_the_smallest_rank_meeting_the_threshold():
         g = with_spectrum(s, k, l, gen)
         err = 1 - torch.cumsum(s**2, 0) / (s**2).sum()  # exact prefix errors
         want = min(int((err <= eta_th).nonzero()[0]) + 1, r_max)
-        state = {"step": 0, "updates": 0}
+        state = TrackerState({"step": 0, "updates": 0})
         basis = tracker.init(g, r_max, state, {"eta_th": eta_th}, Context(index=i, right=False, seed=0))
         r = basis.shape[1]
         hits += r == want
@@ -42,7 +43,7 @@ def test_adarank_picks_the_smallest_rank_meeting_the_threshold():
 def test_adarank_respects_r_min_and_r_max():
     gen = torch.Generator().manual_seed(0)
     g = with_spectrum(torch.tensor([1.0] + [1e-3] * 9, dtype=torch.float64), 32, 48, gen)  # rank one, nearly
-    state = {"step": 0, "updates": 0}
+    state = TrackerState({"step": 0, "updates": 0})
     assert get_tracker("adarank").init(g, 8, state, {"r_min": 3}, CTX).shape == (32, 3)
     flat = with_spectrum(torch.ones(30, dtype=torch.float64), 32, 48, gen)  # error(r) = (30 - r) / 30
     assert get_tracker("adarank").init(flat, 8, state, {"eta_th": 0.12}, CTX).shape == (32, 8)  # r_max caps
@@ -70,7 +71,7 @@ def test_adarank_rank_is_the_smallest_meeting_each_criterion(criterion, eta_th):
     want = by_hand(S10, eta_th, squared=criterion == "squared")
     for i in range(5):
         g = with_spectrum(S10, 48, 80, torch.Generator().manual_seed(i))
-        state = {"step": 0, "updates": 0}
+        state = TrackerState({"step": 0, "updates": 0})
         group = {"eta_th": eta_th, "criterion": criterion}
         basis = get_tracker("adarank").init(g, 16, state, group, Context(index=i, right=False, seed=0))
         assert basis.shape == (48, want)
@@ -106,14 +107,14 @@ def test_adarank_prefix_basis_is_the_range_finders_own_columns(power_iters, crit
     meets = err if criterion == "squared" else err.clamp_min(0).sqrt()
     want = int((meets <= eta_th).nonzero()[0]) + 1 if (meets <= eta_th).any() else r_max
     group = {"eta_th": eta_th, "criterion": criterion, "power_iters": power_iters}
-    state = {"step": 0, "updates": 0}
+    state = TrackerState({"step": 0, "updates": 0})
     prefix = get_tracker("adarank").init(g, r_max, state, {**group, "basis": "prefix"}, CTX)
     assert prefix.shape == (64, want)
     torch.testing.assert_close(prefix, q[:, :want], rtol=0, atol=1e-6)
     dropped = (g - prefix @ (prefix.mT @ g)).square().sum() / g.square().sum()
     assert float(state["trk_diag_error"]) == pytest.approx(float(dropped), abs=1e-5)
     # the ordered basis rotates inside the same span: the best prefixes of span(Q), so never a higher rank
-    ordered = get_tracker("adarank").init(g, r_max, {"step": 0, "updates": 0}, group, CTX)
+    ordered = get_tracker("adarank").init(g, r_max, TrackerState({"step": 0, "updates": 0}), group, CTX)
     assert ordered.shape[1] <= want
     assert not torch.allclose(ordered[:, :1].abs(), prefix[:, :1].abs(), atol=1e-3)
     top = torch.linalg.svd(g.double()).U[:, 0].float()
@@ -132,7 +133,8 @@ def test_adarank_r_min_floors_the_rank(r_min, criterion, basis):
         ok = (err if criterion == "squared" else err.clamp_min(0).sqrt()) <= 0.48
         want = int(ok.nonzero()[0]) + 1
     group = {"r_min": r_min, "criterion": criterion, "basis": basis}
-    assert get_tracker("adarank").init(g, 16, {"step": 0, "updates": 0}, group, CTX).shape == (48, max(r_min, want))
+    state = TrackerState({"step": 0, "updates": 0})
+    assert get_tracker("adarank").init(g, 16, state, group, CTX).shape == (48, max(r_min, want))
 
 
 def test_adarank_r_min_holds_through_training():
@@ -213,7 +215,7 @@ def test_adarank_rank_follows_the_gradient_rank_down_and_memory_shrinks():
     assert after["state_bytes"] == state_bytes(opt.state[p]) == hist[-1][1]["state_bytes"]
     # basis 32 x r and Adam's two r x 64 moments, float32: a dropped direction frees (32 + 2 * 64) * 4 bytes
     assert before["state_bytes"] - after["state_bytes"] == (12 - 4) * (32 + 2 * 64) * 4
-    assert opt.state[p]["exp_avg"].shape == (4, 64)
+    assert opt.state[p]["rule"]["exp_avg"].shape == (4, 64)
     assert after["trk_diag_error"] < 0.05
 
 
@@ -237,7 +239,7 @@ def test_adarank_refresh_respects_min_gap_when_the_criteria_always_fire():
     noise = [torch.randn(32, 64, generator=gen) for _ in range(30)]  # rank-4 basis: ~4/32 of the energy
     steps, state = refresh_steps(noise, min_gap=3, max_gap=10)
     assert steps == list(range(3, 30, 3))
-    assert float(state["trk_diag_gap"]) == 3
+    assert float(state["tracker"]["trk_diag_gap"]) == 3
 
 
 def test_adarank_refresh_respects_max_gap_when_the_criteria_never_fire():
@@ -245,7 +247,7 @@ def test_adarank_refresh_respects_max_gap_when_the_criteria_never_fire():
     g = torch.randn(32, 2, generator=gen) @ torch.randn(2, 64, generator=gen)  # fully captured, constant norm
     steps, state = refresh_steps([g] * 30, min_gap=2, max_gap=7)
     assert steps == [7, 14, 21, 28]
-    assert float(state["trk_diag_gap"]) == 7
+    assert float(state["tracker"]["trk_diag_gap"]) == 7
 
 
 def test_adarank_refreshes_the_step_after_the_projected_gradient_halves():

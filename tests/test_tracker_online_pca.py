@@ -43,7 +43,7 @@ def test_online_pca_lr_modes_and_diagnostics():
         opt.step()
     w = opt.diagnostics()["weights"]["w"]
     assert 0.0 < w["trk_diag_orth"] < 0.1 and w["updates"] == 0
-    assert opt.state[p]["trk_p_step"] == 2  # no P step on the step that initialised P
+    assert opt.state[p]["tracker"]["trk_p_step"] == 2  # no P step on the step that initialised P
 
 
 @pytest.mark.parametrize("preset", ["osd", "osd-code"])
@@ -59,11 +59,11 @@ def test_no_p_step_on_the_initialising_step(preset):
     p.grad = g
     opt.step()
     assert torch.equal(opt.state[p]["basis"], top_singular_basis(g, 4, False))
-    assert opt.state[p]["trk_p_step"] == 0
+    assert opt.state[p]["tracker"]["trk_p_step"] == 0
     p.grad = g2
     opt.step()  # the second step moves P, a little
     moved = float(largest_principal_angle(orthonormalize(opt.state[p]["basis"]), top_singular_basis(g, 4, False)))
-    assert 0.0 < moved < 0.1 and opt.state[p]["trk_p_step"] == 1
+    assert 0.0 < moved < 0.1 and opt.state[p]["tracker"]["trk_p_step"] == 1
 
 
 def test_p_weight_decay_follows_w_unless_set():

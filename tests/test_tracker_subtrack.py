@@ -108,15 +108,16 @@ def test_accumulates_the_paper_window():
         p.grad = g
         opt.step()
     st = opt.state[p]
-    assert st["trk_count"] == 3 and torch.allclose(st["trk_acc"], sum(grads[1:4]))
+    own = st["tracker"]
+    assert own["trk_count"] == 3 and torch.allclose(own["trk_acc"], sum(grads[1:4]))
     before = st["basis"].clone()
     p.grad = grads[4]
     opt.step()  # step 4: an update
     expected = subtrack_step(before, sum(grads[1:5]) / 4, 2.0)
     assert torch.allclose(st["basis"], expected, atol=1e-6)
-    assert st["trk_count"] == 0 and not st["trk_acc"].any()
+    assert own["trk_count"] == 0 and not own["trk_acc"].any()
     q = nn.Parameter(torch.zeros(6, 10))
     opt = SubspaceOptimizer([{"params": [q], "rank": 2}], tracker="subtrack", accumulate=False)
     q.grad = grads[0]
     opt.step()
-    assert not any(key.startswith("trk_") for key in opt.state[q])  # accumulate=False keeps no buffer
+    assert opt.state[q]["tracker"] == {}  # accumulate=False keeps no buffer

@@ -270,7 +270,7 @@ def shard_updates(opt, work: list, group=None) -> dict[torch.Tensor, torch.Tenso
             parts = []
             for _, p, _, tracker in jobs:
                 parts.append(new[p].reshape(-1))
-                parts += [opt.state[p][k].reshape(1).float() for k in tracker.update_diagnostics]
+                parts += [opt.state[p]["tracker"][k].reshape(1).float() for k in tracker.update_diagnostics]
             flat = torch.cat(parts)
         else:
             flat = torch.empty(sum(sizes), device=device)
@@ -279,10 +279,10 @@ def shard_updates(opt, work: list, group=None) -> dict[torch.Tensor, torch.Tenso
             continue
         chunks = iter(flat.split(sizes))
         for (_, p, _right, tracker), r in zip(jobs, ranks.tolist()):
-            state = opt.state[p]
+            own = opt.state[p].setdefault("tracker", {})
             new[p] = next(chunks).view(-1, r).clone()  # its own storage: a view would keep (and save) all
             for key in tracker.update_diagnostics:
-                state[key] = next(chunks).reshape(())
+                own[key] = next(chunks).reshape(())
     return new
 
 

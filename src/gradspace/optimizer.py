@@ -27,7 +27,7 @@ from . import basis_storage, recovery, rounding, validation
 from . import distributed as dist_support
 from . import moments as moment_policies
 from . import update as outputs
-from .components import LIKE_GRAD
+from .components import LIKE_GRAD, TrackerState, part
 from .energy import captured_energy, inverse_gram
 from .int8_weights import is_int8
 from .projection import PROJ_TYPES, basis_on_right, largest_principal_angle, oriented, project
@@ -60,8 +60,9 @@ GROUP_OPTIONS = {*RECOVERY_DEFAULTS, *outputs.OUTPUT_DEFAULTS, "update_stagger",
 STRUCTURAL_KEYS = (
     *("tracker", "moments", "recovery", "basis_dtype", "base", "rank", "proj_type", "transposed", "state_dtype"),
 )
-#: state entries of the optimizer itself: step counter, refresh count, stagger phase, basis, the limiter's norm
-CORE_STATE_KEYS = ("step", "updates", "phase", *basis_storage.STATE_KEYS, *recovery.STATE_KEYS)
+#: state entries of the optimizer itself: step counter, refresh count, stagger phase, the stored basis (the
+#: components' entries are nested under their owner: ``gradspace.components.PARTS``)
+CORE_STATE_KEYS = ("step", "updates", "phase", *basis_storage.STATE_KEYS)
 
 
 def option_owners() -> dict[str, list[str]]:
@@ -349,7 +350,8 @@ class SubspaceOptimizer(Optimizer):
         layout, state = self.layout(p, group), self.state.get(p)
         if layout is None or not state or "basis" not in state:
             return False
-        return get_tracker(group["tracker"]).due(oriented(dist_support.local(p.grad), layout[0]), state, group)
+        tracker = get_tracker(group["tracker"])
+        return tracker.due(oriented(dist_support.local(p.grad), layout[0]), TrackerState(state), group)
 
     def compute_basis(self, p: torch.Tensor, grad: torch.Tensor, group: dict | None = None) -> torch.Tensor:
         """The basis ``p`` moves to at this step (float32, row-major), from its full gradient ``grad`` in ``p``'s
@@ -361,7 +363,7 @@ class SubspaceOptimizer(Optimizer):
         t0 = time.perf_counter()
         with basis_storage.unpacked(state, group):
             tracker = get_tracker(group["tracker"])
-            new = tracker.update(oriented(grad, right), state, group, self._context(p, right, group))
+            new = tracker.update(oriented(grad, right), TrackerState(state), group, self._context(p, right, group))
         self._diag_of(p)["update_seconds"] += time.perf_counter() - t0
         return new.float().contiguous()
 
@@ -385,24 +387,28 @@ class SubspaceOptimizer(Optimizer):
         tracker = get_tracker(group["tracker"]).structural if "rank" in group else ()
         return (*STRUCTURAL_KEYS, *tracker, *get_rule(group["base"]).structural)
 
-    def state_keys(self, group: dict) -> dict[str, str | None]:
-        """Every state entry a parameter of ``group`` may hold -> ``LIKE_GRAD`` or None, as its components declare
-        them (``gradspace.components``): the optimizer's own, the inner rule's and, if projected, the tracker's."""
-        keys: dict[str, str | None] = dict.fromkeys(CORE_STATE_KEYS)
+    def state_keys(self, group: dict) -> dict[str, Any]:
+        """Every state entry a parameter of ``group`` may hold -> ``LIKE_GRAD`` or None, nested as the state is
+        (``gradspace.components``): the optimizer's own at the top, then ``"rule"`` (the inner rule's declared
+        keys) and, if projected, ``"tracker"`` and ``"output"`` (the limiter's norm)."""
+        keys: dict[str, Any] = dict.fromkeys(CORE_STATE_KEYS)
+        keys["rule"] = dict(get_rule(group["base"]).state_keys)
         if "rank" in group:
-            keys.update(get_tracker(group["tracker"]).state_keys)
-        keys.update(get_rule(group["base"]).state_keys)
+            keys["tracker"] = dict(get_tracker(group["tracker"]).state_keys)
+            keys["output"] = dict.fromkeys(recovery.STATE_KEYS)
         return keys
 
     def state_shard_dim(self, p: torch.Tensor, key: str) -> int | None:
-        """Under FSDP2, the dimension along which this rank holds only its part of ``p``'s state entry ``key``; None
-        when every rank holds all of it (bases, tracker state, moments of gathered weights), which a checkpoint then
-        stores once. Only the inner rule's ``LIKE_GRAD`` entries are sharded: like the weight (dim 0) for a
-        full-rank weight, along the rows (dim 1 of the oriented r x rows frame) for a weight stepped on its rows."""
+        """Under FSDP2, the dimension along which this rank holds only its part of ``p``'s state entry ``key`` (a
+        dotted name, ``"rule.exp_avg"``: ``gradspace.components.flat_items``); None when every rank holds all of
+        it (bases, tracker state, moments of gathered weights), which a checkpoint then stores once. Only the inner
+        rule's ``LIKE_GRAD`` entries are sharded: like the weight (dim 0) for a full-rank weight, along the rows
+        (dim 1 of the oriented r x rows frame) for a weight stepped on its rows."""
         if not dist_support.is_dtensor(p):
             return None
         group = self.group_of(p)
-        if get_rule(group["base"]).state_keys.get(key) != LIKE_GRAD:
+        owner, _, name = key.partition(".")
+        if owner != "rule" or get_rule(group["base"]).state_keys.get(name) != LIKE_GRAD:
             return None
         layout = self.layout(p, group)
         if layout is None:
@@ -585,8 +591,8 @@ class SubspaceOptimizer(Optimizer):
         for p, state in zip(params, states):
             if not state:
                 state["step"] = 0
-                rule.init_state(state, p, group)
-        rule.step_full_rank(params, states, group)
+                rule.init_state(part(state, "rule"), p, group)
+        rule.step_full_rank(params, [state["rule"] for state in states], group)
         for state in states:
             state["step"] += 1
         self._decay(group, params)
@@ -606,27 +612,27 @@ class SubspaceOptimizer(Optimizer):
         """The first basis on a weight's first step; later, the tracker's move when it is due (or the basis that
         another rank computed, under distributed="shard_updates"), with the moment policy applied. Timed."""
         new = None if self._new_bases is None else self._new_bases.pop(p, None)  # distributed="shard_updates"
+        own, rule_state = TrackerState(state), part(state, "rule")
         if "basis" not in state:
             state["step"] = 0
             state["updates"] = 0
             if group["update_stagger"]:  # kept in the state: a resumed run keeps every weight's phase
                 state["phase"] = ctx.index % group["update_proj_gap"]
             t0 = time.perf_counter()
-            state["basis"] = tracker.init(full(), rank, state, group, ctx)
+            state["basis"] = tracker.init(full(), rank, own, group, ctx)
             if self.distributed == "shard_updates":  # computed everywhere once; the owner's bits for all
                 world = torch.distributed.get_world_size(self.process_group)
                 state["basis"] = dist_support.broadcast_basis(state["basis"], ctx.index % world, self.process_group)
             diag["update_seconds"] += time.perf_counter() - t0
-            rule.init_state(state, rule.template(state["basis"].shape[1], gn.shape[1], p), group)
-        elif new is not None or (self._new_bases is None and tracker.due(gn, state, group)):
+            rule.init_state(rule_state, rule.template(state["basis"].shape[1], gn.shape[1], p), group)
+        elif new is not None or (self._new_bases is None and tracker.due(gn, own, group)):
             t0 = time.perf_counter()
             old = state["basis"]
             if new is None:
-                new = tracker.update(full(), state, group, ctx)
-            tracker.on_update(state, group)
-            moment_policies.apply_policy(
-                group["moments"], rule, state, old, new, rule.template(new.shape[1], gn.shape[1], p, state), group
-            )
+                new = tracker.update(full(), own, group, ctx)
+            tracker.on_update(own, group)
+            like = rule.template(new.shape[1], gn.shape[1], p, rule_state)
+            moment_policies.apply_policy(group["moments"], rule, rule_state, old, new, like, group)
             state["basis"] = new
             state["updates"] += 1
             diag["update_seconds"] += time.perf_counter() - t0
@@ -660,17 +666,18 @@ class SubspaceOptimizer(Optimizer):
         if view.local and tracker.needs_every_gradient:
             tgn = full()
             tgt = project(basis, tgn)
-        tracker.observe(tgn, tgt, state, group)
+        own = TrackerState(state)
+        tracker.observe(tgn, tgt, own, group)
         if self.collect_diagnostics and extra is None:
             diag["energy"] = captured_energy(basis, gn, gt, None if tracker.orthonormal else inverse_gram(basis, diag))
-        direction, factor = rule.update(gt, state, group)
+        direction, factor = rule.update(gt, state["rule"], group)
         outputs.apply_update(
             view.weight,
             basis,
             gn,
             gt,
             direction,
-            state,
+            part(state, "output"),
             group,
             right=right,
             step_size=-float(group["lr"]) * factor,
@@ -678,7 +685,7 @@ class SubspaceOptimizer(Optimizer):
             rows=view.rows,
         )
         t0 = time.perf_counter()
-        tracker.after_step(tgn, state, group, ctx)
+        tracker.after_step(tgn, own, group, ctx)
         if tracker.moves_every_step:  # its per-step basis move is its subspace update
             diag["update_seconds"] += time.perf_counter() - t0
 
@@ -721,6 +728,7 @@ class SubspaceOptimizer(Optimizer):
             if result is not None:
                 state_dict = result
         extra = state_dict.get("gradspace", {})
+        validation.check_state_format(extra, state_dict["state"])
         groups, saved_groups = self.param_groups, deepcopy(state_dict["param_groups"])
         if len(groups) != len(saved_groups):
             raise ValueError(
@@ -748,7 +756,7 @@ class SubspaceOptimizer(Optimizer):
                 continue
             p = id_map[key]
             validation.check_saved_state(p, st, rule_of[p], keys_of[p])
-            state[p] = {k: (v.to(device=p.device) if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+            state[p] = _on_device(st, p.device)
         for group, saved in zip(groups, saved_groups):
             saved["params"] = group["params"]
             for key, value in group.items():  # keys added since the checkpoint was written keep this run's value
@@ -783,7 +791,7 @@ class SubspaceOptimizer(Optimizer):
                     "updates": int(st.get("updates", 0)),
                     "update_seconds": float(d.get("update_seconds", 0.0)),
                     "state_bytes": state_bytes(st),
-                    **{k: _num(st[k]) for k in tracker.diagnostics if k in st},
+                    **{k: _num(st["tracker"][k]) for k in tracker.diagnostics if k in st.get("tracker", {})},
                 }
         return {
             "weights": per_weight,
@@ -793,6 +801,14 @@ class SubspaceOptimizer(Optimizer):
         }
 
 
+def _on_device(state: dict, device: torch.device) -> dict:
+    """A copy of a parameter's (nested) saved state with its tensors on ``device``."""
+    return {
+        k: _on_device(v, device) if isinstance(v, dict) else v.to(device=device) if isinstance(v, torch.Tensor) else v
+        for k, v in state.items()
+    }
+
+
 def _num(x):
     if isinstance(x, torch.Tensor):
         return float(x)
@@ -800,7 +816,14 @@ def _num(x):
 
 
 def state_bytes(state: dict) -> int:
-    return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+    """Bytes of the tensors in one parameter's state, nested parts included."""
+    total = 0
+    for v in state.values():
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+        elif isinstance(v, dict):
+            total += state_bytes(v)
+    return total
 
 
 def optimizer_state_bytes(optimizer: Optimizer) -> int:

@@ -78,7 +78,7 @@ def split_named(params: list) -> tuple[list, list[str] | None]:
 
 def add_gradspace_state(opt, state_dict: dict[str, Any]) -> None:
     """The first state_dict post-hook: user hooks registered later see the whole dict, gradspace's part included."""
-    state_dict["gradspace"] = {"skipped_steps": opt.skipped_steps, "seed": opt.seed}
+    state_dict["gradspace"] = {"skipped_steps": opt.skipped_steps, "seed": opt.seed, "state_format": STATE_FORMAT}
 
 
 def check_same_configuration(index: int, group: dict, saved: dict, structural: tuple[str, ...]) -> None:
@@ -98,10 +98,10 @@ def check_same_configuration(index: int, group: dict, saved: dict, structural: t
             )
 
 
-def check_saved_state(p: torch.Tensor, st: dict, rule, keys: dict[str, str | None]) -> None:
-    """``keys``: every entry this parameter's components declare (``SubspaceOptimizer.state_keys``); an entry
-    none of them declares was written by another rule or tracker."""
-    foreign = sorted(k for k in st if k not in keys)
+def check_saved_state(p: torch.Tensor, st: dict, rule, keys: dict[str, Any]) -> None:
+    """``keys``: every entry this parameter's components declare, nested by owner
+    (``SubspaceOptimizer.state_keys``); an entry none of them declares was written by another rule or tracker."""
+    foreign = sorted(_undeclared(st, keys))
     if foreign:
         raise ValueError(
             f"optimizer checkpoint state for a parameter of shape {tuple(p.shape)} has {', '.join(foreign)}, which "
@@ -117,10 +117,36 @@ def check_saved_state(p: torch.Tensor, st: dict, rule, keys: dict[str, str | Non
                 f"{tuple(p.shape)}; it was saved for a different model"
             )
         return
-    for key, like in keys.items():  # trained in full rank: the rule's gradient-shaped state has p's size
-        value = st.get(key)
+    for key, like in keys.get(
+        "rule", {}
+    ).items():  # trained in full rank: the rule's gradient-shaped state has p's size
+        value = st.get("rule", {}).get(key)
         if like is not None and isinstance(value, torch.Tensor) and value.numel() != p.numel():
             raise ValueError(
-                f"optimizer checkpoint has {key} of {value.numel()} elements for a parameter of shape "
+                f"optimizer checkpoint has rule.{key} of {value.numel()} elements for a parameter of shape "
                 f"{tuple(p.shape)}; it was saved for a different model"
             )
+
+
+def _undeclared(st: dict, keys: dict[str, Any], prefix: str = ""):
+    for key, value in st.items():
+        if key not in keys:
+            yield f"{prefix}{key}"
+        elif isinstance(value, dict):
+            yield from _undeclared(value, keys[key] if isinstance(keys[key], dict) else {}, f"{prefix}{key}.")
+
+
+#: the layout of a parameter's optimizer state: 2 = nested by owner (``gradspace.components.PARTS``)
+STATE_FORMAT = 2
+
+
+def check_state_format(extra: dict, state: dict) -> None:
+    """Refuse an optimizer state dict in another layout with an error that says what to do (format 1 kept
+    every component's entries side by side in one flat dict)."""
+    found = extra.get("state_format", 1)
+    if state and found != STATE_FORMAT:
+        raise ValueError(
+            f"optimizer state format {found} (a flat state dict, written by an earlier gradspace) cannot be loaded "
+            f"by this version, which reads format {STATE_FORMAT} (each component's state nested under its owner); "
+            "resume it with the gradspace version that wrote it, or start a new run"
+        )

@@ -97,7 +97,7 @@ def prune_moments(optimizer, params: list[torch.Tensor], ratio: float) -> None:
     from ..rules import get_rule
 
     for p in params:
-        state = optimizer.state.get(p)
+        state = optimizer.state.get(p, {}).get("rule")  # the rule's part (gradspace.components)
         if not state:
             continue
         rule = get_rule(optimizer.group_of(p)["base"])

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ..components import flat_items
 from ..train.report import markdown_table
 
 GiB = 2**30
@@ -69,7 +70,7 @@ def _worker(rank: int, init: str, spec: dict, path: str) -> None:
             grads = max(grads, _bytes(p.grad for p in model.parameters()))
             opt.step()  # layer-wise: nothing is left to step
             opt.zero_grad(set_to_none=True)
-        state = _bytes(v for s in opt.state.values() for v in s.values())
+        state = _bytes(v for s in opt.state.values() for _, v in flat_items(s) if isinstance(v, torch.Tensor))
         out = {"weights": _bytes(model.parameters()), "grads": grads, "state": state, "built": built, "peak": _hwm()}
         torch.save(out, path.format(rank=rank))
     finally:

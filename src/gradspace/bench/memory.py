@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..basis_storage import basis_shape
+from ..components import flat_items
 from ..methods import METHODS, create_optimizer, preset_projection
 from ..optimizer import optimizer_state_bytes
 from ..train.models import PRESETS, build_llama
@@ -45,7 +46,7 @@ def held_bytes(opt: torch.optim.Optimizer) -> int:
     larger buffer would hold all of it, which ``optimizer_state_bytes``'s numel count would miss)."""
     seen: dict[tuple, int] = {}
     for st in opt.state.values():
-        for v in st.values():
+        for _, v in flat_items(st):
             if isinstance(v, torch.Tensor):
                 s = v.untyped_storage()
                 key = (v.device, s.data_ptr()) if v.device.type != "meta" else (id(v),)
@@ -250,7 +251,7 @@ def adarank_table(
         for p, st in opt.state.items():
             if "basis" in st:
                 ranks[names[p]] = basis_shape(st)[1]
-                clocks[names[p]] = (st["step"] - st.get("trk_last", 0), st["updates"])
+                clocks[names[p]] = (st["step"] - st.get("tracker", {}).get("trk_last", 0), st["updates"])
         counted = optimizer_state_bytes(opt)
         formula = formula_bytes(model, method, rank, {"update_proj_gap": gap}, ranks, clocks)
         if counted != formula:

@@ -99,7 +99,7 @@ def peak_child(spec: dict) -> dict:
         names = {p: n for n, p in model.named_parameters()}
         ranks = {names[p]: basis_shape(st)[1] for p, st in opt.state.items() if "basis" in st}
         clocks = {
-            names[p]: (st["step"] - st.get("trk_last", 0), st["updates"])
+            names[p]: (st["step"] - st.get("tracker", {}).get("trk_last", 0), st["updates"])
             for p, st in opt.state.items()
             if "basis" in st
         }

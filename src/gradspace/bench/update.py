@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..components import TrackerState
 from ..optimizer import PROJECTION_DEFAULTS
 from ..rules import get_rule
 from ..trackers import TRACKERS, Context
@@ -25,11 +26,12 @@ def update_call(name: str, g: torch.Tensor, rank: int, seed: int = 0):
     tracker = TRACKERS[name]
     group = _group(tracker, rank, gap=1)
     ctx = Context(index=0, right=False, seed=seed)
-    state = {"step": 0, "updates": 0}
-    state["basis"] = tracker.init(g, rank, state, group, ctx)
-    gt = state["basis"].mT @ g
+    core = {"step": 0, "updates": 0}
+    state = TrackerState(core)
+    core["basis"] = tracker.init(g, rank, state, group, ctx)
+    gt = core["basis"].mT @ g
     tracker.observe(g, gt, state, group)
-    state["step"] = 1
+    core["step"] = 1
     if getattr(tracker, "moves_every_step", False):
         return lambda: tracker.after_step(g, state, group, ctx)
     return lambda: tracker.update(g, state, group, ctx)

@@ -1,10 +1,10 @@
 """The inner-rule seam: an ordinary optimizer run on a (projected or full) gradient tensor.
 
-An inner rule knows nothing about bases. It owns the entries of a parameter's state dict that it declares in
-``state_keys`` (``gradspace.components``), updates them from a gradient tensor, and returns a direction ``D`` and a
-step factor ``f`` such that the weight moves by ``-lr * f * D`` (mapped back to the full space first when the
-gradient was projected). The factor lets Adam keep its bias correction out of the tensor math, exactly as
-galore-torch and Hugging Face's AdamW do.
+An inner rule knows nothing about bases. It is handed its own part of a parameter's state (``state["rule"]``, the
+entries it declares in ``state_keys``: ``gradspace.components``), updates it from a gradient tensor, and returns
+a direction ``D`` and a step factor ``f`` such that the weight moves by ``-lr * f * D`` (mapped back to the full
+space first when the gradient was projected). The factor lets Adam keep its bias correction out of the tensor
+math, exactly as galore-torch and Hugging Face's AdamW do.
 
 Moment policies (``gradspace.moments``) read and write the rule's moments through ``moments``/``set_moments``,
 which expose them as dense float32 tensors in the projected frame (``m`` first moment, ``v`` second moment).
@@ -18,7 +18,8 @@ import torch
 
 
 class InnerRule:
-    """Base class; subclasses are stateless singletons (all state lives in the param's state dict)."""
+    """Base class; subclasses are stateless singletons (all state lives in the ``state`` they are handed: the
+    rule's own part of a parameter's state)."""
 
     name: str = ""
     #: group hyperparameters this rule reads, with their defaults (merged into the optimizer defaults)
@@ -67,8 +68,7 @@ class InnerRule:
 
     def reset(self, state: dict, like: torch.Tensor, group: dict) -> None:
         """Zero the moments and restart bias correction (moment policy ``reset``)."""
-        for key in self.state_keys:
-            state.pop(key, None)
+        state.clear()
         self.init_state(state, like, group)
 
     def template(self, rank: int, cols: int, p: torch.Tensor, state: dict | None = None) -> torch.Tensor:

@@ -132,22 +132,22 @@ class AdaRankTracker(Tracker):
         )
 
     def init(self, gn, rank, state, group, ctx: Context):
-        state["trk_last"] = state["step"]
+        state["trk_last"] = state.step
         return self._select(gn, rank, state, group, ctx, draw=0)
 
     def update(self, gn, state, group, ctx: Context):
-        return self._select(gn, group["rank"], state, group, ctx, draw=state["updates"] + 1)
+        return self._select(gn, group["rank"], state, group, ctx, draw=state.updates + 1)
 
     def on_update(self, state, group) -> None:
         """The refresh clock restarts."""
-        state["trk_diag_gap"] = torch.tensor(float(state["step"] - state["trk_last"]), device=state["basis"].device)
-        state["trk_last"] = state["step"]
+        state["trk_diag_gap"] = torch.tensor(float(state.step - state["trk_last"]), device=state.basis.device)
+        state["trk_last"] = state.step
 
     periodic = False  # its own refresh rule
 
     def due(self, gn, state, group) -> bool:
         lo, hi = _gaps(group)
-        since = state["step"] - state["trk_last"]
+        since = state.step - state["trk_last"]
         if since < lo:
             return False
         if since >= hi:
@@ -161,7 +161,7 @@ class AdaRankTracker(Tracker):
         return bool(converged | stale)
 
     def observe(self, gn, gt, state, group) -> None:
-        step, last = state["step"], state["trk_last"]
+        step, last = state.step, state["trk_last"]
         if step == last:
             state["trk_ref"] = torch.linalg.vector_norm(gt)
         if step + 1 - last < _gaps(group)[0]:

@@ -2,8 +2,10 @@
 
 A tracker works in the oriented frame (see ``gradspace.projection``): it sees the k x l oriented gradient ``Gn`` and
 keeps a k x r orthonormal basis. It knows nothing about the inner rule. Its own state (accumulators, small
-optimizers, counters) lives in the parameter's state dict under the keys it declares in ``state_keys``
-(``gradspace.components``), as tensors and numbers only, so checkpoints load with ``weights_only=True``.
+optimizers, counters) is its part of the parameter's state (``state["tracker"]``), under the keys it declares in
+``state_keys`` (``gradspace.components``), as tensors and numbers only, so checkpoints load with
+``weights_only=True``. The ``state`` its methods get is a ``gradspace.components.TrackerState``: that part, plus
+read-only ``state.step``, ``state.updates``, ``state.phase`` and ``state.basis`` (the optimizer's).
 
 Under ``distributed="shard_updates"`` ``update`` runs on one rank and the new basis is broadcast; ``on_update`` runs
 on every rank, so bookkeeping that restarts with a new basis goes there, once.
@@ -66,9 +68,9 @@ class Tracker:
         raise NotImplementedError
 
     def due(self, gn: torch.Tensor, state: dict, group: dict) -> bool:
-        """Whether the basis moves before this step's projection (``state["step"]`` is the step about to run):
+        """Whether the basis moves before this step's projection (``state.step`` is the step about to run):
         every ``update_proj_gap`` steps, shifted by the weight's ``phase`` under ``update_stagger``."""
-        return (state["step"] - state.get("phase", 0)) % group["update_proj_gap"] == 0
+        return (state.step - state.phase) % group["update_proj_gap"] == 0
 
     def update(self, gn: torch.Tensor, state: dict, group: dict, ctx: Context) -> torch.Tensor:
         """The new basis (row-major); may differ in rank from the old one. Under ``shard_updates``
@@ -78,13 +80,14 @@ class Tracker:
 
     def on_update(self, state: dict, group: dict) -> None:
         """Called after every basis move, on every rank (``update`` may have run on another one): restart what
-        the new basis restarts (accumulators, refresh clocks). ``state["basis"]`` is still the old basis."""
+        the new basis restarts (accumulators, refresh clocks). ``state.basis`` is still the old basis."""
 
     def observe(self, gn: torch.Tensor, gt: torch.Tensor, state: dict, group: dict) -> None:
         """Called every step after projection (accumulators, convergence criteria)."""
 
     def after_step(self, gn: torch.Tensor, state: dict, group: dict, ctx: Context) -> None:
-        """Called every step after the weight moved (trackers that move the basis every step)."""
+        """Called every step after the weight moved (trackers that move the basis every step do so here, in place
+        on ``state.basis``, which is float32 for them: ``basis_storage.validate``)."""
 
 
 def orthonormalize(s: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ class GaussianTracker(Tracker):
         return self.draw(gn.shape[0], rank, ctx, 0, gn.device)
 
     def update(self, gn, state, group, ctx: Context):
-        return self.draw(gn.shape[0], state["basis"].shape[1], ctx, state["updates"] + 1, gn.device)
+        return self.draw(gn.shape[0], state.basis.shape[1], ctx, state.updates + 1, gn.device)
 
     @staticmethod
     def draw(k: int, rank: int, ctx: Context, number: int, device: torch.device) -> torch.Tensor:

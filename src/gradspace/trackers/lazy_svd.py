@@ -48,7 +48,7 @@ class LazySVDTracker(SVDTracker):
         return basis
 
     def due(self, gn, state, group) -> bool:
-        return (state["step"] - state.get("phase", 0)) % state["gap"] == 0
+        return (state.step - state.phase) % state["gap"] == 0
 
     def on_update(self, state: dict, group: dict) -> None:
         state["refreshed"] = 1  # the new basis is in place at after_step, on every rank
@@ -56,7 +56,7 @@ class LazySVDTracker(SVDTracker):
     def after_step(self, gn, state, group, ctx) -> None:
         if not state.pop("refreshed", 0):
             return
-        first = state["basis"][:, 0]
+        first = state.basis[:, 0]
         similarity = F.cosine_similarity(state["first_vector"], first, dim=0).reshape(1).cpu()
         queue = torch.cat([state["similarities"], similarity])[-group["queue_size"] :]
         state["similarities"] = queue

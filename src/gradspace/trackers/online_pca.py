@@ -111,7 +111,7 @@ class OnlinePCATracker(Tracker):
         return False  # P moves in after_step, every step
 
     def update(self, gn, state, group, ctx: Context):
-        return state["basis"]
+        return state.basis
 
     def p_lr(self, group: dict) -> float:
         lr = float(group["lr"])
@@ -127,8 +127,8 @@ class OnlinePCATracker(Tracker):
         return float(group.get("weight_decay", 0.0) if wd is None else wd)
 
     def after_step(self, gn, state, group, ctx: Context) -> None:
-        p = state["basis"]
-        if state["step"] == 0:  # the step that initialised P by SVD: no P step (class docstring)
+        p = state.basis
+        if state.step == 0:  # the step that initialised P by SVD: no P step (class docstring)
             eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
             state["trk_diag_orth"] = torch.linalg.matrix_norm(p.mT @ p - eye)
             return
@@ -151,4 +151,3 @@ class OnlinePCATracker(Tracker):
             p.addcdiv_(m, denom, value=-lr / (1.0 - beta1**t))
         else:
             p.add_(grad, alpha=-lr)
-        state["basis"] = p

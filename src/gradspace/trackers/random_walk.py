@@ -43,8 +43,8 @@ class GrassJumpTracker(Tracker):
         return svd_basis(gn, rank, group, ctx)
 
     def update(self, gn, state, group, ctx: Context):
-        s = state["basis"]
-        return self._move(s, _gaussian(gn, s.shape[1], ctx, state["updates"] + 1), group)
+        s = state.basis
+        return self._move(s, _gaussian(gn, s.shape[1], ctx, state.updates + 1), group)
 
     def _move(self, s: torch.Tensor, z: torch.Tensor, group: dict) -> torch.Tensor:
         return orthonormalize(z)

@@ -133,7 +133,7 @@ class SubTrackTracker(Tracker):
         acc = state.get("trk_acc")
         if acc is not None and self._get(group, "accumulate"):
             g = acc.add_(gn).div_(state["trk_count"] + 1)  # in place: the buffer is reset below
-        return subtrack_step(state["basis"], g, float(self._get(group, "eta")), self._get(group, "normalize"))
+        return subtrack_step(state.basis, g, float(self._get(group, "eta")), self._get(group, "normalize"))
 
     def on_update(self, state, group) -> None:
         """A new window of gradients starts."""

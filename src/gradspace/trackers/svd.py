@@ -159,4 +159,4 @@ class SVDTracker(Tracker):
         return svd_basis(gn, rank, group, ctx)
 
     def update(self, gn, state, group, ctx: Context):
-        return svd_basis(gn, state["basis"].shape[1], group, ctx, state["updates"] + 1)
+        return svd_basis(gn, state.basis.shape[1], group, ctx, state.updates + 1)

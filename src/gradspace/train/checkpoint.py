@@ -21,9 +21,10 @@ import torch
 from .atomic import alive, write_failed
 from .errors import CheckpointError
 
-#: the layout of what this gradspace writes and reads, and no other (2: FSDP2 shards only in ``ckpt-<step>.dcp/``,
-#: the data position that of the global batch; 1 and before were development layouts that were never released)
-FORMAT = 2
+#: the layout of what this gradspace writes and reads, and no other (3: each parameter's optimizer state nested by
+#: owner, ``gradspace.components``; 2: FSDP2 shards only in ``ckpt-<step>.dcp/``, the data position that of the
+#: global batch; 1 and before were development layouts that were never released)
+FORMAT = 3
 NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 
 

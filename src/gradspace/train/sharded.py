@@ -22,6 +22,7 @@ import pickle
 import shutil
 import warnings
 from contextlib import contextmanager
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,7 @@ def read_metadata(folder: Path):
 
 
 def _tensor_sizes(folder: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """``{flat key: (global shape, dtype)}`` of the saved tensors (DCP's keys: ``optimizer.3.exp_avg``,
+    """``{flat key: (global shape, dtype)}`` of the saved tensors (DCP's keys: ``optimizer.3.rule.exp_avg``,
     ``model.<name>``)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -115,6 +116,7 @@ def _tensor_sizes(folder: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]
 def split_optimizer_state(optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(tensors, rest)`` of ``optimizer.state_dict()``: the state's tensors, as DTensors where this rank holds
     only part of one (``state_shard_dim``), and the state dict with those entries left out."""
+    from ..components import flat_items, set_flat
     from ..distributed import as_sharded, state_shard_dim
 
     sd = optimizer.state_dict()
@@ -123,10 +125,10 @@ def split_optimizer_state(optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
     rest = {**sd, "state": {}}
     for index, state in sd["state"].items():
         p = params[index] if isinstance(index, int) and index < len(params) else None
-        kept = {}
-        for key, value in state.items():
+        kept: dict[str, Any] = {}
+        for key, value in flat_items(state):
             if not isinstance(value, torch.Tensor):
-                kept[key] = value
+                set_flat(kept, key, value)
                 continue
             dim = None if p is None else state_shard_dim(optimizer, p, key, _global_shape(value, p))
             tensors[f"{index}.{key}"] = as_sharded(value, p, dim) if dim is not None else value
@@ -185,6 +187,7 @@ def load(folder: Path, rest: dict[str, Any], model, optimizer, fsdp: bool) -> No
     every rank. ``rest`` is the optimizer state without its tensors, as :func:`save` returned it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
+    from ..components import set_flat
     from ..distributed import empty_sharded, state_shard_dim
 
     sizes = _tensor_sizes(folder)
@@ -214,17 +217,18 @@ def load(folder: Path, rest: dict[str, Any], model, optimizer, fsdp: bool) -> No
         set_model_state_dict(model, model_sd, options=StateDictOptions(strict=True))
     else:
         model.load_state_dict(model_sd)
-    sd = {**rest, "state": {int(i): dict(s) for i, s in rest["state"].items()}}
+    sd = {**rest, "state": {int(i): deepcopy(s) for i, s in rest["state"].items()}}
     for name, value in targets.items():
         index, _, key = name.partition(".")
         # the optimizer keeps an unprojected weight's moments as DTensors like the weight, and the moments of a
         # weight stepped on its rows as plain local tensors
-        sd["state"].setdefault(int(index), {})[key] = value.to_local() if dims[name] == 1 else value
+        set_flat(sd["state"].setdefault(int(index), {}), key, value.to_local() if dims[name] == 1 else value)
     optimizer.load_state_dict(sd)
 
 
 def shard_full_state(optimizer, sd: dict[str, Any]) -> dict[str, Any]:
     """A one-process (or DDP) optimizer state dict cut to this FSDP2 rank's part (``state_shard_dim``)."""
+    from ..components import flat_items, set_flat
     from ..distributed import shard_of, state_shard_dim
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -232,13 +236,13 @@ def shard_full_state(optimizer, sd: dict[str, Any]) -> dict[str, Any]:
     for index, state in sd["state"].items():
         p = params[index]
         out["state"][index] = kept = {}
-        for key, value in state.items():
+        for key, value in flat_items(state):
             dim = state_shard_dim(optimizer, p, key, tuple(value.shape)) if isinstance(value, torch.Tensor) else None
             if dim is None:
-                kept[key] = value
+                set_flat(kept, key, value)
                 continue
             part = shard_of(value.to(p.device), p, dim)
-            kept[key] = part.to_local() if dim == 1 else part  # as the optimizer keeps it (see load)
+            set_flat(kept, key, part.to_local() if dim == 1 else part)  # as the optimizer keeps it (see load)
     return out
 
 
