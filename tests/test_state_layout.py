@@ -37,11 +37,31 @@ def test_a_tracker_reads_the_clock_and_basis_but_writes_only_its_part():
 def test_flat_items_and_set_flat_are_inverse():
     st = {"step": 3, "rule": {"exp_avg": torch.ones(2)}, "tracker": {}}
     flat = dict(flat_items(st))
-    assert set(flat) == {"step", "rule.exp_avg", "tracker"} and flat["tracker"] == {}  # an empty part is kept
+    assert set(flat) == {"step", "rule.exp_avg"}  # leaves only: an empty part is the same state as a missing one
     back = {}
     for k, v in flat.items():
         set_flat(back, k, v)
-    assert back.keys() == st.keys() and torch.equal(back["rule"]["exp_avg"], st["rule"]["exp_avg"])
+    assert back.keys() == {"step", "rule"} and torch.equal(back["rule"]["exp_avg"], st["rule"]["exp_avg"])
+
+
+def test_a_state_without_its_empty_parts_steps_as_before():
+    """A DCP checkpoint stores leaves only, so a loaded state lacks the empty parts (a tracker without
+    state, no norm-growth limiter): the optimizer makes them again on use, and the step is the same."""
+    torch.manual_seed(0)
+    model, twin = make_model(), make_model()
+    twin.load_state_dict(model.state_dict())
+    opts = [SubspaceOptimizer(projected_groups(m, rank=4, gap=3), lr=1e-2, base="sgd") for m in (model, twin)]
+    for m, o in zip((model, twin), opts):
+        train(m, o, batches(2))
+    sd = opts[1].state_dict()
+    assert any(st.get("tracker") == {} and st.get("output") == {} for st in sd["state"].values())  # SVD, no limiter
+    for st in sd["state"].values():
+        for owner in [k for k, v in st.items() if v == {}]:
+            del st[owner]
+    opts[1].load_state_dict(sd)
+    for m, o in zip((model, twin), opts):
+        train(m, o, batches(2, seed=5))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
 
 
 def test_a_state_dict_in_the_flat_layout_is_refused_saying_what_to_do():

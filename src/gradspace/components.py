@@ -92,9 +92,10 @@ def part(state: dict, owner: str) -> dict:
 
 def flat_items(state: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """``("step", 3), ("rule.exp_avg", tensor), ...``: a parameter's nested state with dotted keys (the flat
-    names a DCP checkpoint stores and ``SubspaceOptimizer.state_shard_dim`` takes)."""
+    names a DCP checkpoint stores and ``SubspaceOptimizer.state_shard_dim`` takes). An empty part yields nothing:
+    the optimizer makes a missing part on first use (:func:`part`), so it is the same state as an empty one."""
     for key, value in state.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):
             yield from flat_items(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value

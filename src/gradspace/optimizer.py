@@ -592,7 +592,7 @@ class SubspaceOptimizer(Optimizer):
             if not state:
                 state["step"] = 0
                 rule.init_state(part(state, "rule"), p, group)
-        rule.step_full_rank(params, [state["rule"] for state in states], group)
+        rule.step_full_rank(params, [part(state, "rule") for state in states], group)
         for state in states:
             state["step"] += 1
         self._decay(group, params)
@@ -670,7 +670,7 @@ class SubspaceOptimizer(Optimizer):
         tracker.observe(tgn, tgt, own, group)
         if self.collect_diagnostics and extra is None:
             diag["energy"] = captured_energy(basis, gn, gt, None if tracker.orthonormal else inverse_gram(basis, diag))
-        direction, factor = rule.update(gt, state["rule"], group)
+        direction, factor = rule.update(gt, part(state, "rule"), group)
         outputs.apply_update(
             view.weight,
             basis,
