@@ -25,10 +25,9 @@ from .train.config import (
     explicit_options,
     read_config_file,
 )
-from .train.encoder import FinetuneSetup
 from .train.parallel import Parallel
 from .train.rebuild import EXPORT_FLAGS
-from .train.recipes import run_finetune, run_pretrain
+from .train.recipes import finetune_setup, run_finetune, run_pretrain
 from .train.runfolder import RunLock, resolve_run, target
 from .train.streams import Data
 from .train.summary import RunDiverged
@@ -68,6 +67,14 @@ SAMPLE = [
     ),
     (["--seed"], {"type": int, "default": 0}),
     (["--threads"], {"type": int, "default": 0}),
+    (
+        ["--raw"],
+        {
+            "action": "store_true",
+            "help": "continue the prompt as text even when the model's tokenizer has a chat template (by default "
+            "the prompt is a user turn in that format, and the answer is printed)",
+        },
+    ),
 ]
 
 
@@ -90,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
             [],
         ),
         "plan": ("predict a pretrain run's peak memory, and what fits this machine or --budget", []),
-        "sample": ("print text that a pretrained run's model writes after a prompt", SAMPLE),
+        "sample": ("print what a run's causal LM writes after a prompt (an instruction-tuned one: its answer)", SAMPLE),
         "export": (
             "write a run's model folder (RUN/model) from its newest good checkpoint, without training",
             EXPORT_FLAGS,
@@ -137,7 +144,7 @@ TRAINING = {
     "finetune": (
         FINETUNE,
         lambda c: f"{Path(str(c['task'])).stem.replace('/', '-')}-{c['method']}",
-        lambda c, world: FinetuneSetup(c),
+        lambda c, world: finetune_setup(c),
         lambda c: c["model"],
         lambda c, out, setup, **run: run_finetune(c, out, setup=setup, **run),
         _finetune_done,
@@ -218,7 +225,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    print(sample(Path(args.run), args.prompt, args.max_new_tokens, args.seed, temperature=args.temperature))
+    print(
+        sample(
+            Path(args.run), args.prompt, args.max_new_tokens, args.seed, temperature=args.temperature, chat=not args.raw
+        )
+    )
     return 0
 
 

@@ -34,7 +34,6 @@ from .. import optim_args
 from ..baselines import is_known, is_projected, method_names, takes_rank
 from .atomic import write_atomic
 from .config import FINETUNE, PRETRAIN, SEED_RANGE, parse_optim_args
-from .encoder import FinetuneSetup
 from .errors import UsageError
 from .interrupt import Relay
 from .options import PER_METHOD, RUNTIME
@@ -414,7 +413,9 @@ def run_compare(
     manifest = {"config": cfg, "methods": methods, "lr_grid": grid, "tune_fraction": tune_fraction}
     manifest = check_manifest(out, manifest, overwrite)
     if finetune:  # prepares the task and model caches once, and checks rank and length before any run starts
-        setup = FinetuneSetup(run_config(cfg, methods[-1], seed_list[0]))
+        from .recipes import finetune_setup
+
+        setup = finetune_setup(run_config(cfg, methods[-1], seed_list[0]))
         what = f"fine-tuning {cfg['model']} on {setup.info}"
     else:
         what = f"llama-{cfg['preset']}, {Data(run_config(cfg, methods[0], seed_list[0])).info}"

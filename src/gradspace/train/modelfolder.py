@@ -4,11 +4,27 @@ traceback from deep inside (or blames the tokenizer, which reads ``config.json``
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Hide transformers' load report and weight-loading bar (the fresh head is expected, and said once)."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        logging.enable_progress_bar()
 
 
 def read_config(folder: Path) -> dict[str, Any] | None:

@@ -32,6 +32,8 @@ SCHEDULERS = (
     "warmup_stable_decay",
 )
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
+#: supervised fine-tuning's named chat templates (``gradspace.train.chat.TEMPLATES``)
+CHAT_TEMPLATES = ("default", "alpaca", "chatml", "llama3", "qwen", "empty")
 
 TRAIN = ("pretrain", "finetune", "compare")  # an option of training runs, which a comparison passes on
 PRE, FINE = ("pretrain", "compare"), ("finetune", "compare")
@@ -263,12 +265,58 @@ OPTIONS: tuple[Option, ...] = (
         "task",
         "rotten-tomatoes",
         "rotten-tomatoes, review-ratings, trec, sms-spam, a CSV/TSV/JSONL file, a folder with train.* and valid.* "
-        "files, or glue/<name> (needs datasets and a network)",
+        "files, or glue/<name> (needs datasets and a network); instruction data for a causal LM: synth-instruct "
+        "(built in) or a JSONL/JSON/CSV/Parquet file of alpaca, chat (messages) or prompt/completion rows",
         FINE,
         identity=True,
     ),
     Option(
         "max_length", 128, "tokens per example, longer ones are cut (128)", FINE, int, identity=True, bound="positive"
+    ),
+    Option(
+        "objective",
+        "auto",
+        "classify (a task head on an encoder or LM) or sft (a causal LM's responses to instructions); auto: sft "
+        "for instruction data",
+        FINE,
+        choices=("auto", "classify", "sft"),
+        identity=True,
+    ),
+    Option(
+        "template",
+        "auto",
+        "sft: the chat format, " + ", ".join(CHAT_TEMPLATES) + " (auto: the tokenizer's own, else default)",
+        FINE,
+        choices=("auto", *CHAT_TEMPLATES),
+        identity=True,
+    ),
+    Option("train_on_prompt", False, "sft: take the loss on prompt tokens too", FINE, bool, identity=True),
+    Option("packing", False, "sft: join short examples into rows of --max-length tokens", FINE, bool, identity=True),
+    Option(
+        "max_samples",
+        0,
+        "sft: train on the first N examples only (0: all)",
+        FINE,
+        int,
+        identity=True,
+        bound="non_negative",
+    ),
+    Option(
+        "val_size",
+        0.1,
+        "sft: held-out examples of a --task file without --eval-dataset, a share (below 1) or a count (0.1)",
+        FINE,
+        float,
+        identity=True,
+    ),
+    Option(
+        "eval_prompts",
+        8,
+        "sft: greedy answers to this many held-out prompts at each evaluation, scored by exact match and written "
+        "to RUN/samples/ (8; 0: none)",
+        FINE,
+        int,
+        bound="non_negative",
     ),
     # evaluation and logging
     Option(

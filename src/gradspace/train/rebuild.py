@@ -52,7 +52,7 @@ def export_run(
                 "--overwrite to replace it"
             )
         state = _model_state(resume)
-        build = _classifier if "task" in cfg else _causal_lm
+        build = _finetuned if "task" in cfg else _causal_lm
         if lora_rank is not None:
             _starting_model(cfg)  # refused before anything is written
         folder, model = build(run, cfg, state, step)
@@ -77,9 +77,9 @@ def _starting_model(cfg: dict[str, Any]):
 
     if "task" in cfg:
         from .config import FINETUNE
-        from .encoder import FinetuneSetup
+        from .recipes import finetune_setup
 
-        setup = FinetuneSetup({**FINETUNE.defaults, **cfg})
+        setup = finetune_setup({**FINETUNE.defaults, **cfg})
         return setup.model, setup.targets
     if not cfg.get("model"):
         raise UsageError(
@@ -148,24 +148,25 @@ def _causal_lm(run: Path, cfg: dict[str, Any], state: dict[str, Any], step: int)
     return baseline_export(cfg, run, write, adapter=bool(cfg.get("model")))(model, step), written["model"]
 
 
-def _classifier(run: Path, cfg: dict[str, Any], state: dict[str, Any], step: int) -> Path:
-
+def _finetuned(run: Path, cfg: dict[str, Any], state: dict[str, Any], step: int) -> Path:
+    """A fine-tuned classifier, or an instruction-tuned causal LM (with its chat template), from its checkpoint."""
     from .config import FINETUNE
-    from .encoder import FinetuneSetup
-    from .export import export_classifier
+    from .export import export_causal_lm, export_classifier
     from .precision import store_weights
-    from .recipes import baseline_export, prepare_baseline
+    from .recipes import baseline_export, finetune_setup, prepare_baseline, with_chat_template
+    from .sft import SFTSetup
 
     cfg = {**FINETUNE.defaults, **cfg}
-    setup = FinetuneSetup(cfg)
+    setup = finetune_setup(cfg)
     model = store_weights(setup.model, cfg, setup.targets)
     model = prepare_baseline(cfg, model, FINETUNE.settings(cfg), setup.targets, FINETUNE)
     _load(model, state, run)
-    labels = setup.task.labels
     written = {}
 
     def write(m, s):
         written["model"] = m
-        return export_classifier(run, m, setup.tokenizer, step=s, labels=labels)
+        if isinstance(setup, SFTSetup):
+            return export_causal_lm(run, m, None, with_chat_template(setup), step=s)
+        return export_classifier(run, m, setup.tokenizer, step=s, labels=setup.task.labels)
 
     return baseline_export(cfg, run, write)(model, step), written["model"]

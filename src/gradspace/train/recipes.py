@@ -31,10 +31,37 @@ def run_pretrain(cfg: dict[str, Any], out: Path, *, data: Data | None = None, **
     return Trainer(cfg, out, recipe, parallel=parallel, **run).run()
 
 
-def run_finetune(cfg: dict[str, Any], out: Path, *, setup: FinetuneSetup | None = None, **run) -> dict[str, Any]:
-    """Fine-tune ``cfg["model"]`` on ``cfg["task"]`` into ``out``; returns the summary (with the final metrics)."""
+def run_finetune(cfg: dict[str, Any], out: Path, *, setup=None, **run) -> dict[str, Any]:
+    """Fine-tune ``cfg["model"]`` on ``cfg["task"]`` into ``out``; returns the summary (with the final metrics).
+    ``setup``: what :func:`finetune_setup` loaded (loaded here when not given)."""
+    from .sft import SFTSetup
+
     parallel = _placement(cfg, run.pop("parallel", None))
-    return Trainer(cfg, out, finetune_recipe(cfg, out, parallel, setup), parallel=parallel, **run).run()
+    setup = setup or finetune_setup(cfg)
+    build = sft_recipe if isinstance(setup, SFTSetup) else finetune_recipe
+    return Trainer(cfg, out, build(cfg, out, parallel, setup), parallel=parallel, **run).run()
+
+
+def finetune_setup(cfg: dict[str, Any]):
+    """A classifier's setup (:class:`FinetuneSetup`) or supervised fine-tuning's (:class:`~.sft.SFTSetup`), by
+    ``--objective``; ``auto`` is sft when ``--task`` is instruction data."""
+    from .encoder import FinetuneSetup
+    from .sft import SFTSetup, is_instruction_file
+
+    FINETUNE.validate(cfg)
+    objective = cfg["objective"]
+    if objective == "auto":
+        objective = "sft" if is_instruction_file(str(cfg["task"])) else "classify"
+    if objective == "sft" and not is_instruction_file(str(cfg["task"])):
+        raise UsageError(
+            f"--objective sft needs instruction data: --task {cfg['task']} is not synth-instruct or a file of "
+            "alpaca (instruction/output), chat (messages) or prompt/completion rows"
+        )
+    if objective == "sft" and str(cfg["model"]).lower() in ("minilm", "all-minilm-l6-v2"):
+        raise UsageError(
+            "instruction tuning needs a causal LM: --model smollm2 (built in) or a folder (LLaMA, Qwen, GPT-2, ...)"
+        )
+    return SFTSetup(cfg) if objective == "sft" else FinetuneSetup(cfg)
 
 
 def pretrain_recipe(
@@ -65,7 +92,7 @@ def pretrain_recipe(
     recipe = _assemble(cfg, PRETRAIN, model, parallel, settings, targets=None, stream=stream, budget=budget)
     mine = [parallel.rows(b) for b in data.eval_batches]  # every rank its rows of the same validation batches
 
-    def evaluate_fn() -> dict[str, float]:
+    def evaluate_fn(step: int) -> dict[str, float]:
         loss = parallel.mean(evaluate(recipe.model, mine)["val_loss"])  # rows of equal length: the global mean
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
@@ -96,12 +123,44 @@ def finetune_recipe(cfg: dict[str, Any], out: Path, parallel: Parallel, setup: F
         cfg, FINETUNE, setup.model, parallel, FINETUNE.settings(cfg), targets=setup.targets, stream=stream
     )
     batches = eval_batches(task.validation, collate, EVAL_BATCH, cfg["eval_batches"] * EVAL_BATCH)
-    recipe.evaluate = lambda: evaluate_task(recipe.model, batches, task.num_labels, task.regression)
+    recipe.evaluate = lambda step: evaluate_task(recipe.model, batches, task.num_labels, task.regression)
     recipe.extra.update(task=task.name, model=cfg["model"], metric=task.metric)
     recipe.export = baseline_export(
         cfg, out, lambda m, step: export_classifier(out, m, setup.tokenizer, step=step, labels=task.labels)
     )
     return recipe
+
+
+def sft_recipe(cfg: dict[str, Any], out: Path, parallel: Parallel, setup) -> Recipe:
+    """A causal LM on instruction data, the loss on its responses (:mod:`.sft`): held-out response loss and
+    exact match, exported with a tokenizer whose chat template is the one trained on."""
+    from .export import export_causal_lm
+    from .sft import evaluator
+    from .tasks import ExampleStream
+
+    stream = parallel.shard(
+        ExampleStream(setup.train, setup.collate, parallel.world * cfg["batch_size"], seed=cfg["seed"])
+    )
+    recipe = _assemble(cfg, FINETUNE, setup.model, parallel, FINETUNE.settings(cfg), targets=None, stream=stream)
+    generate = parallel.world == 1 and cfg["eval_prompts"] > 0  # greedy decoding of a sharded model: not here
+    recipe.evaluate = evaluator(setup, recipe, out, cfg["eval_prompts"], cfg["eval_batches"] * 8, generate)
+    recipe.no_eval = {"val_loss": float("nan"), "val_ppl": float("nan")}
+    metric = "exact_match" if generate else "val_loss"
+    recipe.extra.update(task=setup.task_name, model=cfg["model"], metric=metric, **setup.summary())
+    tokenizer = with_chat_template(setup)
+    write = lambda m, step: export_causal_lm(out, m, None, tokenizer, step=step)  # noqa: E731
+    recipe.export = baseline_export(cfg, out, write)
+    return recipe
+
+
+def with_chat_template(setup):
+    """The tokenizer of an instruction-tuned run, carrying the chat template it trained with (a named one as
+    Jinja), so the exported folder formats prompts as training did."""
+    from .chat import TEMPLATES, jinja
+
+    if setup.template in TEMPLATES:
+        setup.tokenizer.chat_template = jinja(setup.template)
+    return setup.tokenizer
 
 
 def _assemble(

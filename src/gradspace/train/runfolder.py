@@ -104,7 +104,7 @@ class RunLock:
     writer unlinks it), so two processes can never both hold it. A file naming a live process that holds no lock
     (written by hand, or by an older gradspace) is respected too. Reentrant within a process (the command line takes
     it before it reads a checkpoint, the Trainer again around training and export). With ``create``, a folder the
-    lock made and nothing filled is removed again: bad input leaves nothing behind."""
+    lock made and nothing filled is removed again, with the parents it made: bad input leaves nothing behind."""
 
     _held: dict[Path, tuple[int, int]] = {}  # lock path -> (fd, depth)
 
@@ -113,6 +113,8 @@ class RunLock:
         self.path = self.folder / LOCK
         self.key = self.path.absolute()
         self.created = create and not self.folder.exists() and not self.folder.is_symlink()
+        #: the folders this lock makes, the run folder first, then the missing parents (removed again if unused)
+        self.made = [self.folder, *(p for p in self.folder.parents if not p.exists())] if self.created else []
 
     def __enter__(self) -> RunLock:
         if self.key in self._held:
@@ -177,8 +179,10 @@ class RunLock:
         return False
 
     def _remove_if_made(self) -> None:
-        if self.created and self.folder.is_dir() and not any(self.folder.iterdir()):
-            self.folder.rmdir()
+        for folder in self.made:  # innermost first: a parent goes only once it is empty
+            if not (folder.is_dir() and not any(folder.iterdir())):
+                return
+            folder.rmdir()
 
 
 def _pid_in(fd: int) -> int:
@@ -209,6 +213,12 @@ def target(args: argparse.Namespace, command: Command, name) -> Path:
 
     if args.out:
         return Path(args.out)
+    if getattr(args, "config", None):
+        from .llamafactory import file_output_dir
+
+        out = file_output_dir(Path(args.config))
+        if out is not None:
+            return out
     if args.resume:
         return folder_of(ck.find_checkpoint(args.resume))
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -40,7 +40,7 @@ class Recipe:
     scheduler: Any
     stream: Any  #: the training batches, resumable (state_dict)
     settings: dict[str, Any]  #: the optimizer's lr and projection, for the summary
-    evaluate: Callable[[], dict[str, float]] | None = None
+    evaluate: Callable[[int], dict[str, float]] | None = None  #: the figures at a step (written with it)
     export: Callable[[Any, int], Path] | None = None  #: writes RUN/model from (model, step)
     no_eval: dict[str, float] = field(default_factory=dict)  #: the figures of a run that never evaluates
     extra: dict[str, Any] = field(default_factory=dict)  #: more summary fields (task, metric ...)
@@ -257,7 +257,7 @@ class Trainer:
     def _evaluate(self, step: int) -> None:
         if self.recipe.evaluate is None:
             return
-        e = {"step": step, **self.recipe.evaluate()}
+        e = {"step": step, **self.recipe.evaluate(step)}
         self.state.evals.append(e)
         self.metrics.write({"type": "eval", **e})
         shown = ", ".join(f"{k} {v:.4f}" for k, v in e.items() if k != "step" and isinstance(v, float))
