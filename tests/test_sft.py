@@ -228,6 +228,22 @@ def test_a_tiny_gpt2_learns_the_answers_and_sample_answers_in_its_chat_format(tm
     capsys.readouterr()
     assert run("sample", out, "--prompt", "Name a red fruit.", "--temperature", "0", "--max-new-tokens", "20") == 0
     assert capsys.readouterr().out.strip() == "A cherry"
+    # lm-evaluation-harness on a local multiple-choice task: the trained answers win in the chat format
+    task = tmp_path / "qa.yaml"
+    choices = [a for _, a in QA]
+    (tmp_path / "mc.jsonl").write_text(
+        "".join(json.dumps({"q": q, "choices": choices, "label": i}) + "\n" for i, (q, _) in enumerate(QA))
+    )
+    task.write_text(
+        "task: tiny_qa\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: "
+        + str(tmp_path / "mc.jsonl")
+        + "\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    assert run("eval", out, "--tasks", task, "--apply-chat-template", "--threads", "1") == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("tiny_qa acc 1.0000")
+    report = json.loads((out / "eval" / "lm-eval.json").read_text())
+    assert report["results"]["tiny_qa"]["acc,none"] == 1.0 and report["apply_chat_template"]
 
 
 def test_a_tiny_llama_fine_tunes_with_galore_on_the_built_in_set_and_resumes_exactly(tmp_path):

@@ -25,6 +25,8 @@ from .train.config import (
     explicit_options,
     read_config_file,
 )
+from .train.export import SAMPLE
+from .train.harness import FLAGS as EVAL_FLAGS
 from .train.parallel import Parallel
 from .train.rebuild import EXPORT_FLAGS
 from .train.recipes import finetune_setup, run_finetune, run_pretrain
@@ -49,33 +51,6 @@ PARALLEL = [
     (["--fsdp"], {"action": "store_true", "help": "under torchrun: shard the model with FSDP2 (default DDP)"}),
     (["--shard-updates"], {"action": "store_true", "help": "under torchrun: each subspace update on one rank"}),
 ]
-SAMPLE = [
-    (["run"], {"help": "a run folder (its model/ folder) or a Hugging Face model folder"}),
-    (
-        ["--prompt"],
-        {
-            "default": "\n",
-            "help": "the text to continue (a newline); '' starts from the tokenizer's BOS (else EOS) token, or a "
-            "newline where it has none (--tokenizer chars) or the model never trained on it, and prints only the "
-            "new text",
-        },
-    ),
-    (["--max-new-tokens"], {"type": int, "default": 200}),
-    (
-        ["--temperature"],
-        {"type": float, "default": 0.8, "help": "sampling temperature (0.8); 0: greedy decoding (do_sample=False)"},
-    ),
-    (["--seed"], {"type": int, "default": 0}),
-    (["--threads"], {"type": int, "default": 0}),
-    (
-        ["--raw"],
-        {
-            "action": "store_true",
-            "help": "continue the prompt as text even when the model's tokenizer has a chat template (by default "
-            "the prompt is a user turn in that format, and the answer is printed)",
-        },
-    ),
-]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         "plan": ("predict a pretrain run's peak memory, and what fits this machine or --budget", []),
         "sample": ("print what a run's causal LM writes after a prompt (an instruction-tuned one: its answer)", SAMPLE),
+        "eval": ("run lm-evaluation-harness tasks on a run's causal LM (offline with local task files)", EVAL_FLAGS),
         "export": (
             "write a run's model folder (RUN/model) from its newest good checkpoint, without training",
             EXPORT_FLAGS,
@@ -221,25 +197,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from .train.export import sample
 
+    _threads(args)
+    print(sample(Path(args.run), args.prompt, args.max_new_tokens, args.seed, args.temperature, chat=not args.raw))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .train.harness import evaluate, lines
+
+    _threads(args)
+    print("\n".join(lines(evaluate(args))))
+    return 0
+
+
+def _threads(args: argparse.Namespace) -> None:
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    print(
-        sample(
-            Path(args.run), args.prompt, args.max_new_tokens, args.seed, temperature=args.temperature, chat=not args.raw
-        )
-    )
-    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .train.rebuild import export_run
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _threads(args)
     folder, step, adapter = export_run(args.run, args.overwrite, args.lora_rank, args.lora_energy)
     print(f"exported the model of step {step} to {folder}" + (f"\n{adapter}" if adapter else ""))
     return 0
@@ -284,6 +265,7 @@ def _main(argv: list[str] | None) -> int:
         "compare": cmd_compare,
         "plan": cmd_plan,
         "sample": cmd_sample,
+        "eval": cmd_eval,
         "export": cmd_export,
     }
     try:

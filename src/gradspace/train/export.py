@@ -25,6 +25,36 @@ from ..int8_weights import SCALES_SUFFIX, dequantized, is_int8
 MODEL_DIR = "model"
 
 
+#: the flags of ``gradspace sample``
+SAMPLE = [
+    (["run"], {"help": "a run folder (its model/ folder) or a Hugging Face model folder"}),
+    (
+        ["--prompt"],
+        {
+            "default": "\n",
+            "help": "the text to continue (a newline); '' starts from the tokenizer's BOS (else EOS) token, or a "
+            "newline where it has none (--tokenizer chars) or the model never trained on it, and prints only the "
+            "new text",
+        },
+    ),
+    (["--max-new-tokens"], {"type": int, "default": 200}),
+    (
+        ["--temperature"],
+        {"type": float, "default": 0.8, "help": "sampling temperature (0.8); 0: greedy decoding (do_sample=False)"},
+    ),
+    (["--seed"], {"type": int, "default": 0}),
+    (["--threads"], {"type": int, "default": 0}),
+    (
+        ["--raw"],
+        {
+            "action": "store_true",
+            "help": "continue the prompt as text even when the model's tokenizer has a chat template (by default "
+            "the prompt is a user turn in that format, and the answer is printed)",
+        },
+    ),
+]
+
+
 def char_tokenizer(chars: str):
     """A ``PreTrainedTokenizerFast`` whose token i is the character ``chars[i]``, with no special tokens: the
     space (else ``chars[0]``) is only the backend's unknown token, so that ``decode(ids, skip_special_tokens=True)``
@@ -199,7 +229,13 @@ def exported_step(folder: Path) -> int | None:
 
 
 def sample(
-    folder: Path, prompt: str, max_new_tokens: int = 100, seed: int = 0, chat: bool = True, **generate: Any
+    folder: Path,
+    prompt: str,
+    max_new_tokens: int = 100,
+    seed: int = 0,
+    temperature: float | None = None,
+    chat: bool = True,
+    **generate: Any,
 ) -> str:
     """Text that the exported model of a run folder (or a model folder) writes after ``prompt``.
 
@@ -221,7 +257,6 @@ def sample(
             f"writes {Path(folder) / MODEL_DIR}) or a Hugging Face model folder"
         )
     _refuse_non_causal(folder, path, config)
-    temperature = generate.pop("temperature", None)
     if max_new_tokens < 1 or (temperature is not None and not temperature >= 0):
         raise UsageError("--max-new-tokens must be >= 1 and --temperature >= 0 (0: greedy decoding)")
     if temperature == 0:
