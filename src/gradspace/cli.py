@@ -1,8 +1,9 @@
-"""The ``gradspace`` command line: pretrain a LLaMA preset, fine-tune an encoder on a task, resume, compare.
+"""The ``gradspace`` command line: pretrain, fine-tune (a task head, or a causal LM on instructions), compare.
 
 gradspace pretrain --preset tiny --method galore --steps 200 --out runs/tiny-galore
 gradspace pretrain --resume runs/tiny-galore          # continues from the newest checkpoint, bit-exactly
 gradspace finetune --task rotten-tomatoes --method galore --steps 300 --out runs/rt-galore
+gradspace finetune --model smollm2 --task synth-instruct --method galore   # a causal LM on instructions (SFT)
 gradspace compare --methods adamw,galore,subtrack --steps 150 --out runs/compare   # --task: fine-tuning
 """
 
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
             [RESUME, MEMORY_CHECK, *PARALLEL],
         ),
         "finetune": (
-            "fine-tune a pretrained model on a classification or regression task",
+            "fine-tune a pretrained model on a classification or regression task, or a causal LM on instructions",
             [RESUME, MEMORY_CHECK, *PARALLEL],
         ),
         "compare": (
