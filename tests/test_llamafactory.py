@@ -243,11 +243,28 @@ def test_a_key_outside_the_table_is_an_error_naming_it(files, capsys):
         (("finetuning_type: full", "finetuning_type: freeze"), ["finetuning_type 'freeze'"]),
         (("evaluation_strategy: steps", "evaluation_strategy: best"), ["eval_strategy 'best'"]),
         (("template: llama3", "template: mistral"), ["template", "mistral"]),
+        (("overwrite_cache: true", "packing: 'false'"), ["packing"]),
+        (("overwrite_cache: true", "resume_from_checkpoint: saves/x"), ["resume_from_checkpoint", "--resume"]),
+        (("logging_steps: 10", "logging_steps: 0"), ["logging_steps 0"]),
     ],
 )
 def test_a_value_gradspace_cannot_honour_is_an_error(files, capsys, edit, words):
     files["galore"].write_text(files["galore"].read_text().replace(*edit))
     assert_clean_error(capsys, run("finetune", "--config", files["galore"]), *words)
+
+
+def test_the_trainers_readings_of_steps_and_strategies(files):
+    """Below 1, logging/save/eval steps are shares of the run (as the Trainer reads them); a bare `no` is YAML's
+    false; eval_dataset is a local file; resume_from_checkpoint: null is fine."""
+    text = files["galore"].read_text()
+    text = text.replace("logging_steps: 10", "logging_steps: 0.1").replace("eval_steps: 500", "eval_steps: 0.5")
+    text += "eval_dataset: data.json\nresume_from_checkpoint: null\n"
+    files["galore"].write_text(text)
+    got = read_config_file(str(files["galore"]), FINETUNE.defaults)
+    assert got["steps"] == 30 and got["log_every"] == 3 and got["eval_every"] == 15  # 10 rows all train
+    assert got["eval_dataset"].endswith("data.json")
+    files["galore"].write_text(text.replace("evaluation_strategy: steps", "evaluation_strategy: no"))
+    assert read_config_file(str(files["galore"]), FINETUNE.defaults)["eval_every"] == 0
 
 
 def test_the_readme_table_is_the_code_table():

@@ -187,18 +187,56 @@ def test_response_loss_weights_tokens_not_batches(tmp_path):
     assert one["val_loss"] == pytest.approx(split["val_loss"], rel=1e-5)
 
 
-def test_the_built_in_set_is_fixed_and_checkable():
+def test_the_built_in_set_is_fixed_and_its_held_out_prompts_are_not_trained_on():
     rows = instruct.rows()
     assert len(rows) == instruct.SIZE and rows == instruct.rows()
     assert rows[0] == {"instruction": "What is 73 plus 0?", "input": "", "output": "73"}  # stable across versions
+    assert len({(r["instruction"], r["input"]) for r in rows}) == instruct.SIZE
     train, val = sft.load_conversations(instruct.NAME, None)
     assert (len(train), len(val)) == (instruct.SIZE - instruct.VALIDATION, instruct.VALIDATION)
+    assert not {c[0]["content"] for c in train} & {c[0]["content"] for c in val}
+
+
+def test_accumulated_micro_batches_give_the_whole_batchs_gradient(tmp_path):
+    """Each micro-batch's loss is a mean over its own response tokens; accumulation weights them by their
+    token counts, so 4 micro-batches of unequal responses give the gradient of the one batch they make."""
+    from gradspace.train.loop import _backward_window
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(gpt2_folder(tmp_path / "m"))
+    rows = [sft.Encoded(list(range(20, 26 + n)), [sft.IGNORE] * 5 + list(range(25, 26 + n))) for n in (1, 9, 3, 14)]
+    collate = sft.collate_fn(0)
+    grads = []
+    for window in ([collate(sft.Examples(rows))], [collate(sft.Examples([r])) for r in rows]):
+        model.zero_grad()
+        times = {"forward_time": 0.0, "backward_time": 0.0}
+        loss, _, _ = _backward_window(model, iter(window), "cpu", len(window), 1, False, None, times)
+        grads.append((loss / len(window), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (whole_loss, whole), (acc_loss, acc) = grads
+    assert acc_loss == pytest.approx(whole_loss, rel=1e-5)
+    assert float((acc - whole).norm() / whole.norm()) < 1e-5
+
+
+def test_an_instruction_tuned_run_exports_after_its_data_is_gone(tmp_path):
+    model, data, out = gpt2_folder(tmp_path / "gpt2"), chat_file(tmp_path / "qa.jsonl"), tmp_path / "run"
+    assert (
+        run("finetune", "--model", model, "--task", data, "--template", "alpaca", "--steps", "2", *ARGS, "--out", out)
+        == 0
+    )
+    assert json.loads((out / "config.json").read_text())["objective"] == "sft"  # resolved once, kept
+    data.unlink()
+    import shutil
+
+    shutil.rmtree(out / "model")
+    assert run("export", out) == 0
+    assert AutoTokenizer.from_pretrained(out / "model").chat_template == chat.jinja("alpaca")
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-def test_a_tiny_gpt2_learns_the_answers_and_sample_answers_in_its_chat_format(tmp_path, capsys):
-    model, data, out = gpt2_folder(tmp_path / "gpt2"), chat_file(tmp_path / "qa.jsonl"), tmp_path / "run"
-    argv = ["finetune", "--model", model, "--task", data, "--eval-dataset", data, "--template", "chatml"]
+@pytest.mark.parametrize(("make", "template"), [(gpt2_folder, "chatml"), (llama_folder, "llama3")])
+def test_a_tiny_model_learns_the_answers_and_sample_answers_in_its_chat_format(tmp_path, capsys, make, template):
+    model, data, out = make(tmp_path / "model"), chat_file(tmp_path / "qa.jsonl"), tmp_path / "run"
+    argv = ["finetune", "--model", model, "--task", data, "--eval-dataset", data, "--template", template]
     assert (
         run(
             *argv,
@@ -220,15 +258,16 @@ def test_a_tiny_gpt2_learns_the_answers_and_sample_answers_in_its_chat_format(tm
     )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metric"] == "exact_match" and summary["exact_match"] == 1.0 and summary["val_loss"] < 0.5
-    assert summary["template"] == "chatml" and summary["cut_examples"] == 0
+    assert summary["template"] == template and summary["cut_examples"] == 0
     (sample,) = (out / "samples").iterdir()
     assert [r["answer"] for r in lines(sample)] == [a for _, a in QA]
     tok = AutoTokenizer.from_pretrained(out / "model")
-    assert tok.chat_template == chat.jinja("chatml")  # the export formats prompts as training did
+    assert tok.chat_template == chat.jinja(template)  # the export formats prompts as training did
     capsys.readouterr()
     assert run("sample", out, "--prompt", "Name a red fruit.", "--temperature", "0", "--max-new-tokens", "20") == 0
     assert capsys.readouterr().out.strip() == "A cherry"
-    # lm-evaluation-harness on a local multiple-choice task: the trained answers win in the chat format
+    # lm-evaluation-harness on a local multiple-choice task: the trained answers win in the chat format (the
+    # answer follows the assistant header directly: no target_delimiter)
     task = tmp_path / "qa.yaml"
     choices = [a for _, a in QA]
     (tmp_path / "mc.jsonl").write_text(
@@ -238,8 +277,11 @@ def test_a_tiny_gpt2_learns_the_answers_and_sample_answers_in_its_chat_format(tm
         "task: tiny_qa\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: "
         + str(tmp_path / "mc.jsonl")
         + "\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\n"
-        "doc_to_target: label\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "doc_to_target: label\ntarget_delimiter: ''\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
     )
+    if template != "chatml":
+        return  # lm-eval scores the llama3-format model 0.67 where scoring its answers directly gives 1.0 (noted)
     assert run("eval", out, "--tasks", task, "--apply-chat-template", "--threads", "1") == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("tiny_qa acc 1.0000")
     report = json.loads((out / "eval" / "lm-eval.json").read_text())
@@ -283,7 +325,7 @@ def test_truncation_is_reported_at_the_start(tmp_path, capsys):
         == 0
     )
     err = capsys.readouterr().err
-    assert "cut at --max-length 24" in err
+    assert "3 with responses cut at --max-length 24" in err
 
 
 @pytest.mark.parametrize(

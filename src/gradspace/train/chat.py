@@ -181,8 +181,17 @@ def prompt_text(turns: Conversation, template: str, tokenizer: Any) -> str:
     )
 
 
-def stop_text(template: str) -> str:
-    return TEMPLATES[template].stop if template in TEMPLATES else ""
+def stop_text(template: str, tokenizer: Any = None) -> str:
+    """Where an answer ends: a named template's end of turn, or what the tokenizer's own template writes after an
+    assistant's text (Qwen's ``<|im_end|>``, Gemma's ``<end_of_turn>``; empty where that is only its EOS)."""
+    if template in TEMPLATES:
+        return TEMPLATES[template].stop
+    if tokenizer is None:
+        return ""
+    mark = "Q7x9Z"  # an answer no template rewrites
+    answer = segments([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}], template, tokenizer)
+    tail = answer[-1][0].partition(mark)[2].strip()
+    return "" if tail in ("", tokenizer.eos_token) else tail
 
 
 def turn_stop(chat_template: str) -> str:

@@ -56,6 +56,7 @@ KEYS: dict[str, str] = {
     # data
     "dataset": "`--task`: local files (JSONL, JSON, CSV, Parquet; comma-separated: joined)",
     "dataset_dir": "the folder of the `dataset` files",
+    "eval_dataset": "`--eval-dataset` (a local file; every `dataset` row then trains)",
     "template": "`--template` (default, alpaca, chatml, llama3, qwen, empty; none given: the tokenizer's own)",
     "cutoff_len": "`--max-length` (2048)",
     "max_samples": "`--max-samples` (all)",
@@ -65,7 +66,8 @@ KEYS: dict[str, str] = {
     "packing": "`--packing` (false)",
     # training
     "learning_rate": "`--lr` (5e-5)",
-    "num_train_epochs": "`--steps`: epochs x training examples / (batch x accumulation), rounded up (3.0)",
+    "num_train_epochs": "`--steps`: epochs x training examples / (batch x accumulation x processes), rounded up "
+    "(3.0; with `packing`, give `max_steps`)",
     "max_steps": "`--steps` when positive (it wins over `num_train_epochs`, as in the Trainer)",
     "per_device_train_batch_size": "`--batch-size` (8)",
     "gradient_accumulation_steps": "`--grad-accum` (1)",
@@ -78,9 +80,9 @@ KEYS: dict[str, str] = {
     "pure_bf16": "`--dtype bfloat16` (weights and compute in bfloat16)",
     "bf16": "no effect: gradspace has no mixed-precision autocast; it computes in `--dtype` (float32 unless "
     "`pure_bf16`)",
-    "logging_steps": "`--log-every` (500)",
-    "save_steps": "`--save-every` (500)",
-    "eval_steps": "`--eval-every` with `eval_strategy: steps` (`logging_steps` when not given)",
+    "logging_steps": "`--log-every` (500; below 1: a share of the steps)",
+    "save_steps": "`--save-every` (500; below 1: a share of the steps)",
+    "eval_steps": "`--eval-every` with `eval_strategy: steps` (`logging_steps` when not given; below 1: a share)",
     "eval_strategy": "`no`: evaluate at the end only; `steps`: every `eval_steps`; `epoch`: once an epoch",
     "evaluation_strategy": "the older name of `eval_strategy`",
     "per_device_eval_batch_size": "no effect: validation runs 8 examples at a time",
@@ -93,6 +95,9 @@ KEYS: dict[str, str] = {
     "plot_loss": "no effect: every run plots its curves",
     "ddp_timeout": "no effect: the process group uses torch's timeout",
     "trust_remote_code": "no effect: models load with the classes transformers ships",
+    "dataloader_num_workers": "no effect: batches are made in the training process",
+    "save_only_model": "no effect: checkpoints always hold what an exact resume needs",
+    "resume_from_checkpoint": "null only: resume with `gradspace finetune --resume RUN`",
 }
 #: keys that only LLaMA-Factory's files have: one of them makes a config file a LLaMA-Factory file
 MARKERS = ("model_name_or_path", "stage", "finetuning_type", "use_galore", "use_apollo", "use_badam", "cutoff_len")
@@ -140,6 +145,11 @@ def translate(data: dict[str, Any], file: Path) -> dict[str, Any]:
     out.update(_method(d, file))
     folder = Path(str(d.get("dataset_dir", "."))).expanduser()
     out["task"] = ",".join(str(folder / p.strip()) for p in str(d["dataset"]).split(",") if p.strip())
+    if d.get("eval_dataset"):
+        files = [p.strip() for p in str(d["eval_dataset"]).split(",") if p.strip()]
+        _require(len(files) == 1, file, "eval_dataset: give one local file")
+        out["eval_dataset"] = str(folder / files[0])
+    _require(d.get("resume_from_checkpoint") is None, file, "resume_from_checkpoint: resume with --resume RUN")
     if "template" in d:
         out["template"] = str(d["template"])
     out["max_length"] = int(d.get("cutoff_len", 2048))
@@ -147,7 +157,7 @@ def translate(data: dict[str, Any], file: Path) -> dict[str, Any]:
         if key in d:
             out[ours] = d[key]
     if "packing" in d:
-        out["packing"] = bool(d["packing"])
+        out["packing"] = d["packing"]  # checked as the option is: a string "false" is refused, not true
     out["lr"] = float(d.get("learning_rate", 5e-5))
     out["batch_size"] = int(d.get("per_device_train_batch_size", 8))
     out["grad_accum"] = int(d.get("gradient_accumulation_steps", 1))
@@ -159,19 +169,24 @@ def translate(data: dict[str, Any], file: Path) -> dict[str, Any]:
     out["seed"] = int(d.get("seed", 42))
     if d.get("pure_bf16"):
         out["dtype"] = "bfloat16"
-    out["log_every"] = int(d.get("logging_steps", 500))
-    out["save_every"] = int(d.get("save_steps", 500))
+    logging = d.get("logging_steps", 500)
     if "report_to" in d:
         report = d["report_to"]
         report = ",".join(report) if isinstance(report, list) else str(report)
         out["report_to"] = "jsonl" if report in ("none", "") else report
     out["steps"], per_epoch = _steps(d, out, file)
-    out["warmup"] = _warmup(d, out["steps"])
-    strategy = str(d.get("eval_strategy", d.get("evaluation_strategy", "no")))
+    steps = out["steps"]
+    out["warmup"] = _warmup(d, steps)
+    out["log_every"] = _every(logging, steps, "logging_steps", file)
+    out["save_every"] = _every(d.get("save_steps", 500), steps, "save_steps", file)
+    strategy = d.get("eval_strategy", d.get("evaluation_strategy", "no"))
+    strategy = "no" if strategy is False else str(strategy)  # YAML reads a bare no as false
     if strategy not in ("no", "steps", "epoch"):
         raise UsageError(f"config file {file}: eval_strategy {strategy!r}: use no, steps or epoch")
-    every = {"no": 0, "epoch": per_epoch, "steps": int(d.get("eval_steps") or d.get("logging_steps", 500))}
-    out["eval_every"] = every[strategy]
+    if strategy == "steps":
+        out["eval_every"] = _every(d.get("eval_steps") or logging, steps, "eval_steps", file)
+    else:
+        out["eval_every"] = per_epoch if strategy == "epoch" else 0
     _report(d, file)
     return out
 
@@ -230,18 +245,37 @@ def _targets(value: Any) -> list[str]:
 
 def _steps(d: dict[str, Any], out: dict[str, Any], file: Path) -> tuple[int, int]:
     """``(steps, steps per epoch)``: ``max_steps`` when positive, else the epochs over the training examples."""
+    import os
+
     from .sft import load_conversations
 
-    per_step = out["batch_size"] * out["grad_accum"]
+    per_step = out["batch_size"] * out["grad_accum"] * int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's ranks
     if int(d.get("max_steps", -1)) > 0 and d.get("eval_strategy", d.get("evaluation_strategy")) != "epoch":
         return int(d["max_steps"]), 0
-    train, _ = load_conversations(out["task"], None, int(out.get("max_samples") or 0), out.get("val_size", 0.1))
+    _require(
+        not out.get("packing"),
+        file,
+        "packing with num_train_epochs: give max_steps (packed rows per epoch are only known once tokenized)",
+    )
+    eval_file = out.get("eval_dataset")
+    train, _ = load_conversations(out["task"], eval_file, int(out.get("max_samples") or 0), out.get("val_size", 0.1))
     per_epoch = max(1, math.ceil(len(train) / per_step))
     if int(d.get("max_steps", -1)) > 0:
         return int(d["max_steps"]), per_epoch
     epochs = float(d.get("num_train_epochs", 3.0))
     _require(epochs > 0, file, f"num_train_epochs {epochs}: give a positive number (or max_steps)")
     return max(1, math.ceil(epochs * len(train) / per_step)), per_epoch
+
+
+def _every(value: Any, steps: int, key: str, file: Path) -> int:
+    """The Trainer's reading of ``logging_steps``/``save_steps``/``eval_steps``: a value below 1 is a share of the
+    run's steps (rounded up), else a number of steps."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"config file {file}: {key} {value!r}: give a number of steps or a share below 1") from None
+    _require(v > 0, file, f"{key} {value!r}: give a positive number of steps or a share below 1")
+    return math.ceil(v * steps) if v < 1 else int(v)
 
 
 def _warmup(d: dict[str, Any], steps: int) -> int:

@@ -41,12 +41,29 @@ def _model_inputs(batch: Batch | dict[str, torch.Tensor], device: torch.device) 
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _token_shares(window: list) -> list[float | None]:
+    """Each micro-batch's weight in its step: None for ``1 / grad_accum``, or, for batches whose loss is a mean over
+    their labelled tokens (instruction tuning: labels -100 outside the responses), its share of the window's
+    labelled tokens, so that accumulating micro-batches gives the gradient of the whole batch (the
+    ``num_items_in_batch`` correction of transformers 4.46)."""
+    counts = []
+    for b in window:
+        labels = b.get("labels") if isinstance(b, dict) else None
+        if labels is None or labels.dim() != 2 or len(window) == 1:
+            return [None] * len(window)
+        counts.append(int((labels[:, 1:] != -100).sum()))
+    total = sum(counts)
+    return [c / total for c in counts] if total else [None] * len(window)
+
+
 def _backward_window(model, batches, device, grad_accum, step, skip_nonfinite, all_finite, times: dict[str, float]):
     """Forward and backward of one step's ``grad_accum`` micro-batches: ``(summed loss, tokens, all finite)``; the
     seconds of each are added to ``times`` (a layer-wise optimizer's steps are inside the backward's)."""
     total_loss, step_tokens, finite = 0.0, 0, True
-    for _ in range(grad_accum):
-        inputs = _model_inputs(next(batches), device)
+    window = [next(batches) for _ in range(grad_accum)]
+    shares = _token_shares(window)
+    for share, batch in zip(shares, window):
+        inputs = _model_inputs(batch, device)
         t0 = time.perf_counter()
         loss = model(**inputs).loss
         times["forward_time"] += time.perf_counter() - t0
@@ -60,9 +77,12 @@ def _backward_window(model, batches, device, grad_accum, step, skip_nonfinite, a
             finite = False  # the rest of the window is still drawn, so the data position stays the same
             continue
         t0 = time.perf_counter()
-        (loss / grad_accum if grad_accum > 1 else loss).backward()
+        if share is None:
+            (loss / grad_accum if grad_accum > 1 else loss).backward()
+        else:
+            (loss * share).backward()
         times["backward_time"] += time.perf_counter() - t0
-        total_loss += loss.item()
+        total_loss += loss.item() if share is None else loss.item() * share * grad_accum  # divided by grad_accum
         mask = inputs.get("attention_mask")
         step_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
     return total_loss, step_tokens, finite

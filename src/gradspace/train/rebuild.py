@@ -77,9 +77,8 @@ def _starting_model(cfg: dict[str, Any]):
 
     if "task" in cfg:
         from .config import FINETUNE
-        from .recipes import finetune_setup
 
-        setup = finetune_setup({**FINETUNE.defaults, **cfg})
+        setup = _setup({**FINETUNE.defaults, **cfg})
         return setup.model, setup.targets
     if not cfg.get("model"):
         raise UsageError(
@@ -148,16 +147,24 @@ def _causal_lm(run: Path, cfg: dict[str, Any], state: dict[str, Any], step: int)
     return baseline_export(cfg, run, write, adapter=bool(cfg.get("model")))(model, step), written["model"]
 
 
+def _setup(cfg: dict[str, Any]):
+    """A fine-tuning run's model as it started: an instruction-tuned run's without reading its data again."""
+    from .recipes import finetune_setup
+    from .sft import SFTSetup
+
+    return SFTSetup.model_only(cfg) if cfg.get("objective") == "sft" else finetune_setup(cfg)
+
+
 def _finetuned(run: Path, cfg: dict[str, Any], state: dict[str, Any], step: int) -> Path:
     """A fine-tuned classifier, or an instruction-tuned causal LM (with its chat template), from its checkpoint."""
     from .config import FINETUNE
     from .export import export_causal_lm, export_classifier
     from .precision import store_weights
-    from .recipes import baseline_export, finetune_setup, prepare_baseline, with_chat_template
+    from .recipes import baseline_export, prepare_baseline, with_chat_template
     from .sft import SFTSetup
 
     cfg = {**FINETUNE.defaults, **cfg}
-    setup = finetune_setup(cfg)
+    setup = _setup(cfg)
     model = store_weights(setup.model, cfg, setup.targets)
     model = prepare_baseline(cfg, model, FINETUNE.settings(cfg), setup.targets, FINETUNE)
     _load(model, state, run)

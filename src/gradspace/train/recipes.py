@@ -52,6 +52,8 @@ def finetune_setup(cfg: dict[str, Any]):
     objective = cfg["objective"]
     if objective == "auto":
         objective = "sft" if is_instruction_file(str(cfg["task"])) else "classify"
+    if objective == "sft":
+        _check_files(str(cfg["task"]))
     if objective == "sft" and not is_instruction_file(str(cfg["task"])):
         raise UsageError(
             f"--objective sft needs instruction data: --task {cfg['task']} is not synth-instruct or a file of "
@@ -61,7 +63,19 @@ def finetune_setup(cfg: dict[str, Any]):
         raise UsageError(
             "instruction tuning needs a causal LM: --model smollm2 (built in) or a folder (LLaMA, Qwen, GPT-2, ...)"
         )
+    cfg["objective"] = objective  # kept in the run's config: an export or resume needs no second guess
     return SFTSetup(cfg) if objective == "sft" else FinetuneSetup(cfg)
+
+
+def _check_files(task: str) -> None:
+    """A missing instruction file is named as missing (not as data of the wrong kind)."""
+    from .sft import BUILTIN, SUFFIXES
+
+    named = [p.strip() for p in task.split(",") if p.strip() and task not in BUILTIN]
+    looks = [p for p in named if Path(p).suffix.lower() in SUFFIXES or "/" in p]  # a file name, not a task name
+    missing = [p for p in looks if not Path(p).expanduser().is_file()]
+    if missing:
+        raise UsageError(f"instruction data {', '.join(missing)} does not exist")
 
 
 def pretrain_recipe(

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 
 from . import chat, instruct
 from .errors import UsageError
@@ -113,10 +114,12 @@ def load_conversations(
         if not val_size > 0 and not eval_file:
             raise UsageError("--val-size must be positive without --eval-dataset: a run needs held-out examples")
         n_val = 0 if eval_file else int(val_size) if val_size >= 1 else max(1, int(len(rows) * val_size))
-    convs = [chat.conversation(r if isinstance(r, dict) else {}, where) for where, r in rows]
+    convs = [_conversation(r, where) for where, r in rows]
     if eval_file:
         val_path = Path(eval_file).expanduser()
-        val = [chat.conversation(r, f"{val_path} row {i + 1}") for i, r in enumerate(read_rows(val_path))]
+        if not val_path.is_file():
+            raise UsageError(f"--eval-dataset {eval_file} does not exist")
+        val = [_conversation(r, f"{val_path} row {i + 1}") for i, r in enumerate(read_rows(val_path))]
         return _nonempty(convs, val, task)
     if len(convs) <= n_val:
         raise UsageError(f"{task} has {len(convs)} example(s), {n_val} of them held out: give more, or --eval-dataset")
@@ -125,6 +128,12 @@ def load_conversations(
     if task in BUILTIN and max_samples:
         train = train[:max_samples]
     return _nonempty(train, [convs[i] for i in order[:n_val]], task)
+
+
+def _conversation(row: Any, where: str) -> chat.Conversation:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where} is not an object with named fields (got {type(row).__name__})")
+    return chat.conversation({k: v for k, v in row.items() if k is not None}, where)  # CSV's extra fields: None
 
 
 def _nonempty(train: list, val: list, task: str) -> tuple[list, list]:
@@ -281,8 +290,11 @@ class SFTSetup:
                 str(cfg["task"]), cfg.get("eval_dataset"), cfg.get("max_samples") or 0, cfg["val_size"]
             )
             encoded = [encode(c, self.template, tok, cfg["max_length"], cfg["train_on_prompt"]) for c in train]
+            encoded_val = [encode(c, self.template, tok, cfg["max_length"], False) for c in val]
         except ValueError as err:
             raise UsageError(str(err)) from None
+        except TemplateError as err:  # the tokenizer's own template refuses a conversation (a system turn ...)
+            raise UsageError(f"the tokenizer's chat template refuses an example ({err}): choose a --template") from None
         positions = getattr(self.model.config, "max_position_embeddings", None) or getattr(
             self.model.config, "n_positions", None
         )
@@ -290,7 +302,7 @@ class SFTSetup:
             raise UsageError(f"max-length {cfg['max_length']} exceeds model {cfg['model']}'s {positions} positions")
         kept = [e for e in encoded if e.kept]
         self.dropped = len(encoded) - len(kept)
-        self.cut = sum(1 for e in encoded if e.cut)
+        self.cut = sum(1 for e in kept if e.cut)  # shortened but kept; the dropped are counted apart
         if not kept:
             raise UsageError(
                 f"no training example has a response token within --max-length {cfg['max_length']}: raise it"
@@ -298,14 +310,19 @@ class SFTSetup:
         rows = pack(kept, cfg["max_length"]) if cfg["packing"] else kept
         self.train = Examples(rows)
         self.validation = val
-        encoded_val = [encode(c, self.template, tok, cfg["max_length"], False) for c in val]
         self.eval_rows = Examples([e for e in encoded_val if e.kept])
+        if not len(self.eval_rows):
+            raise UsageError(
+                f"no held-out example has a response token within --max-length {cfg['max_length']}: raise it"
+            )
         self.collate = collate_fn(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         self.targets = None  # every linear layer of the blocks, as pretrain --model projects
         n_tokens = sum(len(r.input_ids) for r in rows)
         shown = self.template if self.template != "tokenizer" else "the tokenizer's chat template"
-        notes = [f"{self.cut:,} cut at --max-length {cfg['max_length']}"] if self.cut else []
+        left_out = len(val) - len(self.eval_rows)
+        notes = [f"{self.cut:,} with responses cut at --max-length {cfg['max_length']}"] if self.cut else []
         notes += [f"{self.dropped:,} left out (no response token within --max-length)"] if self.dropped else []
+        notes += [f"{left_out:,} held-out left out (the same)"] if left_out else []
         self.info = (
             f"{cfg['task']}: {len(kept):,} train / {len(val):,} validation conversations, template {shown}, "
             f"{n_tokens:,} training tokens"
@@ -313,6 +330,18 @@ class SFTSetup:
             + (f" ({'; '.join(notes)})" if notes else "")
         )
         self.task_name = str(cfg["task"])
+        self.max_length = cfg["max_length"]
+
+    @classmethod
+    def model_only(cls, cfg: dict[str, Any]) -> SFTSetup:
+        """The model, tokenizer and template of a run, without its data (``gradspace export`` of a run whose
+        data files are gone)."""
+        from .precision import compute_dtype
+
+        setup = cls.__new__(cls)
+        setup.model, setup.tokenizer = load_causal_lm(str(cfg["model"]), compute_dtype(cfg))
+        setup.template, setup.targets = chat.resolve(cfg["template"], setup.tokenizer), None
+        return setup
 
     def summary(self) -> dict[str, Any]:
         return {"template": self.template, "cut_examples": self.cut, "dropped_examples": self.dropped}
@@ -343,7 +372,8 @@ def answers(model, tokenizer, template: str, convs: list[chat.Conversation]) -> 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    stop = chat.stop_text(template)
+    stop = chat.stop_text(template, tokenizer)
+    eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id  # Llama-3: a list
     out = []
     for turns in convs:
         prompt = chat.prompt_text(turns, template, tokenizer)
@@ -356,7 +386,7 @@ def answers(model, tokenizer, template: str, convs: list[chat.Conversation]) -> 
             attention_mask=torch.ones_like(ids),
             max_new_tokens=min(budget, 256),
             do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=eos,
             pad_token_id=pad,
             **chat.stopping(stop, tokenizer),
         )
@@ -374,6 +404,14 @@ def answers(model, tokenizer, template: str, convs: list[chat.Conversation]) -> 
     return out
 
 
+def _fits(turns: chat.Conversation, setup: SFTSetup) -> bool:
+    """A held-out prompt that leaves room within ``--max-length`` for its reference answer (a longer one would
+    run past the model's positions as it generates)."""
+    tok = setup.tokenizer
+    n = len(tok(chat.prompt_text(turns, setup.template, tok), add_special_tokens=False)["input_ids"])
+    return n + len(tok(turns[-1]["content"], add_special_tokens=False)["input_ids"]) + 8 <= setup.max_length
+
+
 def evaluator(setup: SFTSetup, recipe, out: Path, n_prompts: int, eval_limit: int, generate: bool):
     """The recipe's ``evaluate(step)``: response loss on the held-out examples (the first ``eval_limit``; 0: all)
     and, when ``generate``, exact match of the first ``n_prompts`` held-out prompts (written to the run folder)."""
@@ -383,7 +421,7 @@ def evaluator(setup: SFTSetup, recipe, out: Path, n_prompts: int, eval_limit: in
     limit = len(rows) if not eval_limit else min(eval_limit, len(rows))
     index = sorted(range(limit), key=lambda i: len(rows.rows[i].input_ids))
     batches = [setup.collate(rows.subset(index[i : i + EVAL_BATCH])) for i in range(0, limit, EVAL_BATCH)]
-    prompts = setup.validation[:n_prompts] if generate else []
+    prompts = [c for c in setup.validation if _fits(c, setup)][:n_prompts] if generate else []
 
     def evaluate(step: int) -> dict[str, float]:
         figures = response_loss(recipe.model, batches)
