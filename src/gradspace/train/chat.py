@@ -15,7 +15,7 @@ tokenizer carries, so ``gradspace sample`` and ``apply_chat_template`` format pr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 Conversation = list[dict[str, str]]
@@ -52,13 +52,6 @@ TEMPLATES: dict[str, Template] = {
         system="<|im_start|>system\n{content}<|im_end|>\n",
         stop="<|im_end|>",
     ),
-    "qwen": Template(
-        user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-        assistant="{content}<|im_end|>\n",
-        system="<|im_start|>system\n{content}<|im_end|>\n",
-        default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
-        stop="<|im_end|>",
-    ),
     "llama3": Template(
         user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n",
@@ -69,6 +62,10 @@ TEMPLATES: dict[str, Template] = {
     ),
     "empty": Template(user="{content}", assistant="{content}{eos}"),
 }
+#: Qwen's is ChatML with Qwen's system prompt
+TEMPLATES["qwen"] = replace(
+    TEMPLATES["chatml"], default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+)
 TEMPLATE_CHOICES = ("auto", *TEMPLATES)
 ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
