@@ -7,6 +7,14 @@ is laid out as bitsandbytes' blockwise 8-bit Adam keeps it. Each step dequantise
 of ``rules/adamw.py`` (same eps placement and bias-correction factor), takes the direction from the unrounded
 moments, and requantises. The codes are the state whatever the parameter dtype (``state_dtype`` does not apply).
 Unlike bitsandbytes, small tensors are quantised too (no ``min_8bit_size``), so a projected r x l state always is.
+
+``kernel``: ``"auto"`` (default) steps CUDA tensors with bitsandbytes' fused blockwise kernel when bitsandbytes is
+installed (one kernel per tensor instead of about fifteen) and everything else with the torch code here;
+``"bitsandbytes"`` always uses bitsandbytes (its CPU kernel too: the parity tests run it there); ``"torch"`` never
+does. The state is the same either way, so a run may change kernels between checkpoints. The kernel's update is
+this file's to float32 rounding given the same codes (its eps is passed as ``eps / sqrt(1 - beta2^t)``, which
+turns torch.optim's eps placement into galore-torch's); its requantisation is bitsandbytes' own search, which
+misses the nearest code for a block's small values (within the table's coarsest step: ``tests/test_rules.py``).
 """
 
 from __future__ import annotations
@@ -63,9 +71,34 @@ def dequantize(idx: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.T
     return (vals * absmax[:, None]).view(-1)[:n].view(idx.shape)
 
 
+KERNELS = ("auto", "torch", "bitsandbytes")
+
+
+@cache
+def _bitsandbytes_op(required: bool):
+    """bitsandbytes' fused blockwise 8-bit optimizer op, or None when it is not installed and not ``required``."""
+    try:
+        import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
+    except ImportError:
+        if required:
+            raise ValueError("kernel='bitsandbytes' needs bitsandbytes: pip install bitsandbytes") from None
+        return None
+    return torch.ops.bitsandbytes.optimizer_update_8bit_blockwise
+
+
+def fused_kernel(group: dict, like: torch.Tensor):
+    """The bitsandbytes op to step ``like``'s state with under the group's ``kernel`` option, else None."""
+    kernel = group.get("kernel", "auto")
+    if kernel == "torch" or not group["correct_bias"]:  # bitsandbytes always corrects the bias
+        return None
+    if kernel == "auto" and like.device.type != "cuda":
+        return None
+    return _bitsandbytes_op(kernel == "bitsandbytes")
+
+
 class AdamW8bit(InnerRule):
     name = "adamw8bit"
-    defaults = {"betas": (0.9, 0.999), "eps": 1e-6, "correct_bias": True}
+    defaults = {"betas": (0.9, 0.999), "eps": 1e-6, "correct_bias": True, "kernel": "auto"}
     has_second_moment = True
     #: codes and block scales: not elementwise (a block's scale spans 256 entries), so nothing shards
     state_keys = dict.fromkeys(("q8_m", "q8_m_absmax", "q8_v", "q8_v_absmax", "q8_step"))
@@ -78,6 +111,8 @@ class AdamW8bit(InnerRule):
     def validate(self, group: dict) -> None:
         check_betas(group)
         check_nonneg(group, "eps")
+        if group.get("kernel", "auto") not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {group['kernel']!r}")
 
     def init_state(self, state: dict, like: torch.Tensor, group: dict) -> None:
         """Zero moments written as codes directly: quantising a float32 zero tensor would make temporaries of
@@ -90,6 +125,11 @@ class AdamW8bit(InnerRule):
         state["q8_step"] = 0
 
     def update(self, grad: torch.Tensor, state: dict, group: dict) -> tuple[torch.Tensor, float]:
+        op = fused_kernel(group, grad)
+        if op is not None:
+            direction = torch.zeros(grad.shape, dtype=torch.float32, device=grad.device)
+            self._fused(op, grad, direction, state, group, lr=-1.0)  # from zero, lr -1: the weight moves by D
+            return direction, 1.0
         beta1, beta2 = group["betas"]
         mom = self.moments(state)
         m, v = mom["m"], mom["v"]
@@ -110,6 +150,10 @@ class AdamW8bit(InnerRule):
         the codes, scales and weights are bit for bit those of the one-piece update."""
         lr = float(group["lr"])
         for p, state in zip(params, states):
+            op = fused_kernel(group, p)
+            if op is not None and p.dtype == torch.float32 and p.is_contiguous():
+                self._fused(op, p.grad, p, state, group, lr=lr)
+                continue
             if p.numel() <= CHUNK or not (p.is_contiguous() and p.grad.is_contiguous()):
                 direction, factor = self.update(p.grad, state, group)
                 p.add_(direction, alpha=-lr * factor)
@@ -133,6 +177,20 @@ class AdamW8bit(InnerRule):
                     idx, absmax = quantize(moment, signed=signed)
                     codes[key][part] = idx
                     state[f"q8_{key}_absmax"][blocks] = absmax
+
+    @staticmethod
+    def _fused(op, grad: torch.Tensor, out: torch.Tensor, state: dict, group: dict, lr: float) -> None:
+        """One step of bitsandbytes' kernel: the codes and scales in place, ``out -= lr * f * D`` (float32,
+        contiguous). Weight decay stays the optimizer's (decoupled, after the update), so the kernel gets none."""
+        beta1, beta2 = group["betas"]
+        state["q8_step"] += 1
+        t = state["q8_step"]
+        eps = group["eps"] / math.sqrt(1.0 - beta2**t)  # galore-torch's m/(sqrt(v)+eps), in the kernel's form
+        code_m, code_v = _tables(True, grad.device)[0], _tables(False, grad.device)[0]
+        g = grad.detach().float().contiguous()
+        m, v = state["q8_m"], state["q8_v"]
+        absmax_m, absmax_v = state["q8_m_absmax"], state["q8_v_absmax"]
+        op("adam", g, out, m, v, beta1, beta2, 0.0, 0.0, eps, t, lr, code_m, code_v, absmax_m, absmax_v, 0.0, 1.0, False)
 
     def moments(self, state: dict) -> dict[str, torch.Tensor]:
         return {
