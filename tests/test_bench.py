@@ -2,15 +2,20 @@
 
 import argparse
 import ast
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from gradspace.bench import (
     adarank_sweep,
     budget,
     distributed_memory,
+    gpu,
     memory,
     plan_accuracy,
     real_memory,
@@ -102,6 +107,7 @@ RUNNERS = [
     (memory, "run"),
     (real_memory, "run"),
     (plan_accuracy, "run"),
+    (gpu, "run"),
 ]
 
 
@@ -129,6 +135,7 @@ def test_the_subcommands_keep_their_order():
         "distributed",
         "adarank",
         "memory",
+        "gpu",
     ]
 
 
@@ -190,3 +197,45 @@ def test_no_long_bench_function_without_a_reason():
         and "long because" not in (ast.get_docstring(node) or "")
     ]
     assert long == []
+
+
+def test_gpu_check_dry_run_runs_every_part_on_the_cpu():
+    """The prepared GPU script, as CI can run it: the cuda tests on the CPU, and every table with every row."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        ["bash", str(root / "tools" / "gpu_check.sh"), "--dry-run"],
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    for title in ("1. The cuda tests", "2. Training speed", "3. The optimizer step", "4. Peak memory"):
+        assert f"## {title}" in out
+    assert "**failed**" not in out
+    assert re.search(r"\*\*\d+ passed, \d+ skipped", out)  # the cuda tests ran (on the CPU), not all skipped
+    for label in gpu.TRAINERS:
+        assert re.search(rf"\| {re.escape(label)} \| [\d.]+ \|", out), label
+    for label, _, _ in gpu.MEMORY_CONFIGS:
+        assert f"LLaMA-tiny {label}" in out
+
+
+def test_gpu_check_reports_a_failed_part_and_still_runs_the_others(monkeypatch, tmp_path):
+    def broken(sizes):
+        raise RuntimeError("no kernel for this")
+
+    monkeypatch.setattr(gpu, "PARTS", (("Broken", broken), ("Speed", lambda sizes: f"ran on {sizes.device}")))
+    with pytest.raises(SystemExit, match="a part failed"):
+        gpu.cli(argparse.Namespace(dry_run=True, out=tmp_path / "gpu.md", parts=""))
+    page = (tmp_path / "gpu.md").read_text()
+    assert "## 1. Broken" in page and "**failed**: RuntimeError: no kernel for this" in page
+    assert "## 2. Speed" in page and "ran on cpu" in page
+    assert gpu.run(dry_run=True, parts=("2",)).count("## ") == 1  # --parts 2: that part alone, and it passes
+
+
+def test_gpu_check_without_a_gpu_says_to_dry_run(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device here; --dry-run"):
+        gpu.run(dry_run=False)

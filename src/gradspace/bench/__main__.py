@@ -1,4 +1,5 @@
-"""``python -m gradspace.bench {update,step,memory,distributed,adarank}``: side-by-side benchmarks, markdown tables."""
+"""``python -m gradspace.bench {update,step,memory,distributed,adarank,gpu,...}``: side-by-side benchmarks, markdown
+tables."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ import argparse
 
 import torch
 
-from . import adarank_sweep, budget, memory, plan_accuracy, sharded_updates, step, svd, update
+from . import adarank_sweep, budget, gpu, memory, plan_accuracy, sharded_updates, step, svd, update
 from .timing import machine
 
 #: the subcommands, in the order ``--help`` lists them: each module's ``register(subparsers)`` adds its parser and
 #: sets ``main`` (parsed flags -> the text to print). A new benchmark is a module with ``register`` and a line here.
-BENCHES = (update, step, svd, budget, plan_accuracy, sharded_updates, adarank_sweep, memory)
+BENCHES = (update, step, svd, budget, plan_accuracy, sharded_updates, adarank_sweep, memory, gpu)
 
 
 def build_parser() -> argparse.ArgumentParser:

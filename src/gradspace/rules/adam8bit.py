@@ -188,9 +188,8 @@ class AdamW8bit(InnerRule):
         eps = group["eps"] / math.sqrt(1.0 - beta2**t)  # galore-torch's m/(sqrt(v)+eps), in the kernel's form
         code_m, code_v = _tables(True, grad.device)[0], _tables(False, grad.device)[0]
         g = grad.detach().float().contiguous()
-        m, v = state["q8_m"], state["q8_v"]
-        absmax_m, absmax_v = state["q8_m_absmax"], state["q8_v_absmax"]
-        op("adam", g, out, m, v, beta1, beta2, 0.0, 0.0, eps, t, lr, code_m, code_v, absmax_m, absmax_v, 0.0, 1.0, False)
+        m, v, scales = state["q8_m"], state["q8_v"], (state["q8_m_absmax"], state["q8_v_absmax"])
+        op("adam", g, out, m, v, beta1, beta2, 0.0, 0.0, eps, t, lr, code_m, code_v, *scales, 0.0, 1.0, False)
 
     def moments(self, state: dict) -> dict[str, torch.Tensor]:
         return {
