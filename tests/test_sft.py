@@ -217,6 +217,43 @@ def test_accumulated_micro_batches_give_the_whole_batchs_gradient(tmp_path):
     assert float((acc - whole).norm() / whole.norm()) < 1e-5
 
 
+@pytest.mark.parametrize("accum", [1, 2])
+def test_ranks_weigh_their_micro_batches_by_every_ranks_response_tokens(tmp_path, accum):
+    """Under torchrun each rank's gradient is averaged with the others' (DDP, FSDP2, layer-wise): two ranks with
+    unequal response tokens, simulated here in one process (the token-count all-reduce stubbed with the other
+    rank's count), average to the gradient of the one batch both ranks' rows make, not to the mean of their
+    token means."""
+    from gradspace.train.loop import _backward_window
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(gpt2_folder(tmp_path / "m"))
+    rows = [sft.Encoded(list(range(20, 26 + n)), [sft.IGNORE] * 5 + list(range(25, 26 + n))) for n in (1, 9, 3, 14)]
+    collate = sft.collate_fn(0)
+    per_rank = [rows[:2], rows[2:]] if accum == 2 else [rows[:1], rows[1:]]  # 1 + 9 tokens vs 3 + 14
+    counts = [sum(len([t for t in r.labels[1:] if t != sft.IGNORE]) for r in rank) for rank in per_rank]
+
+    def grad_of(windows, world, total):
+        model.zero_grad()
+        times = {"forward_time": 0.0, "backward_time": 0.0}
+        for window in windows:
+            _backward_window(model, iter(window), "cpu", len(window), 1, False, None, times, (world, total))
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    whole = grad_of([[collate(sft.Examples(rows))]], 1, None)
+    ranks = []
+    for rank in per_rank:
+        window = [collate(sft.Examples(rank))] if accum == 1 else [collate(sft.Examples([r])) for r in rank]
+        ranks.append(grad_of([window], 2, lambda mine: sum(counts)))
+    averaged = (ranks[0] + ranks[1]) / 2  # what DDP's all-reduce does
+    assert float((averaged - whole).norm() / whole.norm()) < 1e-5
+    equal = grad_of([[collate(sft.Examples(r)) for r in per_rank]], 1, None)  # the old per-rank means, for scale
+    naive = []
+    for rank in per_rank:
+        naive.append(grad_of([[collate(sft.Examples(rank))]], 1, None))
+    assert float(((naive[0] + naive[1]) / 2 - whole).norm() / whole.norm()) > 1e-2  # the bug this fixes
+    assert float((equal - whole).norm() / whole.norm()) < 1e-5  # one process, two micro-batches: already right
+
+
 def test_an_instruction_tuned_run_exports_after_its_data_is_gone(tmp_path):
     model, data, out = gpt2_folder(tmp_path / "gpt2"), chat_file(tmp_path / "qa.jsonl"), tmp_path / "run"
     assert (

@@ -41,27 +41,38 @@ def _model_inputs(batch: Batch | dict[str, torch.Tensor], device: torch.device) 
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _token_shares(window: list) -> list[float | None]:
+def _token_shares(window: list, world: int = 1, token_total: Callable[[int], int] | None = None) -> list[float | None]:
     """Each micro-batch's weight in its step: None for ``1 / grad_accum``, or, for batches whose loss is a mean over
-    their labelled tokens (instruction tuning: labels -100 outside the responses), its share of the window's
+    their labelled tokens (instruction tuning: labels -100 outside the responses), its share of the step's
     labelled tokens, so that accumulating micro-batches gives the gradient of the whole batch (the
-    ``num_items_in_batch`` correction of transformers 4.46)."""
+    ``num_items_in_batch`` correction of transformers 4.46).
+
+    Under torchrun (``world`` > 1) the step's batch is every rank's windows together, and DDP, FSDP2 and layer-wise
+    data parallelism average the ranks' gradients: a micro-batch's weight is then ``world x its tokens / all
+    ranks' tokens`` (``token_total``: the sum of every rank's count, a collective every rank calls each step), so
+    a rank with fewer response tokens weighs less, as one process with the whole batch would weigh it."""
     counts = []
     for b in window:
         labels = b.get("labels") if isinstance(b, dict) else None
-        if labels is None or labels.dim() != 2 or len(window) == 1:
+        if labels is None or labels.dim() != 2:
             return [None] * len(window)
         counts.append(int((labels[:, 1:] != -100).sum()))
-    total = sum(counts)
-    return [c / total for c in counts] if total else [None] * len(window)
+    if world == 1 or token_total is None:
+        total, world = (sum(counts) if len(window) > 1 else 0), 1
+    else:
+        total = int(token_total(sum(counts)))
+    return [world * c / total for c in counts] if total else [None] * len(window)
 
 
-def _backward_window(model, batches, device, grad_accum, step, skip_nonfinite, all_finite, times: dict[str, float]):
+def _backward_window(
+    model, batches, device, grad_accum, step, skip_nonfinite, all_finite, times: dict[str, float], ranks=(1, None)
+):
     """Forward and backward of one step's ``grad_accum`` micro-batches: ``(summed loss, tokens, all finite)``; the
-    seconds of each are added to ``times`` (a layer-wise optimizer's steps are inside the backward's)."""
+    seconds of each are added to ``times`` (a layer-wise optimizer's steps are inside the backward's). ``ranks``:
+    ``(world, token_total)`` of :func:`_token_shares`."""
     total_loss, step_tokens, finite = 0.0, 0, True
     window = [next(batches) for _ in range(grad_accum)]
-    shares = _token_shares(window)
+    shares = _token_shares(window, *ranks)
     for share, batch in zip(shares, window):
         inputs = _model_inputs(batch, device)
         t0 = time.perf_counter()
@@ -103,6 +114,8 @@ def train(
     step_hook: Callable[[int], bool | None] | None = None,
     skip_nonfinite: bool = False,
     all_finite: Callable[[bool], bool] | None = None,
+    world: int = 1,
+    token_total: Callable[[int], int] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` for ``steps`` optimizer steps on ``batches`` (e.g. a :class:`~gradspace.train.data.BatchStream`
     of ``(input_ids, labels)``, or a :class:`~gradspace.train.tasks.ExampleStream` of input dicts).
@@ -115,7 +128,8 @@ def train(
     ``step_hook``. A non-finite loss raises
     ``FloatingPointError``, or with ``skip_nonfinite`` skips that optimizer step (counted in ``skipped_steps``).
     Under torchrun ``all_finite(ok)`` is true only when every rank's loss is finite (``Parallel.all_ok``): ranks
-    decide together, so one rank's NaN never leaves the others waiting in the gradient all-reduce.
+    decide together, so one rank's NaN never leaves the others waiting in the gradient all-reduce. ``world`` and
+    ``token_total`` (``Parallel.total``) weigh token-mean losses by every rank's labelled tokens (``_token_shares``).
 
     Resuming: ``start_step`` is the number of steps already done (the model, optimizer, scheduler and batches
     restored by the caller); steps ``start_step + 1 .. steps`` run. ``grad_accum`` micro-batches are averaged per
@@ -140,7 +154,7 @@ def train(
         times = {"forward_time": 0.0, "backward_time": 0.0}
         before = _optimizer_seconds(optimizer)
         total_loss, step_tokens, finite = _backward_window(
-            model, batches, device, grad_accum, step, skip_nonfinite, all_finite, times
+            model, batches, device, grad_accum, step, skip_nonfinite, all_finite, times, (world, token_total)
         )
         grad_norm = None
         if grad_clip and finite:

@@ -68,6 +68,12 @@ class Parallel:
 
         return self._reduce(1.0 if flag else 0.0, dist.ReduceOp.MAX) > 0.0
 
+    def total(self, value: float) -> float:
+        """The sum of ``value`` over the ranks (collective)."""
+        import torch.distributed as dist
+
+        return self._reduce(value, dist.ReduceOp.SUM)
+
     def mean(self, value: float) -> float:
         import torch.distributed as dist
 

@@ -307,6 +307,8 @@ class Trainer:
                     step_hook=hook,
                     skip_nonfinite=cfg["nonfinite"] == "skip",
                     all_finite=parallel.all_ok if parallel.world > 1 else None,
+                    world=parallel.world,
+                    token_total=parallel.total if parallel.world > 1 else None,
                 )
             except KeyboardInterrupt:
                 raise UsageError(
