@@ -98,6 +98,7 @@ RUNNERS = [
     (update, "run_preset"),
     (step, "run"),
     (step, "stagger"),
+    (step, "ops"),
     (svd, "run"),
     (budget, "run"),
     (sharded_updates, "run"),

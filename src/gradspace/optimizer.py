@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from . import basis_storage, recovery, rounding, validation
+from . import basis_storage, batched, recovery, rounding, validation
 from . import distributed as dist_support
 from . import moments as moment_policies
 from . import update as outputs
@@ -120,6 +120,8 @@ class SubspaceOptimizer(Optimizer):
         diagnostics: compute captured energy every step (one extra read of each projected gradient).
         distributed: ``None``/``"replicate"`` (every rank computes every subspace update) or ``"shard_updates"``
             (each update computed by one rank of ``process_group`` and broadcast); see ``gradspace.distributed``.
+        batched: step projected weights of one shape and settings together (one ``bmm`` each way, the inner rule
+            over ``torch._foreach_*``) on steps without a subspace update: ``gradspace.batched``.
         options: inner-rule and tracker hyperparameters (e.g. ``betas=(0.9, 0.95)``, ``eta=0.1``).
     """
 
@@ -142,6 +144,7 @@ class SubspaceOptimizer(Optimizer):
         distributed: str | None = None,
         process_group: Any = None,
         weight_rounding: str = "auto",
+        batched: bool = False,
         **options: Any,
     ):
         validation.check_lr_and_decay(lr, weight_decay)
@@ -172,6 +175,9 @@ class SubspaceOptimizer(Optimizer):
         self.nonfinite = nonfinite
         self.weight_rounding = weight_rounding
         self.collect_diagnostics = diagnostics
+        if type(batched) is not bool:
+            raise ValueError(f"batched must be True or False, got {batched!r}")
+        self.batched = batched
         self.distributed = dist_support.check_mode(distributed)
         self.process_group = process_group
         self._new_bases: dict[torch.Tensor, torch.Tensor] | None = None
@@ -438,11 +444,18 @@ class SubspaceOptimizer(Optimizer):
         # distributed="shard_updates": this step's new bases, each computed by one rank (gradspace.distributed)
         self._new_bases = dist_support.shard_updates(self, work, self.process_group) if self.distributed else None
         full_rank: dict[int, list[torch.Tensor]] = {}
+        batches: dict[tuple, tuple[dict, list[torch.Tensor]]] = {}
         for group, p in work:
             if self.layout(p, group) is None:  # batched per group: rules may run one fused kernel over them
                 full_rank.setdefault(id(group), []).append(p)
+            elif self.batched and (key := batched.key(self, group, p)) is not None:
+                batches.setdefault(key, (group, []))[1].append(p)
             else:
                 self._step_param(group, p)
+        for key, (group, params) in batches.items():
+            t0 = time.perf_counter()
+            batched.step(self, group, params, right=key[4])
+            self._step_seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
         for group in self.param_groups:
             if id(group) in full_rank:
@@ -462,7 +475,10 @@ class SubspaceOptimizer(Optimizer):
         # non-finite, and the exact check below runs only then (a finite sum overflowing is not an error)
         # (an FSDP2 shard checks its own rows; all ranks then agree through one all-reduce)
         local = dist_support.local
-        sums = torch.stack([local(p.grad).sum(dtype=torch.float32) for _, p in work])
+        if self.batched:  # one multi-tensor reduction for all of them (one kernel per dtype on CUDA)
+            sums = torch.stack(torch._foreach_norm([local(p.grad) for _, p in work])).float()
+        else:
+            sums = torch.stack([local(p.grad).sum(dtype=torch.float32) for _, p in work])
         bad = None
         if not bool(sums.isfinite().all()):
             bad = next(((g, p) for g, p in work if not bool(local(p.grad).isfinite().all())), None)
@@ -698,6 +714,7 @@ class SubspaceOptimizer(Optimizer):
         "collect_diagnostics",
         "skipped_steps",
         "distributed",
+        "batched",
     )
 
     def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: torch.optim keeps only defaults, state, groups

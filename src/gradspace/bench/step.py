@@ -63,9 +63,11 @@ def run(
     dtype=torch.float32,
     layers: int | None = None,
     references: bool = True,
+    batched: bool = False,
 ) -> str:
     """``layers`` builds the preset's shapes with fewer blocks (the 1B's full depth does not fit a CPU run's time);
-    ``references=False`` leaves out torch AdamW and galore-torch."""
+    ``references=False`` leaves out torch AdamW and galore-torch; ``batched`` adds each preset with
+    ``batched=True`` beside its loop."""
     rank = rank or PAPER_RANKS.get(preset, 128)
     gap = 10**9  # never due on its own: update steps are forced
     lr = 1e-6  # tiny steps: the weights barely move while they are timed
@@ -79,6 +81,10 @@ def run(
         own = preset_projection(name).get("rank")  # APOLLO-Mini runs at its own rank 1
         label = f"gradspace {name}" + (f" (rank {own})" if own else "")
         opts[label] = create_optimizer(name, model, lr=lr, rank=own or rank, update_proj_gap=gap)
+        if batched:
+            opts[f"{label}, batched"] = create_optimizer(
+                name, model, lr=lr, rank=own or rank, update_proj_gap=gap, batched=True
+            )
     for opt in opts.values():
         opt.step()  # initial bases and state
     non_update = race({k: o.step for k, o in opts.items()}, repeats=repeats, device=device)
@@ -125,6 +131,47 @@ def run(
         f"{title}\n\n{markdown_table(header, rows)}\n\n"
         f"Amortised over T steps\n\n{markdown_table(amort_header, amort_rows)}"
     )
+
+
+#: operations that make views or no-op casts: metadata, no kernel launched
+_VIEWS = "transpose t select unbind view as_strided to alias expand detach reshape slice numpy_T lift_fresh mT"
+VIEW_OPS = frozenset(f"aten::{n}" for n in _VIEWS.split())
+
+
+def operations(fn) -> int:
+    """torch.profiler's outermost aten operations of ``fn()`` that are not views (an operation's own sub-operations
+    are not counted): on CPU the proxy for the kernel launches the same call makes on a GPU."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    ops = [e for e in prof.events() if e.name.startswith("aten::") and e.name not in VIEW_OPS]
+    return sum(1 for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+
+
+def ops(preset="60m", methods=None, rank=None, layers: int | None = None) -> str:
+    """Operations of one non-update ``optimizer.step()`` (``operations``), the loop against ``batched=True``, for
+    each preset on the preset's parameter set: what kernel launches per step scale with."""
+    import logging
+
+    logging.getLogger("gradspace").setLevel(logging.ERROR)
+    rank = rank or PAPER_RANKS.get(preset, 128)
+    model = _params(preset, "cpu", torch.float32, layers)
+    weights = sum(1 for p in model.parameters() if p.dim() == 2)
+    rows = []
+    for name in methods or [m for m in METHODS if m != "adamw"]:
+        own = preset_projection(name).get("rank")
+        counts = []
+        for batched in (False, True):
+            opt = create_optimizer(name, model, lr=1e-6, rank=own or rank, update_proj_gap=10**9, batched=batched)
+            opt.step()  # the bases
+            counts.append(operations(opt.step))
+            del opt
+        rows.append([f"gradspace {name}", counts[0], counts[1], counts[0] / counts[1]])
+    depth = f" with {layers} of its blocks" if layers else ""
+    title = (
+        f"Operations per non-update optimizer.step() on the LLaMA-{preset} parameter set{depth} ({weights} 2-D "
+        "weights), rank {rank}: torch.profiler's outermost aten operations, views left out"
+    ).replace("{rank}", str(rank))
+    return f"{title}\n\n" + markdown_table(["optimizer", "loop", "batched", "loop / batched"], rows)
 
 
 class _ForceDue:
@@ -202,6 +249,8 @@ def register(subparsers) -> None:
     stp.add_argument(
         "--stagger", action="store_true", help="instead: the largest single step with update_stagger + randomized SVD"
     )
+    stp.add_argument("--batched", action="store_true", help="add each preset with batched=True beside its loop")
+    stp.add_argument("--ops", action="store_true", help="instead: operations per step, loop vs batched (profiler)")
     stp.set_defaults(main=cli)
 
 
@@ -209,13 +258,17 @@ def cli(args) -> str:
     """``bench step`` from its parsed flags."""
     if args.stagger:
         return stagger(args.preset, args.rank, args.layers, args.device)
+    methods = args.methods.split(",") if args.methods else None
+    if args.ops:
+        return ops(args.preset, methods, args.rank, args.layers)
     return run(
         args.preset,
-        args.methods.split(",") if args.methods else None,
+        methods,
         args.rank,
         repeats=args.repeats,
         device=args.device,
         dtype=getattr(torch, args.dtype),
         layers=args.layers,
         references=not args.no_references,
+        batched=args.batched,
     )

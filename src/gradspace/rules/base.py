@@ -51,6 +51,14 @@ class InnerRule:
         bytes: the memory formula, which ``gradspace.bench memory`` checks against the state it counts."""
         raise NotImplementedError
 
+    def update_many(
+        self, grads: list[torch.Tensor], states: list[dict], group: dict
+    ) -> tuple[list[torch.Tensor], list[float]]:
+        """``update`` of each gradient with its state, as lists (the batched step, ``gradspace.batched``); rules
+        override it with one ``torch._foreach_*`` pass over the list, with the same results."""
+        out = [self.update(g, s, group) for g, s in zip(grads, states)]
+        return [d for d, _ in out], [f for _, f in out]
+
     def step_full_rank(self, params: list[torch.Tensor], states: list[dict], group: dict) -> None:
         """Move full-rank (unprojected) weights by ``-lr * f * D``; rules with a fused multi-tensor kernel
         override this, since these weights (embeddings, head, norms) are half of a LLaMA's parameters."""

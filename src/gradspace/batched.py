@@ -1,0 +1,90 @@
+"""Batched steps (``SubspaceOptimizer(..., batched=True)``): projected weights of one shape and settings stepped
+together, as torch.optim's ``foreach`` path steps AdamW.
+
+One ``bmm`` projects all their gradients onto their bases, the inner rule runs over the list with
+``torch._foreach_*`` (``InnerRule.update_many``), one ``bmm`` maps the directions back and one ``_foreach_add_``
+writes the weights: the operations of a step grow with the number of distinct weight shapes, not with the number
+of weights (a LLaMA has 7 shapes and 7 x layers weights), which is what kernel launches cost on a GPU.
+
+A weight joins its batch on a step when nothing on that step is its own: its basis is not due (the per-weight
+loop refreshes it, and it rejoins on the next step), its tracker neither reads every gradient nor moves every step
+(``svd``, ``grasswalk``, ``grassjump``: GaLore and the random walks), the output is a plain back-projection (not
+Fira's recovery, not APOLLO's scaling), and it is a plain local tensor with a float32 basis, stepped without
+stochastic rounding. Everything else takes the loop, whose results the batched step matches to float32 rounding
+(``tests/test_batched.py``, every preset and rule).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import distributed as dist_support
+from .components import TrackerState, part
+from .int8_weights import is_int8
+from .projection import oriented
+from .rules import get_rule
+from .trackers import get_tracker
+from .trackers.base import Tracker
+
+
+def key(opt, group: dict, p: torch.Tensor) -> tuple[Any, ...] | None:
+    """The batch ``p`` joins on this step (weights with equal keys step together), or None: the per-weight loop."""
+    if opt.distributed is not None or opt._new_bases is not None or dist_support.is_dtensor(p) or is_int8(p):
+        return None
+    if opt._rounds(p) or group.get("basis_dtype", "float32") != "float32" or group["recovery"]:
+        return None
+    if group.get("output", "project") != "project":
+        return None
+    tracker = get_tracker(group["tracker"])
+    quiet = type(tracker).observe is Tracker.observe and type(tracker).after_step is Tracker.after_step
+    if not quiet or tracker.moves_every_step:
+        return None
+    state = opt.state[p]
+    if "basis" not in state:  # the first step builds the basis
+        return None
+    right, _ = opt.layout(p, group)
+    if tracker.due(oriented(p.grad, right), TrackerState(state), group):
+        return None
+    basis = state["basis"]
+    return (id(group), tuple(p.shape), p.dtype, p.grad.dtype, right, tuple(basis.shape), basis.dtype, p.device)
+
+
+def step(opt, group: dict, params: list[torch.Tensor], right: bool) -> None:
+    """One non-update step of ``params`` (equal ``key``s), as the loop's ``_step_unpacked`` takes it weight by
+    weight: project, observe nothing, captured energy, inner rule, back-projection, step count, decay."""
+    states = [opt.state[p] for p in params]
+    bases = torch.stack([s["basis"] for s in states])  # B x k x r
+    grads = torch.stack([oriented(p.grad, right) for p in params]).to(bases.dtype)  # B x k x l
+    gts = bases.mT @ grads  # B x r x l
+    tracker = get_tracker(group["tracker"])
+    if opt.collect_diagnostics:
+        _energies(opt, params, bases, grads, gts, tracker.orthonormal)
+    rule = get_rule(group["base"])
+    directions, factors = rule.update_many(list(gts.unbind(0)), [part(s, "rule") for s in states], group)
+    scale = float(group["scale"])
+    steps = torch.stack([d.to(bases.dtype) for d in directions])
+    steps.mul_(torch.tensor([f * scale for f in factors], dtype=bases.dtype, device=bases.device).view(-1, 1, 1))
+    updates = bases @ steps  # B x k x l, oriented
+    updates = updates.mT if right else updates
+    weights = [p.data for p in params]
+    torch._foreach_add_(weights, list(updates.unbind(0)), alpha=-float(group["lr"]))
+    for s in states:
+        s["step"] += 1
+    opt._decay(group, weights)
+
+
+def _energies(opt, params, bases, grads, gts, orthonormal: bool) -> None:
+    """``captured_energy`` of each weight, batched for an orthonormal basis (``||Gt||^2 / ||Gn||^2``)."""
+    from .energy import captured_energy, inverse_gram
+
+    if orthonormal:
+        norms = torch.linalg.vector_norm(grads, dim=(1, 2), dtype=torch.promote_types(grads.dtype, torch.float32))
+        energy = gts.square().sum(dim=(1, 2)) / norms.square()
+        for i, p in enumerate(params):
+            opt._diag_of(p)["energy"] = energy[i]
+        return
+    for i, p in enumerate(params):
+        diag = opt._diag_of(p)
+        diag["energy"] = captured_energy(bases[i], grads[i], gts[i], inverse_gram(opt.state[p]["basis"], diag))
