@@ -6,7 +6,8 @@ GPU time comes in minutes, now and then, so everything it needs is prepared and 
    the 8-bit rule against bitsandbytes' kernel, ``torch.compile``, DDP/FSDP2 over nccl on two devices);
 2. LLaMA-60M training tokens/s in bfloat16, side by side in one process (alternating steps): torch's fused AdamW,
    galore-torch's GaLoreAdamW and gradspace's GaLore, APOLLO, APOLLO-Mini and SubTrack++;
-3. ``optimizer.step()`` alone on the LLaMA-1B and LLaMA-7B parameter shapes (``bench step``);
+3. ``optimizer.step()`` alone on the LLaMA-1B and LLaMA-7B parameter shapes, looped and batched (``bench step
+   --batched``), and the operations of each (``bench step --ops``, counted on the CPU);
 4. peak ``torch.cuda.max_memory_allocated`` of real 1B and 7B training steps (``bench memory --real``'s
    configurations) next to ``gradspace plan``'s prediction for the same run.
 
@@ -58,6 +59,7 @@ TRAINERS = {
     "torch AdamW (fused)": None,
     "galore-torch GaLoreAdamW": None,
     "gradspace galore": "galore",
+    "gradspace galore, batched": "galore",
     "gradspace apollo": "apollo",
     "gradspace apollo-mini": "apollo-mini",
     "gradspace subtrack++": "subtrack++",
@@ -113,7 +115,8 @@ def training_speed(sizes: Sizes) -> str:
             except ImportError:
                 continue  # galore-torch is a test dependency
         else:
-            opt = create_optimizer(method, model, lr=1e-4, rank=rank, update_proj_gap=200)
+            batched = label.endswith("batched")
+            opt = create_optimizer(method, model, lr=1e-4, rank=rank, update_proj_gap=200, batched=batched)
         steps[label] = _train_step(model, opt, x)
     times = race(steps, repeats=sizes.train_steps, device=sizes.device, warmup=2)
     fused = times.get("torch AdamW (fused)")
@@ -136,16 +139,16 @@ def _train_step(model, opt, x):
 
 
 def step_shapes(sizes: Sizes) -> str:
-    """``bench step`` at each of ``sizes.step_shapes``: the optimizer step alone, looped over the weights."""
+    """``bench step --batched`` at each of ``sizes.step_shapes``: the optimizer step alone, each preset looped over
+    its weights and batched (``batched=True``), with the operations per step (the proxy for kernel launches)."""
     from . import step
 
-    methods = ["galore", "apollo", "apollo-mini", "subtrack++"]
-    tables = [
-        step.run(
-            preset, methods, rank, repeats=sizes.step_repeats, device=sizes.device, dtype=sizes.dtype, layers=layers
-        )
-        for preset, layers, rank in sizes.step_shapes
-    ]
+    methods = ["galore", "grassjump", "apollo", "apollo-mini", "subtrack++"]
+    tables = []
+    for preset, layers, rank in sizes.step_shapes:
+        kw = {"device": sizes.device, "dtype": sizes.dtype, "layers": layers}
+        tables.append(step.run(preset, methods, rank, repeats=sizes.step_repeats, batched=True, **kw))
+        tables.append(step.ops(preset, methods, rank, layers=layers))
     return "\n\n".join(tables)
 
 
