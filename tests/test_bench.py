@@ -46,6 +46,17 @@ def test_update_bench_covers_every_shape_of_a_preset_and_every_tracker():
     assert float(rows["torch.linalg.svd"][1]) == 1.0
 
 
+def test_step_floor_and_ops_benches_report_every_row():
+    out = step.floor("tiny", rank=16, repeats=1, layers=2)
+    rows = _rows(out)
+    assert set(rows) - {"step"} == {"floor (by hand)", "gradspace galore", "gradspace galore, batched"}
+    assert float(rows["floor (by hand)"][1]) == 1.0
+    counts = _rows(step.ops("tiny", ["galore", "apollo"], rank=16, layers=2))
+    loop, batch = (int(counts["gradspace galore"][i]) for i in (0, 1))
+    assert batch < loop / 2  # GaLore batches
+    assert int(counts["gradspace apollo"][1]) >= int(counts["gradspace apollo"][0]) * 0.9  # APOLLO takes the loop
+
+
 def test_step_bench_with_fewer_layers_and_no_references():
     out = step.run("tiny", ["galore", "subtrack"], rank=8, repeats=1, layers=1, references=False)
     assert "with 1 of its blocks" in out
@@ -99,6 +110,7 @@ RUNNERS = [
     (step, "run"),
     (step, "stagger"),
     (step, "ops"),
+    (step, "floor"),
     (svd, "run"),
     (budget, "run"),
     (sharded_updates, "run"),

@@ -174,6 +174,65 @@ def ops(preset="60m", methods=None, rank=None, layers: int | None = None) -> str
     return f"{title}\n\n" + markdown_table(["optimizer", "loop", "batched", "loop / batched"], rows)
 
 
+def floor(preset="60m", rank=None, repeats: int = 7, layers: int | None = None, diagnostics: bool = True) -> str:
+    """GaLore's non-update step against its floor, timed alternating: the floor is the step's own arithmetic
+    written out by hand on the optimizer's shapes (per projected weight ``S^T G``, Adam on the r x l projection,
+    ``p.addmm_(S, D)``; PyTorch's fused Adam over the full-rank weights), without a finiteness check,
+    diagnostics or the loop's bookkeeping; the ratio is what gradspace's frame costs on top of it."""
+    from ..projection import oriented
+
+    rank = rank or PAPER_RANKS.get(preset, 128)
+    model = _params(preset, "cpu", torch.float32, layers)
+    opts = {
+        "gradspace galore": create_optimizer("galore", model, lr=1e-6, rank=rank, update_proj_gap=10**9),
+        "gradspace galore, batched": create_optimizer(
+            "galore", model, lr=1e-6, rank=rank, update_proj_gap=10**9, batched=True
+        ),
+    }
+    for opt in opts.values():
+        opt.collect_diagnostics = diagnostics
+        opt.step()  # the bases
+    ref = opts["gradspace galore"]
+    projected, full = [], []
+    for group in ref.param_groups:
+        for p in group["params"]:
+            layout = ref.layout(p, group)
+            if layout is None:
+                full.append(p)
+                continue
+            st = ref.state[p]
+            m, v = (st["rule"][k].clone() for k in ("exp_avg", "exp_avg_sq"))
+            projected.append((p, layout[0], st["basis"].clone(), m, v))
+    m_full = [torch.zeros_like(p) for p in full]
+    v_full = [torch.zeros_like(p) for p in full]
+    steps = [torch.tensor(1.0)] * len(full)
+
+    @torch.no_grad()
+    def by_hand():
+        for p, right, basis, m, v in projected:
+            gt = basis.mT @ oriented(p.grad, right)
+            m.mul_(0.9).add_(gt, alpha=0.1)
+            v.mul_(0.999).addcmul_(gt, gt, value=0.001)
+            d = m / v.sqrt().add_(1e-6)
+            if right:
+                p.addmm_(d.mT, basis.mT, alpha=-1e-6)
+            else:
+                p.addmm_(basis, d, alpha=-1e-6)
+        torch._fused_adam_(full, [p.grad for p in full], m_full, v_full, [], steps, lr=1e-6, beta1=0.9,
+                           beta2=0.999, weight_decay=0.0, eps=1e-6, amsgrad=False, maximize=False)  # fmt: skip
+
+    times = race({"floor (by hand)": by_hand, **{k: o.step for k, o in opts.items()}}, repeats=repeats)
+    base = times["floor (by hand)"]
+    rows = [[k, t * 1e3, t / base] for k, t in times.items()]
+    depth = f" with {layers} of its blocks" if layers else ""
+    what = "diagnostics on (the default)" if diagnostics else "diagnostics off"
+    title = (
+        f"GaLore's non-update optimizer.step() against its floor, LLaMA-{preset} parameter set{depth}, rank {rank}, "
+        f"float32 on cpu, {what}, {torch.get_num_threads()} thread(s) (median of {repeats}, alternating)"
+    )
+    return f"{title}\n\n" + markdown_table(["step", "ms", "x floor"], rows)
+
+
 class _ForceDue:
     """Make every tracker report that an update is due (to time an update step)."""
 
@@ -251,6 +310,8 @@ def register(subparsers) -> None:
     )
     stp.add_argument("--batched", action="store_true", help="add each preset with batched=True beside its loop")
     stp.add_argument("--ops", action="store_true", help="instead: operations per step, loop vs batched (profiler)")
+    stp.add_argument("--floor", action="store_true", help="instead: GaLore's step against its hand-written floor")
+    stp.add_argument("--no-diagnostics", action="store_true", help="with --floor: the optimizers without energy")
     stp.set_defaults(main=cli)
 
 
@@ -261,6 +322,8 @@ def cli(args) -> str:
     methods = args.methods.split(",") if args.methods else None
     if args.ops:
         return ops(args.preset, methods, args.rank, args.layers)
+    if args.floor:
+        return floor(args.preset, args.rank, args.repeats, args.layers, diagnostics=not args.no_diagnostics)
     return run(
         args.preset,
         methods,
