@@ -8,8 +8,8 @@ of weights (a LLaMA has 7 shapes and 7 x layers weights), which is what kernel l
 
 A weight joins its batch on a step when nothing on that step is its own: its basis is not due (the per-weight
 loop refreshes it, and it rejoins on the next step), its tracker neither reads every gradient nor moves every step
-(``svd``, ``grasswalk``, ``grassjump``: GaLore and the random walks), the output is a plain back-projection (not
-Fira's recovery, not APOLLO's scaling), and it is a plain local tensor with a float32 basis, stepped without
+(``svd``, ``grasswalk``, ``grassjump``), the output is a plain back-projection (not Fira's recovery, which the
+GrassWalk and GrassJump presets use, not APOLLO's scaling): among the presets, GaLore with any rule; and it is a plain local tensor with a float32 basis, stepped without
 stochastic rounding. Everything else takes the loop, whose results the batched step matches to float32 rounding
 (``tests/test_batched.py``, every preset and rule).
 """
