@@ -13,9 +13,6 @@ from gradspace.methods import METHODS, create_optimizer
 from gradspace.rules import RULES
 from gradspace.train.models import build_llama
 
-#: presets whose non-update steps batch (quiet trackers, plain back-projection)
-BATCHING = ("galore", "grasswalk", "grassjump")
-
 
 def _llama(layers: int = 2, dtype=torch.float32):
     torch.manual_seed(0)
@@ -82,15 +79,16 @@ def _top_level_ops(opt, model, grads) -> int:
     return operations(opt.step)
 
 
+@pytest.mark.parametrize("method", ["galore", "apollo"])
 @pytest.mark.parametrize("batched", [False, True], ids=["loop", "batched"])
-def test_operations_per_step_grow_with_shapes_not_weights(batched):
+def test_operations_per_step_grow_with_shapes_not_weights(batched, method):
     """torch.profiler's top-level aten operations of one non-update step (the proxy for kernel launches): the
     loop's grow with the number of projected weights; the batched step's do not (LLaMA: 7 weights a block, 4
     distinct shapes)."""
     counts = {}
     for layers in (2, 4):
         model = _llama(layers)
-        opt = create_optimizer("galore", model, lr=1e-3, rank=8, update_proj_gap=100, batched=batched)
+        opt = create_optimizer(method, model, lr=1e-3, rank=8, update_proj_gap=100, batched=batched)
         grads = _grads(model, 2)
         _top_level_ops(opt, model, grads[0])  # the first step builds the bases
         counts[layers] = _top_level_ops(opt, model, grads[1])

@@ -51,10 +51,10 @@ def test_step_floor_and_ops_benches_report_every_row():
     rows = _rows(out)
     assert set(rows) - {"step"} == {"floor (by hand)", "gradspace galore", "gradspace galore, batched"}
     assert float(rows["floor (by hand)"][1]) == 1.0
-    counts = _rows(step.ops("tiny", ["galore", "apollo"], rank=16, layers=2))
+    counts = _rows(step.ops("tiny", ["galore", "fira"], rank=16, layers=2))
     loop, batch = (int(counts["gradspace galore"][i]) for i in (0, 1))
     assert batch < loop / 2  # GaLore batches
-    assert int(counts["gradspace apollo"][1]) >= int(counts["gradspace apollo"][0]) * 0.9  # APOLLO takes the loop
+    assert int(counts["gradspace fira"][1]) >= int(counts["gradspace fira"][0]) * 0.9  # Fira's recovery: the loop
 
 
 def test_step_bench_with_fewer_layers_and_no_references():

@@ -9,13 +9,15 @@ of weights (a LLaMA has 7 shapes and 7 x layers weights), which is what kernel l
 A weight joins its batch on a step when nothing on that step is its own: its basis is not due (the per-weight
 loop refreshes it, and it rejoins on the next step), its tracker neither reads every gradient nor moves every step
 (``svd``, ``grasswalk``, ``grassjump``), the output is a plain back-projection (not Fira's recovery, which the
-GrassWalk and GrassJump presets use, not APOLLO's scaling): among the presets, GaLore with any rule; and it is a plain local tensor with a float32 basis, stepped without
+GrassWalk and GrassJump presets use; APOLLO's scaling batches too): among the presets, GaLore, APOLLO and
+APOLLO-Mini, with any rule; and it is a plain local tensor with a float32 basis, stepped without
 stochastic rounding. Everything else takes the loop, whose results the batched step matches to float32 rounding
 (``tests/test_batched.py``, every preset and rule).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -35,7 +37,10 @@ def key(opt, group: dict, p: torch.Tensor) -> tuple[Any, ...] | None:
         return None
     if opt._rounds(p) or group.get("basis_dtype", "float32") != "float32" or group["recovery"]:
         return None
-    if group.get("output", "project") != "project":
+    output = group.get("output", "project")
+    if output == "scale" and "rec_norm" not in opt.state[p].get("output", {}):
+        return None  # APOLLO's limiter starts on the weight's first step (in the loop)
+    if output not in ("project", "scale"):
         return None
     tracker = get_tracker(group["tracker"])
     quiet = type(tracker).observe is Tracker.observe and type(tracker).after_step is Tracker.after_step
@@ -63,28 +68,51 @@ def step(opt, group: dict, params: list[torch.Tensor], right: bool) -> None:
         _energies(opt, params, bases, grads, gts, tracker.orthonormal)
     rule = get_rule(group["base"])
     directions, factors = rule.update_many(list(gts.unbind(0)), [part(s, "rule") for s in states], group)
-    scale = float(group["scale"])
-    steps = torch.stack([d.to(bases.dtype) for d in directions])
-    steps.mul_(torch.tensor([f * scale for f in factors], dtype=bases.dtype, device=bases.device).view(-1, 1, 1))
-    updates = bases @ steps  # B x k x l, oriented
+    ots = torch.stack([d.to(bases.dtype) for d in directions])  # B x r x l
+    factors = torch.tensor(factors, dtype=bases.dtype, device=bases.device)
+    if group.get("output", "project") == "project":
+        updates, alpha = bases @ ots.mul_((factors * float(group["scale"])).view(-1, 1, 1)), 1.0  # B x k x l
+    else:
+        updates, alpha = _scaled_gradients(states, grads, gts, ots, factors, group), math.sqrt(float(group["scale"]))
     updates = updates.mT if right else updates
     weights = [p.data for p in params]
-    torch._foreach_add_(weights, list(updates.unbind(0)), alpha=-float(group["lr"]))
+    torch._foreach_add_(weights, list(updates.unbind(0)), alpha=-float(group["lr"]) * alpha)
     for s in states:
         s["step"] += 1
     opt._decay(group, weights)
 
 
-def _energies(opt, params, bases, grads, gts, orthonormal: bool) -> None:
-    """``captured_energy`` of each weight, batched for an orthonormal basis (``||Gt||^2 / ||Gn||^2``)."""
-    from .energy import captured_energy, inverse_gram
+def _scaled_gradients(states, grads, gts, ots, factors, group) -> torch.Tensor:
+    """APOLLO's output (``update.scale_gradient``) for the batch: ``Gn * s`` with ``s`` per column (or per
+    tensor), limited by each weight's norm-growth limiter, times the rule's factor; ``sqrt(scale)`` is the
+    caller's."""
+    if group.get("scale_type", "channel") == "channel":
+        s = torch.linalg.vector_norm(ots, dim=1) / (torch.linalg.vector_norm(gts, dim=1) + 1e-8)  # B x l
+    else:
+        whole = torch.linalg.vector_norm(ots, dim=(1, 2)) / (torch.linalg.vector_norm(gts, dim=(1, 2)) + 1e-8)
+        s = whole.unsqueeze(1).expand(-1, grads.shape[2])
+    norm = (s.square() * grads.square().sum(dim=1)).sum(dim=1).sqrt()  # B
+    last = torch.stack([st["output"]["rec_norm"] for st in states]).to(norm.dtype)
+    zeta = float(group["recovery_limit"])
+    limiter = torch.ones_like(norm)
+    if math.isfinite(zeta):
+        limiter = torch.where(last > 0, (norm / (last + 1e-8)).clamp_min(zeta) / zeta, limiter)
+    for st, kept in zip(states, (norm / limiter).unbind(0)):
+        st["output"]["rec_norm"] = kept
+    return grads * (s * (factors / limiter).unsqueeze(1)).unsqueeze(1)
 
+
+def _energies(opt, params, bases, grads, gts, orthonormal: bool) -> None:
+    """``captured_energy`` of each weight, for the whole batch: ``||Gt||^2 / ||Gn||^2``, or with a basis that is
+    not orthonormal (APOLLO's) ``tr((S^T S)^-1 Gt Gt^T) / ||Gn||^2``, each weight's inverse Gram kept until its
+    basis changes, as the loop keeps it."""
+    from .energy import inverse_gram
+
+    norms = torch.linalg.vector_norm(grads, dim=(1, 2), dtype=torch.promote_types(grads.dtype, torch.float32))
     if orthonormal:
-        norms = torch.linalg.vector_norm(grads, dim=(1, 2), dtype=torch.promote_types(grads.dtype, torch.float32))
-        energy = gts.square().sum(dim=(1, 2)) / norms.square()
-        for i, p in enumerate(params):
-            opt._diag_of(p)["energy"] = energy[i]
-        return
-    for i, p in enumerate(params):
-        diag = opt._diag_of(p)
-        diag["energy"] = captured_energy(bases[i], grads[i], gts[i], inverse_gram(opt.state[p]["basis"], diag))
+        captured = gts.square().sum(dim=(1, 2))
+    else:
+        grams = torch.stack([inverse_gram(opt.state[p]["basis"], opt._diag_of(p)) for p in params])
+        captured = (grams * (gts @ gts.mT)).sum(dim=(1, 2))
+    for p, energy in zip(params, (captured / norms.square()).unbind(0)):
+        opt._diag_of(p)["energy"] = energy
