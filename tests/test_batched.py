@@ -80,20 +80,19 @@ def _top_level_ops(opt, model, grads) -> int:
 
 
 @pytest.mark.parametrize("method", ["galore", "apollo"])
-@pytest.mark.parametrize("batched", [False, True], ids=["loop", "batched"])
-def test_operations_per_step_grow_with_shapes_not_weights(batched, method):
-    """torch.profiler's top-level aten operations of one non-update step (the proxy for kernel launches): the
-    loop's grow with the number of projected weights; the batched step's do not (LLaMA: 7 weights a block, 4
-    distinct shapes)."""
+def test_operations_per_step_grow_by_the_large_products_alone(method):
+    """torch.profiler's outermost aten operations of one non-update step (the proxy for kernel launches), with two
+    more blocks (14 more projected weights): the loop adds about 16 (GaLore) or 38 (APOLLO) per weight, the batched
+    step only each weight's projection and write-back (and APOLLO's column norms of the gradient)."""
     counts = {}
-    for layers in (2, 4):
-        model = _llama(layers)
-        opt = create_optimizer(method, model, lr=1e-3, rank=8, update_proj_gap=100, batched=batched)
-        grads = _grads(model, 2)
-        _top_level_ops(opt, model, grads[0])  # the first step builds the bases
-        counts[layers] = _top_level_ops(opt, model, grads[1])
-    projected = 7 * 2  # two more blocks, 7 projected weights each
-    if batched:
-        assert counts[4] == counts[2], counts  # one batch per shape, one fused kernel for the full-rank weights
-    else:
-        assert counts[4] - counts[2] >= 5 * projected, counts
+    for batched in (False, True):
+        for layers in (2, 4):
+            model = _llama(layers)
+            opt = create_optimizer(method, model, lr=1e-3, rank=8, update_proj_gap=100, batched=batched)
+            grads = _grads(model, 2)
+            _top_level_ops(opt, model, grads[0])  # the first step builds the bases
+            counts[batched, layers] = _top_level_ops(opt, model, grads[1])
+    loop, batch = (counts[b, 4] - counts[b, 2] for b in (False, True))
+    per_weight = {"galore": 2, "apollo": 4}[method]
+    assert batch <= per_weight * 14, counts
+    assert loop >= 3 * batch, counts
