@@ -475,7 +475,7 @@ class SubspaceOptimizer(Optimizer):
         # non-finite, and the exact check below runs only then (a finite sum overflowing is not an error)
         # (an FSDP2 shard checks its own rows; all ranks then agree through one all-reduce)
         local = dist_support.local
-        if self.batched:  # one multi-tensor reduction for all of them (one kernel per dtype on CUDA)
+        if all(p.grad.is_cuda for _, p in work):  # one multi-tensor kernel per dtype instead of one per gradient
             sums = torch.stack(torch._foreach_norm([local(p.grad) for _, p in work])).float()
         else:
             sums = torch.stack([local(p.grad).sum(dtype=torch.float32) for _, p in work])
