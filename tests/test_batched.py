@@ -83,7 +83,8 @@ def _top_level_ops(opt, model, grads) -> int:
 def test_operations_per_step_grow_by_the_large_products_alone(method):
     """torch.profiler's outermost aten operations of one non-update step (the proxy for kernel launches), with two
     more blocks (14 more projected weights): the loop adds about 16 (GaLore) or 38 (APOLLO) per weight, the batched
-    step only each weight's projection and write-back (and APOLLO's column norms of the gradient)."""
+    step only each weight's projection and write-back (and APOLLO's column norms of the gradient), besides the
+    non-finite check's one sum per gradient (one multi-tensor norm on CUDA)."""
     counts = {}
     for batched in (False, True):
         for layers in (2, 4):
@@ -93,6 +94,6 @@ def test_operations_per_step_grow_by_the_large_products_alone(method):
             _top_level_ops(opt, model, grads[0])  # the first step builds the bases
             counts[batched, layers] = _top_level_ops(opt, model, grads[1])
     loop, batch = (counts[b, 4] - counts[b, 2] for b in (False, True))
-    per_weight = {"galore": 2, "apollo": 4}[method]
-    assert batch <= per_weight * 14, counts
+    per_weight = {"galore": 2, "apollo": 4}[method] + 1  # + the non-finite check's sum of each gradient on CPU
+    assert batch <= per_weight * 14 + 4, counts  # + the 4 norm weights' sums
     assert loop >= 3 * batch, counts
