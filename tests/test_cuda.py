@@ -101,6 +101,16 @@ def test_float32_on_the_device_matches_the_cpu(method, rule):
         torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=1e-3, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("method", ["galore", "apollo", "apollo-mini"])
+def test_batched_steps_match_the_loop_on_the_device(method, dtype):
+    loop, _, _ = _run(method, "adamw", DEVICE, dtype, steps=5)
+    batch, _, _ = _run(method, "adamw", DEVICE, dtype, steps=5, batched=True)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-3}
+    for (name, a), b in zip(loop.named_parameters(), batch.parameters()):
+        torch.testing.assert_close(b.float(), a.float(), msg=name, **tol)
+
+
 @pytest.mark.parametrize("name", sorted(TRACKERS))
 def test_every_tracker_moves_an_orthonormal_basis_on_the_device(name):
     gen = torch.Generator().manual_seed(0)
