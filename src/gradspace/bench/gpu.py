@@ -50,7 +50,7 @@ class Sizes:
 
 
 GPU = Sizes(
-    "cuda", torch.bfloat16, "60m", (8, 256), 10, (("1b", None, 512), ("7b", 4, 1024)), 5, (("1b", 512), ("7b", 1024)), 8
+    "cuda", torch.bfloat16, "60m", (8, 256), 10, (("1b", None, 512), ("7b", 4, 1024)), 3, (("1b", 512), ("7b", 1024)), 8
 )
 DRY = Sizes("cpu", torch.float32, "tiny", (2, 32), 2, (("tiny", None, 16),), 1, (("tiny", 16),), 1)
 
@@ -143,7 +143,7 @@ def step_shapes(sizes: Sizes) -> str:
     its weights and batched (``batched=True``), with the operations per step (the proxy for kernel launches)."""
     from . import step
 
-    methods = ["galore", "grassjump", "apollo", "apollo-mini", "subtrack++"]
+    methods = ["galore", "apollo", "apollo-mini"]  # the batching presets (the training race has SubTrack++)
     tables = []
     for preset, layers, rank in sizes.step_shapes:
         kw = {"device": sizes.device, "dtype": sizes.dtype, "layers": layers}
