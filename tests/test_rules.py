@@ -527,11 +527,15 @@ def test_8bit_bitsandbytes_kernel_steps_full_rank_weights_in_place():
         assert fused.state[a]["rule"]["q8_step"] == plain.state[b]["rule"]["q8_step"] == i + 1
 
 
-def test_8bit_kernel_option_is_checked_and_auto_keeps_cpu_on_torch():
+def test_8bit_kernel_option_is_checked_and_auto_keeps_cpu_on_torch(monkeypatch):
     with pytest.raises(ValueError, match="kernel must be one of auto, torch, bitsandbytes"):
         SubspaceOptimizer([torch.nn.Parameter(torch.zeros(4, 4))], base="adamw8bit", kernel="cuda")
     from gradspace.rules.adam8bit import fused_kernel
 
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name))
+    with pytest.raises(ValueError, match="kernel='bitsandbytes' needs bitsandbytes: pip install bitsandbytes"):
+        SubspaceOptimizer([torch.nn.Parameter(torch.zeros(4, 4))], base="adamw8bit", kernel="bitsandbytes")
     group = dict(get_rule("adamw8bit").defaults)
     assert fused_kernel(group, torch.zeros(2)) is None  # auto on CPU: the torch code
     assert fused_kernel({**group, "kernel": "bitsandbytes", "correct_bias": False}, torch.zeros(2)) is None

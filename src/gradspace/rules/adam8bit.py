@@ -19,6 +19,7 @@ misses the nearest code for a block's small values (within the table's coarsest 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from functools import cache
 
@@ -113,6 +114,8 @@ class AdamW8bit(InnerRule):
         check_nonneg(group, "eps")
         if group.get("kernel", "auto") not in KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {group['kernel']!r}")
+        if group.get("kernel") == "bitsandbytes" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("kernel='bitsandbytes' needs bitsandbytes: pip install bitsandbytes (or kernel='auto')")
 
     def init_state(self, state: dict, like: torch.Tensor, group: dict) -> None:
         """Zero moments written as codes directly: quantising a float32 zero tensor would make temporaries of
