@@ -159,9 +159,12 @@ def ops(preset="60m", methods=None, rank=None, layers: int | None = None) -> str
     rows = []
     for name in methods or [m for m in METHODS if m != "adamw"]:
         own = preset_projection(name).get("rank")
+        tracker = (METHODS[name] or {}).get("tracker", "svd")
+        fast = {"svd": "randomized"} if "svd" in TRACKERS[tracker].defaults else {}  # the bases only: not counted
         counts = []
         for batched in (False, True):
-            opt = create_optimizer(name, model, lr=1e-6, rank=own or rank, update_proj_gap=10**9, batched=batched)
+            kw = {"rank": own or rank, "update_proj_gap": 10**9, "batched": batched, **fast}
+            opt = create_optimizer(name, model, lr=1e-6, **kw)
             opt.step()  # the bases
             counts.append(operations(opt.step))
             del opt
