@@ -69,14 +69,14 @@ def step(opt, group: dict, params: list[torch.Tensor], right: bool) -> None:
     bases = [s["basis"] for s in states]
     grads = [oriented(p.grad, right) for p in params]
     gts = [project(b, g) for b, g in zip(bases, grads)]  # one matmul each, r x l
-    stacked = torch.stack(gts)  # B x r x l: small
-    tracker = get_tracker(group["tracker"])
+    scaled = group.get("output", "project") == "scale"
+    stacked = torch.stack(gts) if opt.collect_diagnostics or scaled else None  # B x r x l: small
     if opt.collect_diagnostics:
-        _energies(opt, params, grads, stacked, tracker.orthonormal)
+        _energies(opt, params, grads, stacked, get_tracker(group["tracker"]).orthonormal)
     rule = get_rule(group["base"])
     directions, factors = rule.update_many(gts, [part(s, "rule") for s in states], group)
     lr = float(group["lr"])
-    if group.get("output", "project") == "project":
+    if not scaled:
         for p, basis, d, f in zip(params, bases, directions, factors):
             add_back(p.data, basis, d, right, -lr * f * float(group["scale"]))  # the loop's write, fused
     else:

@@ -120,8 +120,9 @@ class SubspaceOptimizer(Optimizer):
         diagnostics: compute captured energy every step (one extra read of each projected gradient).
         distributed: ``None``/``"replicate"`` (every rank computes every subspace update) or ``"shard_updates"``
             (each update computed by one rank of ``process_group`` and broadcast); see ``gradspace.distributed``.
-        batched: step projected weights of one shape and settings together (one ``bmm`` each way, the inner rule
-            over ``torch._foreach_*``) on steps without a subspace update: ``gradspace.batched``.
+        batched: step projected weights of one shape and settings together on steps without a subspace update
+            (the inner rule over ``torch._foreach_*``; each weight's projection and write-back stay one kernel
+            each): ``gradspace.batched``.
         options: inner-rule and tracker hyperparameters (e.g. ``betas=(0.9, 0.95)``, ``eta=0.1``).
     """
 

@@ -76,13 +76,12 @@ KERNELS = ("auto", "torch", "bitsandbytes")
 
 
 @cache
-def _bitsandbytes_op(required: bool):
-    """bitsandbytes' fused blockwise 8-bit optimizer op, or None when it is not installed and not ``required``."""
+def _bitsandbytes_op():
+    """bitsandbytes' fused blockwise 8-bit optimizer op, or None when it is not installed (``kernel="bitsandbytes"``
+    without it is refused by ``validate``)."""
     try:
         import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
     except ImportError:
-        if required:
-            raise ValueError("kernel='bitsandbytes' needs bitsandbytes: pip install bitsandbytes") from None
         return None
     return torch.ops.bitsandbytes.optimizer_update_8bit_blockwise
 
@@ -94,7 +93,7 @@ def fused_kernel(group: dict, like: torch.Tensor):
         return None
     if kernel == "auto" and like.device.type != "cuda":
         return None
-    return _bitsandbytes_op(kernel == "bitsandbytes")
+    return _bitsandbytes_op()
 
 
 class AdamW8bit(InnerRule):
